@@ -1,0 +1,37 @@
+"""sedma_torch: simulated RRAM in-memory compute and memory-aware distributed training for PyTorch.
+
+The public API (nothing else is promised)::
+
+    import sedma_torch as st
+    cfg = st.RRAMConfig(material="taox_hfox", correction="first_order")
+    layer = st.RRAMLinear(512, 256, config=cfg)
+    model = st.convert_(model, cfg)
+    print(st.summary(model))
+"""
+
+from . import rram
+from .rram import (
+    PRESETS,
+    RRAMConfig,
+    RRAMConv2d,
+    RRAMLinear,
+    convert_,
+    preset,
+    summary,
+    to_digital,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS",
+    "RRAMConfig",
+    "RRAMConv2d",
+    "RRAMLinear",
+    "__version__",
+    "convert_",
+    "preset",
+    "rram",
+    "summary",
+    "to_digital",
+]

@@ -1,0 +1,322 @@
+"""Tiled crossbar simulation: programming a matrix onto tiles and reading products from it.
+
+Layout
+------
+A weight matrix W (out x in) is cut along the input dimension into a *tile stack* of
+shape (T, R, C): T input tiles of R rows (word lines, inputs) each, C columns (bit lines,
+outputs). Columns are grouped into physical tiles of ``tile_cols``; a layer with more
+outputs uses several physical tiles side by side that share the same input tile.
+Partial sums of the T input tiles are added digitally; everything else is analog.
+
+Signed weights use a differential pair: each weight has a G+ and a G- cell, and its
+normalised value is ``(G+ - G-) / (Gmax - Gmin)`` in [-1, 1]. Each tile column has its
+own digital scale (``col_scale``, the column's largest |w|) applied after the ADC.
+
+Read path for one input vector (all tiles at once, one batched matmul):
+
+1. DAC: ``codes = round(x / s_in * L)``, ``L = 2^(dac_bits-1) - 1`` (at least 1) and
+   ``s_in`` = the vector's |max| within each input tile (or ``dac_range``).
+2. Array: column currents ``u = codes @ W_read`` where W_read is the read-back matrix
+   (programming error, stuck cells, drift and IR drop folded in when programmed).
+3. Read noise: independent Gaussian noise on every cell, sigma = ``read_noise`` of
+   (Gmax - Gmin) per cell of the pair, is exactly Gaussian at the output with variance
+   ``2 sigma^2 ||codes||^2`` per column: drawn there (one draw per output).
+4. ADC per column: ``round(u / r * L_adc) * r / L_adc`` with ``r`` the per-read auto range
+   (largest |u| of the physical tile for this vector) or ``adc_range * L``, saturating.
+5. Digital: scale by ``s_in / L * col_scale`` and add the T partial sums.
+
+Without an ADC, step 5 is linear, so the tile loop collapses to a single GEMM on the
+de-quantised input, and the per-tile read noise (independent Gaussians) is added once
+with the summed variance -- the same distribution, much cheaper.
+
+IR drop (first-order model)
+---------------------------
+Wires have resistance ``r`` (``wire_resistance_ohm``) per segment between neighbouring
+cells. Word lines are driven from column 0; bit lines are sensed (virtual ground) past
+the last row. To first order in ``r`` (currents from the ideal solution), the voltage
+across cell (i, k) is reduced by the word-line drop ``r * x_i * (G Kc)_ik`` with
+``Kc[k, k'] = min(k, k') + 1`` and the bit-line rise ``r * sum_j (R - max(i, j)) G_jk x_j``.
+Both are linear in x, so the output equals ``x @ G_eff`` with::
+
+    G_eff = G * (1 - r (K G) - r (G Kc)),   (K G)_ik = sum_j (R - max(i, j)) G_jk
+
+computed once at programming time with cumulative sums (O(R C) per tile). The error of
+the approximation is O((r G R C)^2); it is checked against a full nodal solve in the tests.
+A warning is raised when ``r * Gmax * R * C / 2 > 0.1`` (outside its range of validity).
+
+Drift: ``G(t) = G * (t / t0)^-nu`` with t0 = 1 s and nu drawn per cell
+(``drift_nu`` +- ``drift_nu_std``). Stuck cells are drawn once per chip and hold Gmin or
+Gmax whatever is programmed.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+import zlib
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import RRAMConfig
+from .materials import Material
+from .programming import ProgrammingStats, draw_device_variation, program_conductances
+
+DRIFT_T0_S = 1.0
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from the config seed and labels (stable across runs and platforms)."""
+    text = "/".join(str(p) for p in parts).encode()
+    return (zlib.crc32(text) << 31 | zlib.crc32(text[::-1])) & ((1 << 63) - 1)
+
+
+def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
+
+
+def quant_levels(bits: int) -> int:
+    """Positive levels of a signed symmetric converter with ``bits`` bits."""
+    return max(2 ** (bits - 1) - 1, 1)
+
+
+@dataclass
+class CrossbarStats:
+    """Operation counts of a crossbar (accumulated over its life)."""
+
+    matrix_products: int = 0
+    """Full matrix-vector products (one per input vector; x3 with first-order correction)."""
+    tile_reads: int = 0
+    """Activations of one physical tile by one input vector."""
+    dac_conversions: int = 0
+    """Input values converted by DACs."""
+    adc_conversions: int = 0
+    """Column outputs converted by ADCs."""
+    programming_pulses: int = 0
+    """Pulses spent programming the weights (all programming events)."""
+    programming_events: int = 0
+    """Times the weights were (re)programmed."""
+    input_programming_pulses: int = 0
+    """Pulses spent writing encoded inputs onto vector arrays (first-order correction)."""
+    last_programming: ProgrammingStats | None = None
+    """Statistics of the most recent programming event."""
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, object]:
+        out: dict[str, object] = {
+            k: getattr(self, k)
+            for k in (
+                "matrix_products",
+                "tile_reads",
+                "dac_conversions",
+                "adc_conversions",
+                "programming_pulses",
+                "programming_events",
+                "input_programming_pulses",
+            )
+        }
+        if self.last_programming is not None:
+            out["write_verify_iterations"] = self.last_programming.iterations
+            out["fraction_within_tolerance"] = self.last_programming.fraction_within_tolerance
+            out["programming_mean_abs_error"] = self.last_programming.mean_abs_error
+        out.update(self.extra)
+        return out
+
+
+@dataclass
+class ProgrammedTiles:
+    """The programmed state of a tile stack (T, R, C)."""
+
+    g_pos: torch.Tensor
+    """Programmed G+ conductances in S, (T, R, C) (before drift and IR drop)."""
+    g_neg: torch.Tensor
+    """Programmed G- conductances in S, (T, R, C)."""
+    col_scale: torch.Tensor
+    """Digital scale per tile column, (T, C): weight = normalised weight * col_scale."""
+    w_read: torch.Tensor
+    """Normalised read-back matrix, (T, R, C), everything folded in."""
+    stats: ProgrammingStats
+
+
+def column_scale(w_tiles: torch.Tensor) -> torch.Tensor:
+    """Per tile column |max| of a (T, R, C) stack; 1 where a column is all zero."""
+    scale = w_tiles.abs().amax(dim=1)
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def chip_properties(
+    shape: tuple[int, ...], cfg: RRAMConfig, material: Material, seed: int, device, dtype
+):
+    """Per-cell properties fixed for a chip: device spread, stuck cells, drift exponents.
+
+    Drawn from a generator seeded only by (seed, shape), so they are the same for every
+    programming event of a layer.
+    """
+    gen = make_generator(derive_seed(seed, "chip", shape), device)
+    variation = None
+    if cfg.device_variation and material.sigma_d2d > 0 and material.levels_ltp is not None:
+        variation = draw_device_variation(shape, material, gen, device=device, dtype=dtype)
+    stuck = None
+    if cfg.stuck_at_gmin_prob > 0 or cfg.stuck_at_gmax_prob > 0:
+        u = torch.rand(shape, generator=gen, device=device, dtype=dtype)
+        stuck = torch.zeros(shape, dtype=torch.int8, device=device)
+        stuck[u < cfg.stuck_at_gmin_prob] = -1
+        stuck[
+            (u >= cfg.stuck_at_gmin_prob) & (u < cfg.stuck_at_gmin_prob + cfg.stuck_at_gmax_prob)
+        ] = 1
+    nu = None
+    if cfg.drift_time_s > DRIFT_T0_S and (material.drift_nu > 0 or material.drift_nu_std > 0):
+        nu = (
+            material.drift_nu
+            + material.drift_nu_std * torch.randn(shape, generator=gen, device=device, dtype=dtype)
+        ).clamp_min(0)
+    return variation, stuck, nu
+
+
+def ir_drop_factor(g: torch.Tensor, r_wire: float, tile_cols: int) -> torch.Tensor:
+    """First-order IR-drop factor ``1 - r (K G) - r (G Kc)`` for a (T, R, C) stack in S.
+
+    Columns are split into physical tiles of ``tile_cols``; each has its own word lines.
+    """
+    t, rows, cols = g.shape
+    n_ot = math.ceil(cols / tile_cols)
+    pad = n_ot * tile_cols - cols
+    gp = torch.nn.functional.pad(g, (0, pad)) if pad else g
+    gp = gp.reshape(t, rows, n_ot, tile_cols)
+    # bit line: (K G)_i = sum_{m >= i} C_m, C_m = sum_{j <= m} G_j (cumulative over rows)
+    c = gp.cumsum(dim=1)
+    kg = c.flip(1).cumsum(dim=1).flip(1)
+    # word line: (G Kc)_k = sum_{m <= k} D_m, D_m = sum_{k' >= m} G_k' (within the physical tile)
+    d = gp.flip(3).cumsum(dim=3).flip(3)
+    gkc = d.cumsum(dim=3)
+    factor = 1.0 - r_wire * (kg + gkc)
+    factor = factor.reshape(t, rows, n_ot * tile_cols)[..., :cols]
+    return factor
+
+
+def program_tiles(
+    w_tiles: torch.Tensor,
+    cfg: RRAMConfig,
+    seed: int,
+    event: int,
+    previous: ProgrammedTiles | None = None,
+) -> ProgrammedTiles:
+    """Program a digital (T, R, C) weight stack onto differential-pair tiles.
+
+    ``event`` numbers the programming events of this stack (a fresh noise draw each);
+    ``previous`` makes it a re-programming that starts from the current conductances.
+    """
+    material = cfg.device
+    dtype = torch.float32 if w_tiles.dtype != torch.float64 else torch.float64
+    w_tiles = w_tiles.detach().to(dtype)
+    device = w_tiles.device
+    col_scale = column_scale(w_tiles)
+    w_norm = w_tiles / col_scale.unsqueeze(1)
+    g_min, g_range = material.g_min, material.g_range
+    targets = torch.stack(
+        [g_min + g_range * w_norm.clamp_min(0), g_min + g_range * (-w_norm).clamp_min(0)]
+    )
+    variation, stuck, nu = chip_properties(tuple(targets.shape), cfg, material, seed, device, dtype)
+    gen = make_generator(derive_seed(seed, "program", event), device)
+    initial = None if previous is None else torch.stack([previous.g_pos, previous.g_neg]).to(dtype)
+    if material.is_exact:
+        g, stats = targets.clone(), ProgrammingStats(targets.numel(), 1, 0, 1.0, 0.0, 0.0)
+        if previous is None:
+            stats.pulses = int((targets > g_min).sum())
+    else:
+        g, stats = program_conductances(
+            targets,
+            material,
+            generator=gen,
+            tolerance=cfg.write_verify_tolerance,
+            max_iters=cfg.write_verify_iters,
+            initial=initial,
+            programming_noise=cfg.programming_noise,
+            variation=variation,
+        )
+    if stuck is not None:
+        g = torch.where(stuck == -1, torch.full_like(g, g_min), g)
+        g = torch.where(stuck == 1, torch.full_like(g, material.g_max), g)
+    w_read = read_back(g, cfg, material, nu)
+    return ProgrammedTiles(g_pos=g[0], g_neg=g[1], col_scale=col_scale, w_read=w_read, stats=stats)
+
+
+def read_back(
+    g: torch.Tensor, cfg: RRAMConfig, material: Material, nu: torch.Tensor | None
+) -> torch.Tensor:
+    """Normalised read matrix from stacked (2, T, R, C) conductances: drift, IR drop, pair."""
+    if nu is not None:
+        g = g * (cfg.drift_time_s / DRIFT_T0_S) ** (-nu)
+    if cfg.wire_resistance_ohm > 0:
+        rows = g.shape[2]
+        severity = (
+            cfg.wire_resistance_ohm * material.g_max * rows * min(g.shape[3], cfg.tile_cols) / 2
+        )
+        if severity > 0.1:
+            warnings.warn(
+                f"IR drop: r*Gmax*rows*cols/2 = {severity:.3g} > 0.1; the first-order model is "
+                "outside its range of validity (use smaller tiles or wire_resistance_ohm)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        g = torch.stack(
+            [
+                gi * ir_drop_factor(gi, cfg.wire_resistance_ohm, cfg.tile_cols).clamp_min(0)
+                for gi in g
+            ]
+        )
+    return (g[0] - g[1]) / material.g_range
+
+
+def tile_absmax(u: torch.Tensor, tile_cols: int) -> torch.Tensor:
+    """|max| of (..., C) over groups of ``tile_cols`` columns -> (..., n_col_tiles)."""
+    cols = u.shape[-1]
+    n_ot = math.ceil(cols / tile_cols)
+    pad = n_ot * tile_cols - cols
+    a = u.abs()
+    if pad:
+        a = torch.nn.functional.pad(a, (0, pad))
+    return a.reshape(*u.shape[:-1], n_ot, tile_cols).amax(-1)
+
+
+def expand_tiles(s: torch.Tensor, tile_cols: int, cols: int) -> torch.Tensor:
+    """Inverse of ``tile_absmax``'s grouping: (..., n_col_tiles) -> (..., C)."""
+    if s.shape[-1] == 1:
+        return s
+    return s.repeat_interleave(tile_cols, dim=-1)[..., :cols]
+
+
+def adc(u: torch.Tensor, cfg: RRAMConfig, dac_levels: int) -> torch.Tensor:
+    """Column ADC on normalised column outputs u (T, B, C) in code units of the DAC."""
+    if cfg.adc_bits is None:
+        return u
+    levels = quant_levels(cfg.adc_bits)
+    if cfg.adc_range is None:
+        full = tile_absmax(u, cfg.tile_cols).clamp_min(1e-30)
+    else:
+        full = torch.full(
+            (*u.shape[:-1], 1), cfg.adc_range * dac_levels, dtype=u.dtype, device=u.device
+        )
+    step = expand_tiles(full / levels, cfg.tile_cols, u.shape[-1])
+    q = torch.round(u / step)
+    if cfg.adc_range is not None:
+        q = q.clamp_(-levels, levels)
+    return q.mul_(step)
+
+
+__all__ = [
+    "CrossbarStats",
+    "ProgrammedTiles",
+    "adc",
+    "chip_properties",
+    "column_scale",
+    "derive_seed",
+    "ir_drop_factor",
+    "make_generator",
+    "program_tiles",
+    "quant_levels",
+    "read_back",
+    "tile_absmax",
+]

@@ -1,0 +1,815 @@
+"""`RRAMLinear` and `RRAMConv2d`: drop-in layers whose forward pass runs on simulated crossbars.
+
+* The digital weight stays in ``.weight`` (a normal ``nn.Parameter``): it is what the
+  optimiser updates and what ``to_digital`` gives back.
+* The forward pass reads the *programmed* crossbar (see :mod:`sedma_torch.rram.crossbar`);
+  gradients flow to the digital weight as if the layer were digital (straight-through,
+  hardware-aware training).
+* When the weight changed since it was programmed (an optimiser step, ``load_state_dict``
+  of new weights, ...), the next forward pass re-programs it first: write-and-verify
+  starts from the current conductances and touches only cells whose target moved out of
+  tolerance. Edits through ``weight.data`` bypass PyTorch's version counter; call
+  ``program_()`` after those.
+* Randomness is reproducible: programming noise and chip properties derive from
+  ``(config.seed, layer seed, event)``, read noise from ``(seed, call counter)``. The
+  counters and the conductances are in the state dict.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import RRAMConfig
+from .correction import denoise, gcv_lambda
+from .crossbar import (
+    CrossbarStats,
+    ProgrammedTiles,
+    adc,
+    derive_seed,
+    make_generator,
+    program_tiles,
+    quant_levels,
+)
+
+_construction_counter = itertools.count()
+_STATE_KEYS = ("g_pos", "g_neg", "col_scale")
+
+
+def _check_config(config: Any) -> RRAMConfig:
+    if config is None:
+        return RRAMConfig()
+    if not isinstance(config, RRAMConfig):
+        raise TypeError(f"config must be an RRAMConfig, got {type(config).__name__}")
+    return config
+
+
+def _check_input(
+    name: str, x: torch.Tensor, expected_last: int | None, dim_ok, what: str, check_finite: bool
+) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: input must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name}: input must have a floating dtype, got {x.dtype}")
+    if not dim_ok(x):
+        raise ValueError(f"{name}: input shape {tuple(x.shape)} is not {what}")
+    if check_finite and not bool(torch.isfinite(x).all()):
+        raise ValueError(
+            f"{name}: input contains NaN or Inf (disable with RRAMConfig(check_finite=False))"
+        )
+
+
+class _CrossbarMixin:
+    """State and programming shared by the RRAM layers."""
+
+    rram_config: RRAMConfig
+    weight: nn.Parameter
+
+    def _rram_init(self, config: RRAMConfig | None, seed: int | None) -> None:
+        self.rram_config = _check_config(config)
+        seed_value = (
+            int(seed)
+            if seed is not None
+            else derive_seed(
+                self.rram_config.seed, type(self).__name__, next(_construction_counter)
+            )
+        )
+        self.rram_stats = CrossbarStats()
+        self._programmed_key: tuple | None = None
+        self._lambda_recent: float | None = None
+        self.lambda_memory: float | None = None
+        """Remembered lambda (set from long-term memory); used by ``denoise="adaptive"``."""
+        for key in _STATE_KEYS:
+            self.register_buffer(key, torch.empty(0), persistent=True)  # type: ignore[attr-defined]
+        # the layer's seed travels with the state dict, so a loaded model reads the same noise
+        self.register_buffer("rram_seed_", torch.tensor(seed_value, dtype=torch.int64))  # type: ignore[attr-defined]
+        self.register_buffer("read_calls", torch.zeros((), dtype=torch.int64))  # type: ignore[attr-defined]
+        self.register_buffer("program_events", torch.zeros((), dtype=torch.int64))  # type: ignore[attr-defined]
+        self.register_buffer("w_read", torch.empty(0), persistent=False)  # type: ignore[attr-defined]
+        self.register_buffer("w_exact", torch.empty(0), persistent=False)  # type: ignore[attr-defined]
+        self._register_load_state_dict_pre_hook(self._resize_state_hook)  # type: ignore[attr-defined]
+        self.register_load_state_dict_post_hook(self._after_load_hook)  # type: ignore[attr-defined]
+
+    @property
+    def rram_seed(self) -> int:
+        """This layer's seed (derived from ``config.seed`` unless given)."""
+        return int(self.rram_seed_)  # type: ignore[attr-defined]
+
+    # ----- programming -----------------------------------------------------------------
+    def weight_tiles(self) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _key(self) -> tuple:
+        w = self.weight
+        return (w._version, w.data_ptr(), w.device, w.dtype)
+
+    @property
+    def is_programmed(self) -> bool:
+        """True when the crossbar holds the current digital weights."""
+        return self._programmed_key is not None and self._programmed_key == self._key()
+
+    @torch.no_grad()
+    def program_(self, from_scratch: bool = False) -> CrossbarStats:
+        """(Re-)program the crossbar from ``self.weight`` now. Returns the layer's stats."""
+        cfg = self.rram_config
+        w = self.weight.detach()
+        if cfg.check_finite and not bool(torch.isfinite(w).all()):
+            raise ValueError(
+                f"{type(self).__name__}: weight contains NaN or Inf; cannot program it"
+            )
+        tiles = self.weight_tiles()
+        previous = None
+        if not from_scratch and self.g_pos.shape == tiles.shape:  # type: ignore[attr-defined]
+            previous = ProgrammedTiles(self.g_pos, self.g_neg, self.col_scale, self.w_read, None)  # type: ignore[attr-defined,arg-type]
+        event = int(self.program_events)  # type: ignore[attr-defined]
+        prog = program_tiles(tiles, cfg, self.rram_seed, event, previous)
+        self.g_pos = prog.g_pos
+        self.g_neg = prog.g_neg
+        self.col_scale = prog.col_scale
+        self.program_events += 1  # type: ignore[attr-defined]
+        self._set_read_state(prog.w_read, tiles)
+        self.rram_stats.programming_pulses += prog.stats.pulses
+        self.rram_stats.programming_events += 1
+        self.rram_stats.last_programming = prog.stats
+        self._programmed_key = self._key()
+        return self.rram_stats
+
+    def _set_read_state(self, w_read: torch.Tensor, tiles: torch.Tensor) -> None:
+        dtype = self.weight.dtype
+        self.w_read = w_read.to(dtype)
+        if self.rram_config.correction == "first_order":
+            self.w_exact = (tiles / self.col_scale.unsqueeze(1)).to(dtype)  # type: ignore[attr-defined]
+        else:
+            self.w_exact = torch.empty(0, device=tiles.device, dtype=dtype)
+        self._rebuild_cache()
+
+    def _rebuild_cache(self) -> None:
+        """Derived layouts for the fast paths (subclasses)."""
+
+    def _recompute_read_state(self) -> None:
+        """Rebuild w_read from the stored conductances (after loading a state dict)."""
+        from .crossbar import chip_properties, read_back
+
+        cfg = self.rram_config
+        g = torch.stack([self.g_pos, self.g_neg])  # type: ignore[attr-defined]
+        _, stuck, nu = chip_properties(
+            tuple(g.shape), cfg, cfg.device, self.rram_seed, g.device, g.dtype
+        )
+        del stuck  # stuck cells are already in the stored conductances
+        self._set_read_state(read_back(g, cfg, cfg.device, nu), self.weight_tiles())
+
+    def _ensure_programmed(self) -> None:
+        if not self.is_programmed:
+            self.program_()
+
+    def _next_read_generator(self, device: torch.device) -> torch.Generator:
+        call = int(self.read_calls)  # type: ignore[attr-defined]
+        self.read_calls += 1  # type: ignore[attr-defined]
+        return make_generator(derive_seed(self.rram_seed, "read", call), device)
+
+    # ----- state dict / device moves ---------------------------------------------------
+    def _resize_state_hook(self, state_dict, prefix, *args, **kwargs) -> None:
+        for key in _STATE_KEYS:
+            incoming = state_dict.get(prefix + key)
+            if incoming is not None and getattr(self, key).shape != incoming.shape:
+                setattr(self, key, torch.empty_like(incoming, device=self.weight.device))
+
+    @staticmethod
+    def _after_load_hook(module, incompatible_keys) -> None:
+        if module.g_pos.numel() and module.g_pos.shape == module.weight_tiles().shape:
+            module._recompute_read_state()
+            module._programmed_key = module._key()
+        else:
+            module._programmed_key = None
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        was_current = self.is_programmed
+        out = super()._apply(fn, recurse)  # type: ignore[misc]
+        if was_current:
+            if self.w_read.dtype != self.weight.dtype:  # type: ignore[attr-defined]
+                self._set_read_state(self.w_read, self.weight_tiles())  # type: ignore[attr-defined]
+            else:
+                self._rebuild_cache()
+            self._programmed_key = self._key()
+        return out
+
+    # ----- shared read helpers ---------------------------------------------------------
+    def _lambda(self, p: torch.Tensor) -> float | None:
+        cfg = self.rram_config
+        if cfg.denoise == "none":
+            return None
+        if cfg.denoise == "fixed":
+            return cfg.lambda_fixed
+        lam_now, _ = gcv_lambda(p)
+        prev = self._lambda_recent
+        self._lambda_recent = lam_now if prev is None else 0.9 * prev + 0.1 * lam_now
+        if self.lambda_memory is None:
+            return self._lambda_recent
+        return (
+            cfg.denoise_alpha * self.lambda_memory + (1 - cfg.denoise_alpha) * self._lambda_recent
+        )
+
+    def crossbar_summary(self) -> dict[str, Any]:
+        """Tiles, physical crossbars and utilisation of this layer."""
+        from .partition import crossbar_utilisation
+
+        t, _r, c = self.weight_tiles().shape
+        cfg = self.rram_config
+        util = crossbar_utilisation(
+            self._used_cells(), t * math.ceil(c / cfg.tile_cols), cfg.tile_rows, cfg.tile_cols
+        )
+        return {
+            "input_tiles": t,
+            "column_tiles": math.ceil(c / cfg.tile_cols),
+            "crossbars": 2 * t * math.ceil(c / cfg.tile_cols),
+            "utilisation": util,
+        }
+
+    def _used_cells(self) -> int:
+        return self.weight.numel()
+
+
+class _LinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2d, weight, hardware):  # type: ignore[override]
+        ctx.save_for_backward(x2d, weight)
+        return hardware(x2d.detach())
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x2d, weight = ctx.saved_tensors
+        gx = grad @ weight.to(grad.dtype) if ctx.needs_input_grad[0] else None
+        gw = (grad.t() @ x2d.to(grad.dtype)).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return gx, gw, None
+
+
+class RRAMLinear(_CrossbarMixin, nn.Linear):
+    """``nn.Linear`` computed on simulated RRAM crossbars.
+
+    Args: as ``nn.Linear`` plus ``config`` (an :class:`RRAMConfig`) and ``seed`` (this
+    layer's seed; by default derived from ``config.seed`` and the construction order).
+    Input ``(..., in_features)``, output ``(..., out_features)``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        config: RRAMConfig | None = None,
+        seed: int | None = None,
+    ) -> None:
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"RRAMLinear: {name} must be a positive int, got {value!r}")
+        nn.Linear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._rram_init(config, seed)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        config: RRAMConfig | None = None,
+        seed: int | None = None,
+        program: bool = True,
+    ) -> RRAMLinear:
+        """A copy of ``linear`` (same weights, device, dtype) on crossbars, programmed now."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects nn.Linear, got {type(linear).__name__}")
+        new = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            device=linear.weight.device,
+            dtype=linear.weight.dtype,
+            config=config,
+            seed=seed,
+        )
+        with torch.no_grad():
+            new.weight.copy_(linear.weight)
+            if linear.bias is not None:
+                new.bias.copy_(linear.bias)
+        new.weight.requires_grad_(linear.weight.requires_grad)
+        if program:
+            new.program_()
+        return new
+
+    # layout ------------------------------------------------------------------------------
+    def _geometry(self) -> tuple[int, int]:
+        rows = self.rram_config.tile_rows
+        tiles = math.ceil(self.in_features / rows)
+        return tiles, rows
+
+    def _weight_oi(self) -> torch.Tensor:
+        """The digital weight as (out_features, in_features)."""
+        return self.weight.detach()
+
+    def weight_tiles(self) -> torch.Tensor:
+        """Digital weights as the (T, R, out) tile stack (zero padded)."""
+        t, r = self._geometry()
+        w = self._weight_oi()
+        pad = t * r - self.in_features
+        if pad:
+            w = F.pad(w, (0, pad))
+        return w.reshape(self.out_features, t, r).permute(1, 2, 0).contiguous()
+
+    def _rebuild_cache(self) -> None:
+        if self.rram_config.adc_bits is None and self.w_read.numel():
+            t, r = self._geometry()
+            fold = self.w_read * self.col_scale.unsqueeze(1).to(self.w_read.dtype)
+            self._w_fold = fold.reshape(t * r, self.out_features)
+        else:
+            self._w_fold = None
+
+    # forward -----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.rram_config
+        _check_input(
+            "RRAMLinear",
+            x,
+            self.in_features,
+            lambda t: t.ndim >= 1 and t.shape[-1] == self.in_features,
+            f"(..., {self.in_features})",
+            cfg.check_finite,
+        )
+        self._ensure_programmed()
+        lead = x.shape[:-1]
+        x2d = x.reshape(-1, self.in_features)
+        if x2d.dtype != self.weight.dtype:
+            x2d = x2d.to(self.weight.dtype)
+        y = _LinearFn.apply(x2d, self.weight, self._hardware_forward)
+        y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*lead, self.out_features)
+
+    def _dac(self, xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(B, T, R) input -> (codes, per-(B, T) scale, levels); codes in [-L, L]."""
+        cfg = self.rram_config
+        if cfg.dac_bits is None:
+            return xt, torch.ones((*xt.shape[:-1], 1), dtype=xt.dtype, device=xt.device), 1
+        levels = quant_levels(cfg.dac_bits)
+        if cfg.dac_range is None:
+            scale = xt.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(xt.dtype).tiny)
+            codes = torch.round(xt * (levels / scale))
+        else:
+            scale = torch.full((*xt.shape[:-1], 1), cfg.dac_range, dtype=xt.dtype, device=xt.device)
+            codes = torch.round(xt * (levels / cfg.dac_range)).clamp_(-levels, levels)
+        return codes, scale, levels
+
+    def _hardware_forward(self, x2d: torch.Tensor) -> torch.Tensor:
+        cfg = self.rram_config
+        material = cfg.device
+        batch = x2d.shape[0]
+        t, r = self._geometry()
+        pad = t * r - self.in_features
+        xp = F.pad(x2d, (0, pad)) if pad else x2d
+        xt = xp.view(batch, t, r)
+        codes, s_in, levels = self._dac(xt)
+        sigma = material.read_noise if cfg.read_noise else 0.0
+        gen = self._next_read_generator(x2d.device) if sigma > 0 else None
+        n_ot = math.ceil(self.out_features / cfg.tile_cols)
+        stats = self.rram_stats
+        reads = 3 if cfg.correction == "first_order" else 1
+        stats.matrix_products += reads * batch
+        stats.tile_reads += reads * batch * t * n_ot
+        stats.dac_conversions += reads * batch * self.in_features
+        stats.adc_conversions += reads * batch * t * self.out_features if cfg.adc_bits else 0
+        if cfg.correction == "first_order":
+            stats.input_programming_pulses += batch * self.in_features * (cfg.dac_bits or 16)
+
+        if cfg.adc_bits is None and cfg.correction == "none":
+            y = self._fast_read(codes, s_in, levels, sigma, gen, batch, t, r)
+        else:
+            y = self._tiled_read(xt, codes, s_in, levels, sigma, gen)
+        lam = self._lambda(y)
+        if lam is not None:
+            y = denoise(y, lam)
+        return y
+
+    def _fast_read(self, codes, s_in, levels, sigma, gen, batch, t, r) -> torch.Tensor:
+        """No ADC: the tile sum is linear, so one GEMM on the de-quantised input."""
+        x_deq = (codes * (s_in / levels)).reshape(batch, t * r)
+        y = x_deq @ self._w_fold
+        if sigma > 0:
+            # var_o = 2 sigma^2 sum_t ||x~_t||^2 col_scale[t, o]^2  (per-tile noise, summed)
+            norms = (codes * codes).sum(-1) * (s_in.squeeze(-1) / levels) ** 2  # (B, T)
+            var = (2 * sigma * sigma) * (norms @ (self.col_scale.to(y.dtype) ** 2))
+            y = y + torch.randn(y.shape, generator=gen, device=y.device, dtype=y.dtype) * var.sqrt()
+        return y
+
+    def _read_stack(
+        self,
+        inputs: torch.Tensor,
+        weights: torch.Tensor,
+        sigma: float,
+        gen: torch.Generator | None,
+        levels: int,
+    ) -> torch.Tensor:
+        """inputs (T, B, R) in code units @ weights (T, R, C) -> noisy, ADC'd (T, B, C)."""
+        u = torch.bmm(inputs, weights)
+        if sigma > 0:
+            std = (2**0.5 * sigma) * inputs.norm(dim=-1, keepdim=True)
+            u.add_(torch.randn(u.shape, generator=gen, device=u.device, dtype=u.dtype).mul_(std))
+        return adc(u, self.rram_config, levels)
+
+    def _tiled_read(self, xt, codes, s_in, levels, sigma, gen) -> torch.Tensor:
+        cfg = self.rram_config
+        codes_t = codes.transpose(0, 1)  # (T, B, R)
+        if cfg.correction == "first_order":
+            exact_in = (xt * (levels / s_in)).transpose(0, 1)  # x at full precision, code units
+            both = self._read_stack(
+                torch.cat([codes_t, exact_in], dim=1), self.w_read, sigma, gen, levels
+            )
+            batch = codes_t.shape[1]
+            q_tilde, q_exact_in = both[:, :batch], both[:, batch:]
+            q_exact_w = self._read_stack(codes_t, self.w_exact, sigma, gen, levels)
+            u = q_exact_w + q_exact_in - q_tilde
+        else:
+            u = self._read_stack(codes_t, self.w_read, sigma, gen, levels)
+        # digital: scale each tile's partial sums, add tiles
+        u.mul_(s_in.transpose(0, 1) / levels).mul_(self.col_scale.unsqueeze(1).to(u.dtype))
+        return u.sum(0)
+
+    def extra_repr(self) -> str:
+        cfg = self.rram_config
+        return (
+            f"{nn.Linear.extra_repr(self)}, material={cfg.device.name}, "
+            f"tiles={cfg.tile_rows}x{cfg.tile_cols}, dac={cfg.dac_bits}, adc={cfg.adc_bits}, "
+            f"correction={cfg.correction}, denoise={cfg.denoise}"
+        )
+
+
+class _ConvFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, hardware, conv_args):  # type: ignore[override]
+        ctx.save_for_backward(x, weight)
+        ctx.conv_args = conv_args
+        return hardware(x.detach())
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv_args
+        gx, gw, _ = torch.ops.aten.convolution_backward(
+            grad,
+            x,
+            weight.to(grad.dtype),
+            None,
+            stride,
+            padding,
+            dilation,
+            False,
+            [0, 0],
+            groups,
+            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False],
+        )
+        return gx, (gw.to(weight.dtype) if gw is not None else None), None, None
+
+
+class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
+    """``nn.Conv2d`` computed on simulated RRAM crossbars.
+
+    Kernels are mapped whole: each input tile holds ``tile_rows // (kh * kw)`` input
+    channels (all their kernel taps) of one group, so a tile's partial sum is a grouped
+    convolution; the T partial sums are added digitally. Supports stride, padding
+    (numbers, tuples, ``"same"``/``"valid"``; zero padding mode), dilation, groups, bias.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+        *,
+        config: RRAMConfig | None = None,
+        seed: int | None = None,
+    ) -> None:
+        nn.Conv2d.__init__(
+            self,
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            bias=bias,
+            padding_mode=padding_mode,
+            device=device,
+            dtype=dtype,
+        )
+        cfg = _check_config(config)
+        kh, kw = self.kernel_size
+        if kh * kw > cfg.tile_rows:
+            raise ValueError(
+                f"RRAMConv2d: kernel {kh}x{kw} = {kh * kw} taps does not fit tile_rows="
+                f"{cfg.tile_rows}; use tile_rows >= {kh * kw}"
+            )
+        self._rram_init(cfg, seed)
+
+    @classmethod
+    def from_conv(
+        cls,
+        conv: nn.Conv2d,
+        config: RRAMConfig | None = None,
+        seed: int | None = None,
+        program: bool = True,
+    ) -> RRAMConv2d:
+        """A copy of ``conv`` on crossbars (same weights, device, dtype), programmed now."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"from_conv expects nn.Conv2d, got {type(conv).__name__}")
+        new = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
+            config=config,
+            seed=seed,
+        )
+        with torch.no_grad():
+            new.weight.copy_(conv.weight)
+            if conv.bias is not None:
+                new.bias.copy_(conv.bias)
+        new.weight.requires_grad_(conv.weight.requires_grad)
+        if program:
+            new.program_()
+        return new
+
+    def _geometry(self) -> tuple[int, int, int]:
+        """(channels per tile, input tiles per group, rows used per tile)."""
+        kh, kw = self.kernel_size
+        c_g = self.in_channels // self.groups
+        cpt = min(c_g, self.rram_config.tile_rows // (kh * kw))
+        return cpt, math.ceil(c_g / cpt), cpt * kh * kw
+
+    def weight_tiles(self) -> torch.Tensor:
+        """Digital weights as the (groups * tiles, cpt*kh*kw, out/groups) stack."""
+        cpt, n_it, rows = self._geometry()
+        g = self.groups
+        out_g = self.out_channels // g
+        kh, kw = self.kernel_size
+        c_g = self.in_channels // g
+        w = self.weight.detach().reshape(g, out_g, c_g, kh, kw)
+        pad = n_it * cpt - c_g
+        if pad:
+            w = F.pad(w, (0, 0, 0, 0, 0, pad))
+        w = w.reshape(g, out_g, n_it, cpt, kh, kw).permute(0, 2, 3, 4, 5, 1)
+        return w.reshape(g * n_it, rows, out_g).contiguous()
+
+    def _stack_to_conv(self, stack: torch.Tensor) -> torch.Tensor:
+        """(T, R, out_g) -> grouped-conv weight (T*out_g, cpt, kh, kw)."""
+        cpt, _, _ = self._geometry()
+        kh, kw = self.kernel_size
+        t, _, out_g = stack.shape
+        return (
+            stack.reshape(t, cpt, kh, kw, out_g)
+            .permute(0, 4, 1, 2, 3)
+            .reshape(t * out_g, cpt, kh, kw)
+        )
+
+    def _rebuild_cache(self) -> None:
+        if not self.w_read.numel():
+            return
+        cs = self.col_scale.unsqueeze(1).to(self.w_read.dtype)
+        if self.rram_config.adc_bits is None and self.rram_config.correction == "none":
+            # tile sum collapses: one grouped conv with the original groups
+            cpt, n_it, _ = self._geometry()
+            kh, kw = self.kernel_size
+            g, out_g = self.groups, self.out_channels // self.groups
+            self._w_conv = (
+                self._stack_to_conv(self.w_read * cs)
+                .reshape(g, n_it, out_g, cpt, kh, kw)
+                .permute(0, 2, 1, 3, 4, 5)
+                .reshape(g * out_g, n_it * cpt, kh, kw)
+                .contiguous()
+            )
+        else:
+            self._w_conv = self._stack_to_conv(self.w_read)
+        self._w_conv_exact = self._stack_to_conv(self.w_exact) if self.w_exact.numel() else None
+
+    def _padded_input(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, T*cpt, H', W') with groups' channels padded per tile and
+        the spatial padding applied (so the tile convolutions use padding 0)."""
+        cpt, n_it, _ = self._geometry()
+        g = self.groups
+        c_g = self.in_channels // g
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+        elif isinstance(self.padding, str):
+            x = self._same_pad(x) if self.padding == "same" else x
+        else:
+            ph, pw = self.padding
+            if ph or pw:
+                x = F.pad(x, (pw, pw, ph, ph))
+        pad = n_it * cpt - c_g
+        if pad:
+            b, _, h, w = x.shape
+            x = F.pad(x.reshape(b, g, c_g, h, w), (0, 0, 0, 0, 0, pad)).reshape(
+                b, g * n_it * cpt, h, w
+            )
+        return x
+
+    def _same_pad(self, x: torch.Tensor) -> torch.Tensor:
+        kh, kw = self.kernel_size
+        dh, dw = self.dilation
+        th, tw = dh * (kh - 1), dw * (kw - 1)
+        return F.pad(x, (tw // 2, tw - tw // 2, th // 2, th - th // 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cfg = self.rram_config
+        _check_input(
+            "RRAMConv2d",
+            x,
+            None,
+            lambda t: t.ndim in (3, 4) and t.shape[-3] == self.in_channels,
+            f"(N, {self.in_channels}, H, W) or ({self.in_channels}, H, W)",
+            cfg.check_finite,
+        )
+        self._ensure_programmed()
+        unbatched = x.ndim == 3
+        if unbatched:
+            x = x.unsqueeze(0)
+        xin = x.to(self.weight.dtype) if x.dtype != self.weight.dtype else x
+        xp = self._padded_input(xin)
+        y = _ConvFn.apply(
+            xp,
+            self.weight,
+            self._hardware_forward,
+            (self.stride, (0, 0), self.dilation, self.groups),
+        )
+        y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype).view(1, -1, 1, 1)
+        return y.squeeze(0) if unbatched else y
+
+    def _hardware_forward(self, xp: torch.Tensor) -> torch.Tensor:
+        cfg = self.rram_config
+        material = cfg.device
+        cpt, n_it, rows = self._geometry()
+        g = self.groups
+        t_tiles = g * n_it
+        b, _, h, w = xp.shape
+        xt = xp.view(b, t_tiles, cpt, h, w)
+        if cfg.dac_bits is None:
+            levels = 1
+            s_in = torch.ones(b, t_tiles, 1, 1, 1, dtype=xp.dtype, device=xp.device)
+            codes = xt
+        else:
+            levels = quant_levels(cfg.dac_bits)
+            if cfg.dac_range is None:
+                s_in = (
+                    xt.abs().amax(dim=(2, 3, 4), keepdim=True).clamp_min(torch.finfo(xp.dtype).tiny)
+                )
+                codes = torch.round(xt * (levels / s_in))
+            else:
+                s_in = torch.full(
+                    (b, t_tiles, 1, 1, 1), cfg.dac_range, dtype=xp.dtype, device=xp.device
+                )
+                codes = torch.round(xt * (levels / cfg.dac_range)).clamp_(-levels, levels)
+        sigma = material.read_noise if cfg.read_noise else 0.0
+        gen = self._next_read_generator(xp.device) if sigma > 0 else None
+        out_g = self.out_channels // g
+        kh, kw = self.kernel_size
+        conv = dict(stride=self.stride, padding=0, dilation=self.dilation)
+        codes_flat = codes.reshape(b, t_tiles * cpt, h, w)
+
+        n_ot = math.ceil(out_g / cfg.tile_cols)
+        reads = 3 if cfg.correction == "first_order" else 1
+        stats = self.rram_stats
+
+        def patch_norm2(inp: torch.Tensor) -> torch.Tensor:
+            """sum of squares of each tile's input patch: (B, T, H', W')."""
+            ones = torch.ones(t_tiles, cpt, kh, kw, dtype=inp.dtype, device=inp.device)
+            return F.conv2d(inp * inp, ones, groups=t_tiles, **conv)
+
+        if cfg.adc_bits is None and cfg.correction == "none":
+            x_deq = (codes * (s_in / levels)).reshape(b, t_tiles * cpt, h, w)
+            y = F.conv2d(x_deq, self._w_conv, groups=g, **conv)
+            if sigma > 0:
+                n2 = patch_norm2(x_deq)  # (B, T, H', W')
+                cs2 = (self.col_scale.to(y.dtype) ** 2).reshape(g, n_it, out_g)
+                var = torch.einsum("bgthw,gto->bgohw", n2.reshape(b, g, n_it, *n2.shape[-2:]), cs2)
+                var = var.reshape(b, g * out_g, *n2.shape[-2:]) * (2 * sigma * sigma)
+                y = (
+                    y
+                    + torch.randn(y.shape, generator=gen, device=y.device, dtype=y.dtype)
+                    * var.sqrt()
+                )
+        else:
+
+            def read(inp: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+                u = F.conv2d(inp, weight, groups=t_tiles, **conv)  # (B, T*out_g, H', W')
+                hh, ww = u.shape[-2:]
+                u = u.view(b, t_tiles, out_g, hh, ww)
+                if sigma > 0:
+                    std = (2**0.5 * sigma) * patch_norm2(inp).sqrt().unsqueeze(2)
+                    u = (
+                        u
+                        + torch.randn(u.shape, generator=gen, device=u.device, dtype=u.dtype) * std
+                    )
+                # ADC over (tile, out-column tile): bring out_g last
+                u_last = u.permute(1, 0, 3, 4, 2).reshape(t_tiles, -1, out_g)
+                q = adc(u_last, cfg, levels)
+                return q.reshape(t_tiles, b, hh, ww, out_g)
+
+            if cfg.correction == "first_order":
+                exact_in = (xt * (levels / s_in)).reshape(b, t_tiles * cpt, h, w)
+                q = (
+                    read(codes_flat, self._w_conv_exact)
+                    + read(exact_in, self._w_conv)
+                    - read(codes_flat, self._w_conv)
+                )
+            else:
+                q = read(codes_flat, self._w_conv)
+            # digital: scale per tile and column, add the tiles of each group
+            scale = (s_in.reshape(b, t_tiles).transpose(0, 1) / levels).reshape(t_tiles, b, 1, 1, 1)
+            q = q * scale * self.col_scale.to(q.dtype).reshape(t_tiles, 1, 1, 1, out_g)
+            q = q.reshape(g, n_it, b, *q.shape[2:]).sum(1)  # (g, B, H', W', out_g)
+            y = q.permute(1, 0, 4, 2, 3).reshape(b, g * out_g, *q.shape[2:4])
+        hh, ww = y.shape[-2:]
+        stats.matrix_products += reads * b * hh * ww
+        stats.tile_reads += reads * b * hh * ww * t_tiles * n_ot
+        stats.dac_conversions += reads * b * hh * ww * t_tiles * rows
+        if cfg.adc_bits:
+            stats.adc_conversions += reads * b * hh * ww * t_tiles * out_g
+        if cfg.correction == "first_order":
+            stats.input_programming_pulses += b * hh * ww * t_tiles * rows * (cfg.dac_bits or 16)
+        lam = self._lambda(y.movedim(1, -1))
+        if lam is not None:
+            y = denoise(y.movedim(1, -1), lam).movedim(-1, 1)
+        return y
+
+    def extra_repr(self) -> str:
+        cfg = self.rram_config
+        return (
+            f"{nn.Conv2d.extra_repr(self)}, material={cfg.device.name}, "
+            f"tiles={cfg.tile_rows}x{cfg.tile_cols}, dac={cfg.dac_bits}, adc={cfg.adc_bits}, "
+            f"correction={cfg.correction}, denoise={cfg.denoise}"
+        )
+
+
+def to_digital(model: nn.Module) -> nn.Module:
+    """Replace every RRAM layer by its digital twin (same weights), in place; returns model."""
+    from .convert import _swap_modules
+
+    def swap(module: nn.Module, fqn: str) -> nn.Module | None:
+        if isinstance(module, RRAMLinear):
+            new = nn.Linear(
+                module.in_features,
+                module.out_features,
+                bias=module.bias is not None,
+                device=module.weight.device,
+                dtype=module.weight.dtype,
+            )
+        elif isinstance(module, RRAMConv2d):
+            new = nn.Conv2d(
+                module.in_channels,
+                module.out_channels,
+                module.kernel_size,
+                stride=module.stride,
+                padding=module.padding,
+                dilation=module.dilation,
+                groups=module.groups,
+                bias=module.bias is not None,
+                padding_mode=module.padding_mode,
+                device=module.weight.device,
+                dtype=module.weight.dtype,
+            )
+        else:
+            return None
+        new.weight = module.weight
+        if module.bias is not None:
+            new.bias = module.bias
+        return new
+
+    if isinstance(model, RRAMLinear | RRAMConv2d):
+        return swap(model, "")  # type: ignore[return-value]
+    _swap_modules(model, swap)
+    return model
+
+
+__all__ = ["RRAMConv2d", "RRAMLinear", "to_digital"]
