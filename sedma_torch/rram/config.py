@@ -80,6 +80,11 @@ class RRAMConfig:
     denoise_alpha: float = 0.5
     """Weight alpha of the remembered lambda in lam_t = alpha lam_memory +
     (1 - alpha) lam_recent, in [0, 1]."""
+    calibration_interval: int = 100
+    """``denoise="adaptive"``: re-estimate lam_recent every this many forward calls (>= 1),
+    from up to ``calibration_rows`` outputs of the call against the exact product."""
+    calibration_rows: int = 32
+    """Input vectors (rows or images) used per calibration, >= 1."""
     check_finite: bool = True
     """Reject NaN/Inf inputs and weights with a ValueError (one reduction per call)."""
     seed: int = 0
@@ -93,7 +98,13 @@ class RRAMConfig:
             raise TypeError(
                 f"RRAMConfig.material must be a material name or Material, got {type(mat).__name__}"
             )
-        for name in ("tile_rows", "tile_cols", "write_verify_iters"):
+        for name in (
+            "tile_rows",
+            "tile_cols",
+            "write_verify_iters",
+            "calibration_interval",
+            "calibration_rows",
+        ):
             _check_int(name, getattr(self, name), 1)
         for name in ("dac_bits", "adc_bits"):
             value = getattr(self, name)

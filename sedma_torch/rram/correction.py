@@ -168,11 +168,12 @@ def gcv_lambda(
     resid = ((sp.abs() ** 2).unsqueeze(0) * ((1 - responses) ** 2).unsqueeze(1) * weights).sum(-1)
     resid = resid.mean(-1) / (4 * n)  # ||(I-H)p||^2 averaged over the batch
     trace = (1 - responses[:, :n]).sum(-1)  # tr(I - H) over the n true eigenvalues
-    scores = n * resid / trace.clamp_min(1e-12) ** 2
-    scores[0] = torch.where(
-        trace[0] > 1e-9, scores[0], torch.tensor(float("inf"), dtype=scores.dtype)
+    # H = I (lambda ~ 0) leaves tr(I - H) ~ 0: GCV is undefined there, scored +inf
+    scores = torch.where(
+        trace > 1e-9,
+        n * resid / trace.clamp_min(1e-12) ** 2,
+        torch.tensor(float("inf"), dtype=resid.dtype, device=resid.device),
     )
-    # lambda = 0 gives tr(I-H) = 0: GCV is undefined there; pick the smallest finite minimiser
     best = int(torch.argmin(scores))
     return float(grid_t[best]), scores
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import RRAMConfig
-from .correction import denoise, gcv_lambda
+from .correction import denoise, estimate_lambda
 from .crossbar import (
     CrossbarStats,
     ProgrammedTiles,
@@ -82,6 +82,10 @@ class _CrossbarMixin:
         self.rram_stats = CrossbarStats()
         self._programmed_key: tuple | None = None
         self._lambda_recent: float | None = None
+        self._calibrations = 0
+        self._calls_since_calibration = 0
+        self.last_lambda: float | None = None
+        """lambda used by the most recent denoised forward call."""
         self.lambda_memory: float | None = None
         """Remembered lambda (set from long-term memory); used by ``denoise="adaptive"``."""
         for key in _STATE_KEYS:
@@ -199,20 +203,39 @@ class _CrossbarMixin:
         return out
 
     # ----- shared read helpers ---------------------------------------------------------
-    def _lambda(self, p: torch.Tensor) -> float | None:
+    def _lambda(self, p: torch.Tensor, reference) -> float | None:
+        """lambda for this call's denoising (None: no denoising).
+
+        ``adaptive``: every ``calibration_interval`` calls, the first ``calibration_rows``
+        outputs are compared with the exact product (``reference(rows)``) and the lambda
+        that minimises their error on a log grid (``estimate_lambda``) updates lam_recent
+        (running mean over calibrations); lam_t = alpha lam_memory + (1 - alpha) lam_recent.
+        """
         cfg = self.rram_config
         if cfg.denoise == "none":
             return None
         if cfg.denoise == "fixed":
             return cfg.lambda_fixed
-        lam_now, _ = gcv_lambda(p)
-        prev = self._lambda_recent
-        self._lambda_recent = lam_now if prev is None else 0.9 * prev + 0.1 * lam_now
+        if self._lambda_recent is None or self._calls_since_calibration >= cfg.calibration_interval:
+            rows = min(cfg.calibration_rows, p.shape[0])
+            with torch.no_grad():
+                lam_now, _ = estimate_lambda(p[:rows], reference(rows))
+            self._calibrations += 1
+            prev = self._lambda_recent
+            self._lambda_recent = (
+                lam_now if prev is None else prev + (lam_now - prev) / self._calibrations
+            )
+            self._calls_since_calibration = 0
+        self._calls_since_calibration += 1
         if self.lambda_memory is None:
-            return self._lambda_recent
-        return (
-            cfg.denoise_alpha * self.lambda_memory + (1 - cfg.denoise_alpha) * self._lambda_recent
-        )
+            lam = self._lambda_recent
+        else:
+            lam = (
+                cfg.denoise_alpha * self.lambda_memory
+                + (1 - cfg.denoise_alpha) * self._lambda_recent
+            )
+        self.last_lambda = lam
+        return lam
 
     def crossbar_summary(self) -> dict[str, Any]:
         """Tiles, physical crossbars and utilisation of this layer."""
@@ -390,7 +413,7 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
             y = self._fast_read(codes, s_in, levels, sigma, gen, batch, t, r)
         else:
             y = self._tiled_read(xt, codes, s_in, levels, sigma, gen)
-        lam = self._lambda(y)
+        lam = self._lambda(y, lambda rows: x2d[:rows] @ self._weight_oi().t())
         if lam is not None:
             y = denoise(y, lam)
         return y
@@ -611,27 +634,27 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
             self._w_conv = self._stack_to_conv(self.w_read)
         self._w_conv_exact = self._stack_to_conv(self.w_exact) if self.w_exact.numel() else None
 
-    def _padded_input(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, T*cpt, H', W') with groups' channels padded per tile and
-        the spatial padding applied (so the tile convolutions use padding 0)."""
+    def _spatial_pad(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the layer's spatial padding, so tile convolutions run with padding 0."""
+        if self.padding_mode != "zeros":
+            return F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+        if isinstance(self.padding, str):
+            return self._same_pad(x) if self.padding == "same" else x
+        ph, pw = self.padding
+        return F.pad(x, (pw, pw, ph, ph)) if (ph or pw) else x
+
+    def _channel_pad(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, T*cpt, H, W): each group's channels padded to whole tiles."""
         cpt, n_it, _ = self._geometry()
         g = self.groups
         c_g = self.in_channels // g
-        if self.padding_mode != "zeros":
-            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-        elif isinstance(self.padding, str):
-            x = self._same_pad(x) if self.padding == "same" else x
-        else:
-            ph, pw = self.padding
-            if ph or pw:
-                x = F.pad(x, (pw, pw, ph, ph))
         pad = n_it * cpt - c_g
-        if pad:
-            b, _, h, w = x.shape
-            x = F.pad(x.reshape(b, g, c_g, h, w), (0, 0, 0, 0, 0, pad)).reshape(
-                b, g * n_it * cpt, h, w
-            )
-        return x
+        if not pad:
+            return x
+        b, _, h, w = x.shape
+        return F.pad(x.reshape(b, g, c_g, h, w), (0, 0, 0, 0, 0, pad)).reshape(
+            b, g * n_it * cpt, h, w
+        )
 
     def _same_pad(self, x: torch.Tensor) -> torch.Tensor:
         kh, kw = self.kernel_size
@@ -654,7 +677,7 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
         if unbatched:
             x = x.unsqueeze(0)
         xin = x.to(self.weight.dtype) if x.dtype != self.weight.dtype else x
-        xp = self._padded_input(xin)
+        xp = self._spatial_pad(xin)
         y = _ConvFn.apply(
             xp,
             self.weight,
@@ -672,6 +695,8 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
         cpt, n_it, rows = self._geometry()
         g = self.groups
         t_tiles = g * n_it
+        x_spatial = xp
+        xp = self._channel_pad(xp)
         b, _, h, w = xp.shape
         xt = xp.view(b, t_tiles, cpt, h, w)
         if cfg.dac_bits is None:
@@ -758,7 +783,16 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
             stats.adc_conversions += reads * b * hh * ww * t_tiles * out_g
         if cfg.correction == "first_order":
             stats.input_programming_pulses += b * hh * ww * t_tiles * rows * (cfg.dac_bits or 16)
-        lam = self._lambda(y.movedim(1, -1))
+        lam = self._lambda(
+            y.movedim(1, -1),
+            lambda rows: F.conv2d(
+                x_spatial[:rows],
+                self.weight.detach(),
+                stride=self.stride,
+                dilation=self.dilation,
+                groups=self.groups,
+            ).movedim(1, -1),
+        )
         if lam is not None:
             y = denoise(y.movedim(1, -1), lam).movedim(-1, 1)
         return y
