@@ -125,7 +125,7 @@ def print_table(results: list[dict[str, object]]) -> None:
 
 
 def plot(results: list[dict[str, object]], title: str, path: Path) -> None:
-    fig, axes = plt.subplots(1, len(MODES), figsize=(5 * len(MODES), 4), sharey=True)
+    fig, axes = plt.subplots(1, len(MODES), figsize=(5 * len(MODES), 4.5), sharey=True)
     width = 0.8 / len(WRITE_VERIFY_ITERS)
     positions = np.arange(len(MATERIALS))
     for ax, mode in zip(axes, MODES, strict=True):
@@ -154,9 +154,10 @@ def plot(results: list[dict[str, object]], title: str, path: Path) -> None:
         ax.set_yscale("log")
         ax.grid(axis="y", which="both", alpha=0.3)
     axes[0].set_ylabel("median relative L2 error (IQR bars)")
-    axes[-1].legend()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(WRITE_VERIFY_ITERS))
     fig.suptitle(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

@@ -147,7 +147,7 @@ def convert_(
             return None
         if filter_fn is not None and not filter_fn(module, fqn):
             return None
-        seed = derive_seed(config.seed, fqn)
+        seed = derive_seed(fqn)  # mixed with config.seed by the layer
         if conv1d is not None and isinstance(module, conv1d):
             new: nn.Module = RRAMConv1D(
                 module.nf,

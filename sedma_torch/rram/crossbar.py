@@ -288,28 +288,47 @@ def expand_tiles(s: torch.Tensor, tile_cols: int, cols: int) -> torch.Tensor:
     return s.repeat_interleave(tile_cols, dim=-1)[..., :cols]
 
 
-def adc(u: torch.Tensor, cfg: RRAMConfig, dac_levels: int) -> torch.Tensor:
-    """Column ADC on normalised column outputs u (T, B, C) in code units of the DAC."""
+def absmax(x: torch.Tensor, dim, keepdim: bool = True) -> torch.Tensor:
+    """max |x| over ``dim`` as two read-only reductions (no |x| temporary)."""
+    return torch.maximum(x.amax(dim, keepdim=keepdim), x.amin(dim, keepdim=keepdim).neg_())
+
+
+def adc_dequantise_(
+    u: torch.Tensor, cfg: RRAMConfig, dac_levels: int, s_in: torch.Tensor, col_dim: int
+) -> torch.Tensor:
+    """Column ADC on u, then de-quantisation to input units, in place where possible.
+
+    ``u`` holds normalised column outputs in DAC code units with the columns along
+    ``col_dim``; ``s_in`` (broadcastable to u, size 1 along ``col_dim``) is the DAC full
+    scale. Columns are grouped into physical tiles of ``tile_cols``; with
+    ``adc_range=None`` each group auto-ranges to its largest |output| per read. Returns
+    ``q * step * s_in / dac_levels`` shaped like ``u`` (before the per-column scale).
+    """
+    col_dim %= u.ndim
     if cfg.adc_bits is None:
-        return u
+        return u.mul_(s_in / dac_levels)
     levels = quant_levels(cfg.adc_bits)
+    cols = u.shape[col_dim]
+    n_ot = math.ceil(cols / cfg.tile_cols)
+    width = cfg.tile_cols if n_ot > 1 else cols
+    pad = n_ot * width - cols
+    up = torch.nn.functional.pad(u, [0, 0] * (u.ndim - 1 - col_dim) + [0, pad]) if pad else u
+    ug = up.view(*up.shape[:col_dim], n_ot, width, *up.shape[col_dim + 1 :])
     if cfg.adc_range is None:
-        full = tile_absmax(u, cfg.tile_cols).clamp_min(1e-30)
+        full = absmax(ug, col_dim + 1).clamp_min_(torch.finfo(u.dtype).tiny)
+        ug.mul_(levels / full).round_()
     else:
-        full = torch.full(
-            (*u.shape[:-1], 1), cfg.adc_range * dac_levels, dtype=u.dtype, device=u.device
-        )
-    step = expand_tiles(full / levels, cfg.tile_cols, u.shape[-1])
-    q = torch.round(u / step)
-    if cfg.adc_range is not None:
-        q = q.clamp_(-levels, levels)
-    return q.mul_(step)
+        full = torch.tensor(cfg.adc_range * dac_levels, dtype=u.dtype, device=u.device)
+        ug.mul_(levels / full).round_().clamp_(-levels, levels)
+    ug.mul_(full * (s_in.unsqueeze(col_dim + 1) / (levels * dac_levels)))
+    return up.narrow(col_dim, 0, cols) if pad else u
 
 
 __all__ = [
     "CrossbarStats",
     "ProgrammedTiles",
-    "adc",
+    "absmax",
+    "adc_dequantise_",
     "chip_properties",
     "column_scale",
     "derive_seed",

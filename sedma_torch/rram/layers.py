@@ -30,7 +30,8 @@ from .correction import denoise, estimate_lambda
 from .crossbar import (
     CrossbarStats,
     ProgrammedTiles,
-    adc,
+    absmax,
+    adc_dequantise_,
     derive_seed,
     make_generator,
     program_tiles,
@@ -72,13 +73,9 @@ class _CrossbarMixin:
 
     def _rram_init(self, config: RRAMConfig | None, seed: int | None) -> None:
         self.rram_config = _check_config(config)
-        seed_value = (
-            int(seed)
-            if seed is not None
-            else derive_seed(
-                self.rram_config.seed, type(self).__name__, next(_construction_counter)
-            )
-        )
+        # the layer seed mixes config.seed with the given seed (or the construction order)
+        label = int(seed) if seed is not None else (type(self).__name__, next(_construction_counter))
+        seed_value = derive_seed(self.rram_config.seed, "layer", label)
         self.rram_stats = CrossbarStats()
         self._programmed_key: tuple | None = None
         self._lambda_recent: float | None = None
@@ -381,7 +378,7 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
             return xt, torch.ones((*xt.shape[:-1], 1), dtype=xt.dtype, device=xt.device), 1
         levels = quant_levels(cfg.dac_bits)
         if cfg.dac_range is None:
-            scale = xt.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(xt.dtype).tiny)
+            scale = absmax(xt, -1).clamp_min_(torch.finfo(xt.dtype).tiny)
             codes = torch.round(xt * (levels / scale))
         else:
             scale = torch.full((*xt.shape[:-1], 1), cfg.dac_range, dtype=xt.dtype, device=xt.device)
@@ -436,31 +433,38 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
         sigma: float,
         gen: torch.Generator | None,
         levels: int,
+        s_in_t: torch.Tensor,
     ) -> torch.Tensor:
-        """inputs (T, B, R) in code units @ weights (T, R, C) -> noisy, ADC'd (T, B, C)."""
+        """inputs (T, B, R) in DAC code units @ weights (T, R, C) -> read noise, ADC and
+        de-quantisation: (T, B, C) partial sums in input units (before the column scale)."""
         u = torch.bmm(inputs, weights)
         if sigma > 0:
             std = (2**0.5 * sigma) * inputs.norm(dim=-1, keepdim=True)
-            u.add_(torch.randn(u.shape, generator=gen, device=u.device, dtype=u.dtype).mul_(std))
-        return adc(u, self.rram_config, levels)
+            u.addcmul_(torch.randn(u.shape, generator=gen, device=u.device, dtype=u.dtype), std)
+        return adc_dequantise_(u, self.rram_config, levels, s_in_t, col_dim=-1)
 
     def _tiled_read(self, xt, codes, s_in, levels, sigma, gen) -> torch.Tensor:
         cfg = self.rram_config
         codes_t = codes.transpose(0, 1)  # (T, B, R)
+        s_in_t = s_in.transpose(0, 1)  # (T, B, 1)
         if cfg.correction == "first_order":
+            batch = codes_t.shape[1]
             exact_in = (xt * (levels / s_in)).transpose(0, 1)  # x at full precision, code units
             both = self._read_stack(
-                torch.cat([codes_t, exact_in], dim=1), self.w_read, sigma, gen, levels
+                torch.cat([codes_t, exact_in], dim=1),
+                self.w_read,
+                sigma,
+                gen,
+                levels,
+                torch.cat([s_in_t, s_in_t], dim=1),
             )
-            batch = codes_t.shape[1]
-            q_tilde, q_exact_in = both[:, :batch], both[:, batch:]
-            q_exact_w = self._read_stack(codes_t, self.w_exact, sigma, gen, levels)
-            u = q_exact_w + q_exact_in - q_tilde
+            u = self._read_stack(codes_t, self.w_exact, sigma, gen, levels, s_in_t)
+            u += both[:, batch:]
+            u -= both[:, :batch]
         else:
-            u = self._read_stack(codes_t, self.w_read, sigma, gen, levels)
-        # digital: scale each tile's partial sums, add tiles
-        u.mul_(s_in.transpose(0, 1) / levels).mul_(self.col_scale.unsqueeze(1).to(u.dtype))
-        return u.sum(0)
+            u = self._read_stack(codes_t, self.w_read, sigma, gen, levels, s_in_t)
+        # digital: per-column scale of each tile, then add the tiles
+        return u.mul_(self.col_scale.unsqueeze(1).to(u.dtype)).sum(0)
 
     def extra_repr(self) -> str:
         cfg = self.rram_config
@@ -745,40 +749,33 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
                     * var.sqrt()
                 )
         else:
+            s_in5 = s_in.view(b, t_tiles, 1, 1, 1)
 
             def read(inp: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-                u = F.conv2d(inp, weight, groups=t_tiles, **conv)  # (B, T*out_g, H', W')
-                hh, ww = u.shape[-2:]
-                u = u.view(b, t_tiles, out_g, hh, ww)
+                """(B, T*cpt, H, W) codes -> (B, T, out_g, H', W') partial sums after read
+                noise, ADC and de-quantisation (input units, before the column scale)."""
+                u = F.conv2d(inp, weight, groups=t_tiles, **conv)
+                u = u.view(b, t_tiles, out_g, *u.shape[-2:])
                 if sigma > 0:
-                    std = (2**0.5 * sigma) * patch_norm2(inp).sqrt().unsqueeze(2)
-                    u = (
-                        u
-                        + torch.randn(u.shape, generator=gen, device=u.device, dtype=u.dtype) * std
-                    )
-                # ADC over (tile, out-column tile): bring out_g last
-                u_last = u.permute(1, 0, 3, 4, 2).reshape(t_tiles, -1, out_g)
-                q = adc(u_last, cfg, levels)
-                return q.reshape(t_tiles, b, hh, ww, out_g)
+                    std = (2**0.5 * sigma) * patch_norm2(inp).sqrt_().unsqueeze(2)
+                    noise = torch.randn(u.shape, generator=gen, device=u.device, dtype=u.dtype)
+                    u.addcmul_(noise, std)
+                return adc_dequantise_(u, cfg, levels, s_in5, col_dim=2)
 
             if cfg.correction == "first_order":
                 exact_in = (xt * (levels / s_in)).reshape(b, t_tiles * cpt, h, w)
-                q = (
-                    read(codes_flat, self._w_conv_exact)
-                    + read(exact_in, self._w_conv)
-                    - read(codes_flat, self._w_conv)
-                )
+                u = read(codes_flat, self._w_conv_exact)
+                u += read(exact_in, self._w_conv)
+                u -= read(codes_flat, self._w_conv)
             else:
-                q = read(codes_flat, self._w_conv)
-            # digital: scale per tile and column, add the tiles of each group
-            scale = (s_in.reshape(b, t_tiles).transpose(0, 1) / levels).reshape(t_tiles, b, 1, 1, 1)
-            q = q * scale * self.col_scale.to(q.dtype).reshape(t_tiles, 1, 1, 1, out_g)
-            q = q.reshape(g, n_it, b, *q.shape[2:]).sum(1)  # (g, B, H', W', out_g)
-            y = q.permute(1, 0, 4, 2, 3).reshape(b, g * out_g, *q.shape[2:4])
+                u = read(codes_flat, self._w_conv)
+            # digital: per-column scale of each tile, then add the tiles of each group
+            u.mul_(self.col_scale.to(u.dtype).view(1, t_tiles, out_g, 1, 1))
+            y = u.view(b, g, n_it, out_g, *u.shape[-2:]).sum(2).reshape(b, g * out_g, *u.shape[-2:])
         hh, ww = y.shape[-2:]
         stats.matrix_products += reads * b * hh * ww
         stats.tile_reads += reads * b * hh * ww * t_tiles * n_ot
-        stats.dac_conversions += reads * b * hh * ww * t_tiles * rows
+        stats.dac_conversions += reads * b * hh * ww * self.in_channels * kh * kw
         if cfg.adc_bits:
             stats.adc_conversions += reads * b * hh * ww * t_tiles * out_g
         if cfg.correction == "first_order":

@@ -79,7 +79,7 @@ def mvm(
         device=device,
         dtype=dtype,
         config=config,
-        seed=derive_seed(config.seed, "mvm"),
+        seed=derive_seed("mvm"),
     )
     with torch.no_grad():
         layer.weight.copy_(a)
