@@ -587,11 +587,15 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
         return new
 
     def _geometry(self) -> tuple[int, int, int]:
-        """(channels per tile, input tiles per group, rows used per tile)."""
+        """(channels per tile, input tiles per group, rows used per tile).
+
+        As few input tiles as fit, with the channels spread evenly over them (64 channels
+        of 3x3 kernels on 256-row tiles: 3 tiles of 22 channels, not 28 + 28 + 8)."""
         kh, kw = self.kernel_size
         c_g = self.in_channels // self.groups
-        cpt = min(c_g, self.rram_config.tile_rows // (kh * kw))
-        return cpt, math.ceil(c_g / cpt), cpt * kh * kw
+        n_it = math.ceil(c_g / min(c_g, self.rram_config.tile_rows // (kh * kw)))
+        cpt = math.ceil(c_g / n_it)
+        return cpt, n_it, cpt * kh * kw
 
     def weight_tiles(self) -> torch.Tensor:
         """Digital weights as the (groups * tiles, cpt*kh*kw, out/groups) stack."""

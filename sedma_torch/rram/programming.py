@@ -128,10 +128,9 @@ def program_conductances(
     tol_abs = tolerance * g_range
 
     if material.levels_ltp is None or material.levels_ltd is None:
-        moved = (g_flat - t_flat).abs() > tol_abs
-        pulses = int(moved.sum())
-        g_flat = torch.where(moved, t_flat, g_flat)
-        return g_flat.view(shape), _stats(g_flat, t_flat, tol_abs, g_range, 1, pulses)
+        # a continuous device is set exactly, one (analog) pulse per cell that changes
+        pulses = int((g_flat != t_flat).sum())
+        return t_flat.clone().view(shape), _stats(t_flat, t_flat, tol_abs, g_range, 1, pulses)
 
     levels_ltp, levels_ltd = float(material.levels_ltp), float(material.levels_ltd)
     a_ltp, a_ltd = material.curve_a("ltp"), material.curve_a("ltd")

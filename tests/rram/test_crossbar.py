@@ -552,12 +552,8 @@ def test_conv_operation_counters_match_hand_count(correction):
     assert stats.adc_conversions == reads * vectors * 2 * 8
 
 
-@pytest.mark.xfail(
-    reason="bug: RRAMConv2d counts DAC conversions for the zero channels that pad the last "
-    "input tile (t_tiles * rows per pixel) while RRAMLinear counts real inputs only",
-    strict=True,
-)
 def test_conv_dac_counter_counts_real_inputs_when_last_tile_is_partial():
+    # regression: the zero channels that pad the last input tile were counted as DAC inputs
     # 5 channels at 3 per tile: the second tile holds 2 real channels (18 of 27 rows)
     cfg = RRAMConfig(material="ideal", dac_bits=6, adc_bits=8, tile_rows=27, tile_cols=5)
     conv = RRAMConv2d(5, 8, 3, padding=1, config=cfg)
@@ -609,10 +605,10 @@ def test_first_order_correction_equals_meliso_formula(material):
 @pytest.mark.parametrize("material", ["epiram", "ag_asi", "alox_hfo2", "taox_hfox"])
 def test_first_order_correction_reduces_mvm_error_several_fold(material):
     rng = np.random.default_rng(901)
-    a = rng.standard_normal((150, 300))
-    x = rng.standard_normal((300, 6))
+    a = rng.standard_normal((48, 200))
+    x = rng.standard_normal((200, 6))
     exact = a @ x
-    cfg = RRAMConfig(material=material, read_noise=False, adc_bits=None)
+    cfg = RRAMConfig(material=material, read_noise=False, adc_bits=None, tile_rows=128)
     errors = {}
     for correction in ("none", "first_order"):
         y = st.rram.mvm(a, x, cfg.replace(correction=correction)).y.numpy()
@@ -622,4 +618,4 @@ def test_first_order_correction_reduces_mvm_error_several_fold(material):
         f"{material}: rel error {errors['none']:.3e} -> {errors['first_order']:.3e} "
         f"(x{factor:.1f} lower with first-order correction)"
     )
-    assert factor > 5.0
+    assert factor > 10.0
