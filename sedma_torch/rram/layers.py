@@ -29,11 +29,11 @@ from .config import RRAMConfig
 from .correction import denoise, estimate_lambda
 from .crossbar import (
     CrossbarStats,
+    NoiseSource,
     ProgrammedTiles,
     absmax,
     adc_dequantise_,
     derive_seed,
-    make_generator,
     program_tiles,
     quant_levels,
 )
@@ -74,7 +74,9 @@ class _CrossbarMixin:
     def _rram_init(self, config: RRAMConfig | None, seed: int | None) -> None:
         self.rram_config = _check_config(config)
         # the layer seed mixes config.seed with the given seed (or the construction order)
-        label = int(seed) if seed is not None else (type(self).__name__, next(_construction_counter))
+        label = (
+            int(seed) if seed is not None else (type(self).__name__, next(_construction_counter))
+        )
         seed_value = derive_seed(self.rram_config.seed, "layer", label)
         self.rram_stats = CrossbarStats()
         self._programmed_key: tuple | None = None
@@ -168,10 +170,10 @@ class _CrossbarMixin:
         if not self.is_programmed:
             self.program_()
 
-    def _next_read_generator(self, device: torch.device) -> torch.Generator:
+    def _next_read_noise(self) -> NoiseSource:
         call = int(self.read_calls)  # type: ignore[attr-defined]
         self.read_calls += 1  # type: ignore[attr-defined]
-        return make_generator(derive_seed(self.rram_seed, "read", call), device)
+        return NoiseSource(derive_seed(self.rram_seed, "read", call))
 
     # ----- state dict / device moves ---------------------------------------------------
     def _resize_state_hook(self, state_dict, prefix, *args, **kwargs) -> None:
@@ -395,7 +397,7 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
         xt = xp.view(batch, t, r)
         codes, s_in, levels = self._dac(xt)
         sigma = material.read_noise if cfg.read_noise else 0.0
-        gen = self._next_read_generator(x2d.device) if sigma > 0 else None
+        gen = self._next_read_noise() if sigma > 0 else None
         n_ot = math.ceil(self.out_features / cfg.tile_cols)
         stats = self.rram_stats
         reads = 3 if cfg.correction == "first_order" else 1
@@ -423,7 +425,7 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
             # var_o = 2 sigma^2 sum_t ||x~_t||^2 col_scale[t, o]^2  (per-tile noise, summed)
             norms = (codes * codes).sum(-1) * (s_in.squeeze(-1) / levels) ** 2  # (B, T)
             var = (2 * sigma * sigma) * (norms @ (self.col_scale.to(y.dtype) ** 2))
-            y = y + torch.randn(y.shape, generator=gen, device=y.device, dtype=y.dtype) * var.sqrt()
+            y = y + gen.randn(y.shape, y.device, y.dtype) * var.sqrt()
         return y
 
     def _read_stack(
@@ -431,7 +433,7 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
         inputs: torch.Tensor,
         weights: torch.Tensor,
         sigma: float,
-        gen: torch.Generator | None,
+        gen: NoiseSource | None,
         levels: int,
         s_in_t: torch.Tensor,
     ) -> torch.Tensor:
@@ -440,7 +442,7 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
         u = torch.bmm(inputs, weights)
         if sigma > 0:
             std = (2**0.5 * sigma) * inputs.norm(dim=-1, keepdim=True)
-            u.addcmul_(torch.randn(u.shape, generator=gen, device=u.device, dtype=u.dtype), std)
+            u.addcmul_(gen.randn(u.shape, u.device, u.dtype), std)
         return adc_dequantise_(u, self.rram_config, levels, s_in_t, col_dim=-1)
 
     def _tiled_read(self, xt, codes, s_in, levels, sigma, gen) -> torch.Tensor:
@@ -724,7 +726,7 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
                 )
                 codes = torch.round(xt * (levels / cfg.dac_range)).clamp_(-levels, levels)
         sigma = material.read_noise if cfg.read_noise else 0.0
-        gen = self._next_read_generator(xp.device) if sigma > 0 else None
+        gen = self._next_read_noise() if sigma > 0 else None
         out_g = self.out_channels // g
         kh, kw = self.kernel_size
         conv = dict(stride=self.stride, padding=0, dilation=self.dilation)
@@ -747,11 +749,7 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
                 cs2 = (self.col_scale.to(y.dtype) ** 2).reshape(g, n_it, out_g)
                 var = torch.einsum("bgthw,gto->bgohw", n2.reshape(b, g, n_it, *n2.shape[-2:]), cs2)
                 var = var.reshape(b, g * out_g, *n2.shape[-2:]) * (2 * sigma * sigma)
-                y = (
-                    y
-                    + torch.randn(y.shape, generator=gen, device=y.device, dtype=y.dtype)
-                    * var.sqrt()
-                )
+                y = y + gen.randn(y.shape, y.device, y.dtype) * var.sqrt()
         else:
             s_in5 = s_in.view(b, t_tiles, 1, 1, 1)
 
@@ -762,7 +760,7 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
                 u = u.view(b, t_tiles, out_g, *u.shape[-2:])
                 if sigma > 0:
                     std = (2**0.5 * sigma) * patch_norm2(inp).sqrt_().unsqueeze(2)
-                    noise = torch.randn(u.shape, generator=gen, device=u.device, dtype=u.dtype)
+                    noise = gen.randn(u.shape, u.device, u.dtype)
                     u.addcmul_(noise, std)
                 return adc_dequantise_(u, cfg, levels, s_in5, col_dim=2)
 
