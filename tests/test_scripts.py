@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -12,8 +13,9 @@ from .conftest import REPO
 
 
 def _run(args: list[str], tmp_path) -> str:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # this checkout's code, whatever is installed
     proc = subprocess.run(
-        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=900
+        [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout

@@ -313,27 +313,15 @@ def read_back(
     return (g[0] - g[1]) / material.g_range
 
 
-def tile_absmax(u: torch.Tensor, tile_cols: int) -> torch.Tensor:
-    """|max| of (..., C) over groups of ``tile_cols`` columns -> (..., n_col_tiles)."""
-    cols = u.shape[-1]
-    n_ot = math.ceil(cols / tile_cols)
-    pad = n_ot * tile_cols - cols
-    a = u.abs()
-    if pad:
-        a = torch.nn.functional.pad(a, (0, pad))
-    return a.reshape(*u.shape[:-1], n_ot, tile_cols).amax(-1)
-
-
-def expand_tiles(s: torch.Tensor, tile_cols: int, cols: int) -> torch.Tensor:
-    """Inverse of ``tile_absmax``'s grouping: (..., n_col_tiles) -> (..., C)."""
-    if s.shape[-1] == 1:
-        return s
-    return s.repeat_interleave(tile_cols, dim=-1)[..., :cols]
-
-
 def absmax(x: torch.Tensor, dim, keepdim: bool = True) -> torch.Tensor:
     """max |x| over ``dim`` as two read-only reductions (no |x| temporary)."""
     return torch.maximum(x.amax(dim, keepdim=keepdim), x.amin(dim, keepdim=keepdim).neg_())
+
+
+def positive_or_one(scale: torch.Tensor) -> torch.Tensor:
+    """A converter range: 1 where the signal is all zero (so 0 * (L / range) stays 0, never
+    0 * inf = NaN as with a tiny clamp)."""
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
 def adc_dequantise_(
@@ -358,7 +346,7 @@ def adc_dequantise_(
     up = torch.nn.functional.pad(u, [0, 0] * (u.ndim - 1 - col_dim) + [0, pad]) if pad else u
     ug = up.view(*up.shape[:col_dim], n_ot, width, *up.shape[col_dim + 1 :])
     if cfg.adc_range is None:
-        full = absmax(ug, col_dim + 1).clamp_min_(torch.finfo(u.dtype).tiny)
+        full = positive_or_one(absmax(ug, col_dim + 1))
         ug.mul_(levels / full).round_()
     else:
         full = torch.tensor(cfg.adc_range * dac_levels, dtype=u.dtype, device=u.device)
@@ -378,8 +366,8 @@ __all__ = [
     "derive_seed",
     "ir_drop_factor",
     "make_generator",
+    "positive_or_one",
     "program_tiles",
     "quant_levels",
     "read_back",
-    "tile_absmax",
 ]

@@ -34,6 +34,7 @@ from .crossbar import (
     absmax,
     adc_dequantise_,
     derive_seed,
+    positive_or_one,
     program_tiles,
     quant_levels,
 )
@@ -380,7 +381,7 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
             return xt, torch.ones((*xt.shape[:-1], 1), dtype=xt.dtype, device=xt.device), 1
         levels = quant_levels(cfg.dac_bits)
         if cfg.dac_range is None:
-            scale = absmax(xt, -1).clamp_min_(torch.finfo(xt.dtype).tiny)
+            scale = positive_or_one(absmax(xt, -1))
             codes = torch.round(xt * (levels / scale))
         else:
             scale = torch.full((*xt.shape[:-1], 1), cfg.dac_range, dtype=xt.dtype, device=xt.device)
@@ -425,7 +426,7 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
             # var_o = 2 sigma^2 sum_t ||x~_t||^2 col_scale[t, o]^2  (per-tile noise, summed)
             norms = (codes * codes).sum(-1) * (s_in.squeeze(-1) / levels) ** 2  # (B, T)
             var = (2 * sigma * sigma) * (norms @ (self.col_scale.to(y.dtype) ** 2))
-            y = y + gen.randn(y.shape, y.device, y.dtype) * var.sqrt()
+            y = y + gen.randn(y.shape, y.device, y.dtype) * var.clamp_min(0).sqrt()
         return y
 
     def _read_stack(
@@ -716,9 +717,7 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
         else:
             levels = quant_levels(cfg.dac_bits)
             if cfg.dac_range is None:
-                s_in = (
-                    xt.abs().amax(dim=(2, 3, 4), keepdim=True).clamp_min(torch.finfo(xp.dtype).tiny)
-                )
+                s_in = positive_or_one(absmax(xt, (2, 3, 4)))
                 codes = torch.round(xt * (levels / s_in))
             else:
                 s_in = torch.full(
@@ -749,7 +748,7 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
                 cs2 = (self.col_scale.to(y.dtype) ** 2).reshape(g, n_it, out_g)
                 var = torch.einsum("bgthw,gto->bgohw", n2.reshape(b, g, n_it, *n2.shape[-2:]), cs2)
                 var = var.reshape(b, g * out_g, *n2.shape[-2:]) * (2 * sigma * sigma)
-                y = y + gen.randn(y.shape, y.device, y.dtype) * var.sqrt()
+                y = y + gen.randn(y.shape, y.device, y.dtype) * var.clamp_min(0).sqrt()
         else:
             s_in5 = s_in.view(b, t_tiles, 1, 1, 1)
 
@@ -759,7 +758,7 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
                 u = F.conv2d(inp, weight, groups=t_tiles, **conv)
                 u = u.view(b, t_tiles, out_g, *u.shape[-2:])
                 if sigma > 0:
-                    std = (2**0.5 * sigma) * patch_norm2(inp).sqrt_().unsqueeze(2)
+                    std = (2**0.5 * sigma) * patch_norm2(inp).clamp_min_(0).sqrt_().unsqueeze(2)
                     noise = gen.randn(u.shape, u.device, u.dtype)
                     u.addcmul_(noise, std)
                 return adc_dequantise_(u, cfg, levels, s_in5, col_dim=2)

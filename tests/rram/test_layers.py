@@ -518,3 +518,22 @@ def test_conv_kernel_larger_than_tile_rows_is_rejected():
     with pytest.raises(ValueError, match="tile_rows"):
         RRAMConv2d(2, 3, 5, config=IDEAL.replace(tile_rows=16))
     RRAMConv2d(2, 3, 4, config=IDEAL.replace(tile_rows=16))  # 16 taps fit exactly
+
+
+def test_all_zero_input_tiles_give_finite_zero_partial_sums():
+    # a ReLU often zeroes a whole input tile: the converters must not divide 0 by a 0 range
+    cfg = RRAMConfig(material="taox_hfox", tile_rows=16, tile_cols=8)
+    torch.manual_seed(0)
+    linear = RRAMLinear(48, 12, bias=False, config=cfg)
+    x = torch.randn(4, 48)
+    x[:, 16:32] = 0.0  # the middle input tile is all zero
+    x[1] = 0.0  # and one whole vector
+    y = linear(x)
+    assert torch.isfinite(y).all()
+    assert torch.equal(y[1], torch.zeros(12))
+    conv = RRAMConv2d(3, 6, 3, padding=1, bias=False, config=cfg)
+    img = torch.zeros(2, 3, 6, 6)
+    img[0, :, 2:4, 2:4] = 1.0
+    out = conv(img)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[1], torch.zeros(6, 6, 6))
