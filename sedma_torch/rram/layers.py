@@ -639,11 +639,17 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
                 .reshape(g, n_it, out_g, cpt, kh, kw)
                 .permute(0, 2, 1, 3, 4, 5)
                 .reshape(g * out_g, n_it * cpt, kh, kw)
-                .contiguous()
+                .contiguous(memory_format=torch.channels_last)
             )
         else:
-            self._w_conv = self._stack_to_conv(self.w_read)
-        self._w_conv_exact = self._stack_to_conv(self.w_exact) if self.w_exact.numel() else None
+            self._w_conv = self._stack_to_conv(self.w_read).contiguous(
+                memory_format=torch.channels_last
+            )
+        self._w_conv_exact = (
+            self._stack_to_conv(self.w_exact).contiguous(memory_format=torch.channels_last)
+            if self.w_exact.numel()
+            else None
+        )
 
     def _spatial_pad(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the layer's spatial padding, so tile convolutions run with padding 0."""
@@ -735,33 +741,38 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
         reads = 3 if cfg.correction == "first_order" else 1
         stats = self.rram_stats
 
-        def patch_norm2(inp: torch.Tensor) -> torch.Tensor:
-            """sum of squares of each tile's input patch: (B, T, H', W')."""
-            ones = torch.ones(t_tiles, cpt, kh, kw, dtype=inp.dtype, device=inp.device)
-            return F.conv2d(inp * inp, ones, groups=t_tiles, **conv)
+        ones = torch.ones(t_tiles, 1, kh, kw, dtype=xp.dtype, device=xp.device)
 
+        def patch_norm2(inp: torch.Tensor) -> torch.Tensor:
+            """Sum of squares of each tile's input patch, (B, T, H', W'): channels first
+            summed per tile, then a kh x kw box filter."""
+            per_tile = (inp * inp).view(b, t_tiles, cpt, h, w).sum(2)
+            return F.conv2d(per_tile, ones, groups=t_tiles, **conv).clamp_min_(0)
+
+        cl = torch.channels_last  # oneDNN runs grouped convolutions far faster in NHWC
         if cfg.adc_bits is None and cfg.correction == "none":
             x_deq = (codes * (s_in / levels)).reshape(b, t_tiles * cpt, h, w)
-            y = F.conv2d(x_deq, self._w_conv, groups=g, **conv)
+            y = F.conv2d(x_deq.contiguous(memory_format=cl), self._w_conv, groups=g, **conv)
             if sigma > 0:
                 n2 = patch_norm2(x_deq)  # (B, T, H', W')
                 cs2 = (self.col_scale.to(y.dtype) ** 2).reshape(g, n_it, out_g)
                 var = torch.einsum("bgthw,gto->bgohw", n2.reshape(b, g, n_it, *n2.shape[-2:]), cs2)
                 var = var.reshape(b, g * out_g, *n2.shape[-2:]) * (2 * sigma * sigma)
-                y = y + gen.randn(y.shape, y.device, y.dtype) * var.clamp_min(0).sqrt()
+                y = y + gen.randn(y.shape, y.device, y.dtype) * var.sqrt()
         else:
-            s_in5 = s_in.view(b, t_tiles, 1, 1, 1)
+            s_in_nhwc = s_in.view(b, 1, 1, t_tiles, 1)
 
             def read(inp: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-                """(B, T*cpt, H, W) codes -> (B, T, out_g, H', W') partial sums after read
+                """(B, T*cpt, H, W) codes -> (B, H', W', T, out_g) partial sums after read
                 noise, ADC and de-quantisation (input units, before the column scale)."""
-                u = F.conv2d(inp, weight, groups=t_tiles, **conv)
-                u = u.view(b, t_tiles, out_g, *u.shape[-2:])
+                u = F.conv2d(inp.contiguous(memory_format=cl), weight, groups=t_tiles, **conv)
+                hh, ww = u.shape[-2:]
+                u = u.permute(0, 2, 3, 1).reshape(b, hh, ww, t_tiles, out_g)  # NHWC: no copy
                 if sigma > 0:
-                    std = (2**0.5 * sigma) * patch_norm2(inp).clamp_min_(0).sqrt_().unsqueeze(2)
+                    std = patch_norm2(inp).sqrt_().mul_(2**0.5 * sigma)
                     noise = gen.randn(u.shape, u.device, u.dtype)
-                    u.addcmul_(noise, std)
-                return adc_dequantise_(u, cfg, levels, s_in5, col_dim=2)
+                    u.addcmul_(noise, std.permute(0, 2, 3, 1).unsqueeze(-1))
+                return adc_dequantise_(u, cfg, levels, s_in_nhwc, col_dim=-1)
 
             if cfg.correction == "first_order":
                 exact_in = (xt * (levels / s_in)).reshape(b, t_tiles * cpt, h, w)
@@ -771,8 +782,10 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
             else:
                 u = read(codes_flat, self._w_conv)
             # digital: per-column scale of each tile, then add the tiles of each group
-            u.mul_(self.col_scale.to(u.dtype).view(1, t_tiles, out_g, 1, 1))
-            y = u.view(b, g, n_it, out_g, *u.shape[-2:]).sum(2).reshape(b, g * out_g, *u.shape[-2:])
+            u.mul_(self.col_scale.to(u.dtype).view(1, 1, 1, t_tiles, out_g))
+            hh, ww = u.shape[1:3]
+            y = u.view(b, hh, ww, g, n_it, out_g).sum(4).reshape(b, hh, ww, g * out_g)
+            y = y.permute(0, 3, 1, 2)  # NCHW view of channels-last memory
         hh, ww = y.shape[-2:]
         stats.matrix_products += reads * b * hh * ww
         stats.tile_reads += reads * b * hh * ww * t_tiles * n_ot

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from .materials import Material
+from .rng import randn_split
 
 
 @dataclass
@@ -87,7 +88,7 @@ def draw_device_variation(
 ) -> DeviceVariation:
     """Draw per-cell Gmax and curvature spreads (relative sigma ``material.sigma_d2d``)."""
     sigma = material.sigma_d2d
-    z = torch.randn((2, *shape), generator=generator, device=device, dtype=dtype)
+    z = randn_split((2, *shape), generator, torch.device(device), dtype)
     g_max = material.g_min + material.g_range * (1 + sigma * z[0]).clamp_min(0.05)
     return DeviceVariation(g_max=g_max, a_scale=(1 + sigma * z[1]).clamp_min(0.05))
 
@@ -190,7 +191,7 @@ def program_conductances(
             break
         iterations += 1
         noise = (
-            torch.randn(g.shape, generator=generator, device=g.device, dtype=g.dtype)
+            randn_split(g.shape, generator, g.device, g.dtype)
             if noise_scale > 0
             else torch.zeros_like(g)
         )
