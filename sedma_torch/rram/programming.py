@@ -195,7 +195,18 @@ def program_conductances(
             if noise_scale > 0
             else torch.zeros_like(g)
         )
-        g, live, n_sum = step(g, consts, live, noise, params)
+        try:
+            g, live, n_sum = step(g, consts, live, noise, params)
+        except Exception as exc:  # e.g. no Triton for this GPU: the eager step is exact too
+            if step is _write_verify_step:
+                raise
+            warnings.warn(
+                f"compiled write-verify step failed ({exc}); using eager",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            step = _write_verify_step
+            g, live, n_sum = step(g, consts, live, noise, params)
         pulses += int(n_sum)
         n_live = int(live.sum())
         if 0 < n_live < compact_below * live.numel():
