@@ -191,6 +191,19 @@ class _CrossbarMixin:
         else:
             module._programmed_key = None
 
+    def __getstate__(self):
+        # copies and pickles get new weight storage: remember "programmed and current"
+        # instead of the storage address, so they do not re-program (with new noise)
+        state = super().__getstate__()  # type: ignore[misc]
+        state = dict(state)
+        state["_programmed_key"] = "current" if self.is_programmed else None
+        return state
+
+    def __setstate__(self, state) -> None:
+        current = state.get("_programmed_key") == "current"
+        super().__setstate__(state)  # type: ignore[misc]
+        self._programmed_key = self._key() if current else None
+
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         was_current = self.is_programmed
         out = super()._apply(fn, recurse)  # type: ignore[misc]

@@ -537,3 +537,22 @@ def test_all_zero_input_tiles_give_finite_zero_partial_sums():
     out = conv(img)
     assert torch.isfinite(out).all()
     assert torch.equal(out[1], torch.zeros(6, 6, 6))
+
+
+def test_deepcopy_and_pickle_keep_the_programmed_chip():
+    import copy
+
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(512, 10)
+    )
+    st.convert_(model, RRAMConfig(tile_rows=64, tile_cols=32), progress=False)
+    twin = copy.deepcopy(model)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    reference = model(x)
+    # same conductances and noise counters: identical outputs, no re-programming
+    assert torch.equal(twin(x), reference) and torch.equal(loaded(x), reference)
+    assert all(m.rram_stats.programming_events == 1 for m in twin if hasattr(m, "rram_stats"))
