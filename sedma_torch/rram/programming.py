@@ -178,7 +178,7 @@ def program_conductances(
     fused = g.numel() >= _COMPILE_MIN_CELLS
     step = _compiled_step() if fused else _write_verify_step
     # a fused step is cheap per cell, so compact (gather) only when few cells are left
-    compact_below = 0.25 if fused and step is not _write_verify_step else 0.6
+    compact_below = 0.5 if fused and step is not _write_verify_step else 0.6
     pulses = 0
     iterations = 0
     # Cells that converge are frozen (live = 0) and dropped from the working set only when
