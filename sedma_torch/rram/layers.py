@@ -32,8 +32,8 @@ from .crossbar import (
     NoiseSource,
     ProgrammedTiles,
     absmax,
-    adc_dequantise_,
     derive_seed,
+    noisy_read_,
     positive_or_one,
     program_tiles,
     quant_levels,
@@ -454,10 +454,8 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
         """inputs (T, B, R) in DAC code units @ weights (T, R, C) -> read noise, ADC and
         de-quantisation: (T, B, C) partial sums in input units (before the column scale)."""
         u = torch.bmm(inputs, weights)
-        if sigma > 0:
-            std = (2**0.5 * sigma) * inputs.norm(dim=-1, keepdim=True)
-            u.addcmul_(gen.randn(u.shape, u.device, u.dtype), std)
-        return adc_dequantise_(u, self.rram_config, levels, s_in_t, col_dim=-1)
+        std = (2**0.5 * sigma) * inputs.norm(dim=-1, keepdim=True) if sigma > 0 else None
+        return noisy_read_(u, std, gen, self.rram_config, levels, s_in_t)
 
     def _tiled_read(self, xt, codes, s_in, levels, sigma, gen) -> torch.Tensor:
         cfg = self.rram_config
@@ -781,11 +779,11 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
                 u = F.conv2d(inp.contiguous(memory_format=cl), weight, groups=t_tiles, **conv)
                 hh, ww = u.shape[-2:]
                 u = u.permute(0, 2, 3, 1).reshape(b, hh, ww, t_tiles, out_g)  # NHWC: no copy
+                std = None
                 if sigma > 0:
                     std = patch_norm2(inp).sqrt_().mul_(2**0.5 * sigma)
-                    noise = gen.randn(u.shape, u.device, u.dtype)
-                    u.addcmul_(noise, std.permute(0, 2, 3, 1).unsqueeze(-1))
-                return adc_dequantise_(u, cfg, levels, s_in_nhwc, col_dim=-1)
+                    std = std.permute(0, 2, 3, 1).unsqueeze(-1)
+                return noisy_read_(u, std, gen, cfg, levels, s_in_nhwc)
 
             if cfg.correction == "first_order":
                 exact_in = (xt * (levels / s_in)).reshape(b, t_tiles * cpt, h, w)

@@ -38,9 +38,14 @@ class NoiseSource:
         self.seed = seed
         self.draws = 0
 
-    def randn(self, shape, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    def next_seed(self) -> int:
+        """The seed of the next draw (each draw, in any form, takes one)."""
         seed = derive_seed(self.seed, self.draws)
         self.draws += 1
+        return seed
+
+    def randn(self, shape, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        seed = self.next_seed()
         n = math.prod(shape)
         if device.type != "cpu" or n < self.SPLIT_MIN:
             return torch.randn(
@@ -72,4 +77,46 @@ def randn_split(
     return NoiseSource(seed).randn(shape, torch.device(device), dtype)
 
 
-__all__ = ["NoiseSource", "derive_seed", "make_generator", "randn_split"]
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """Bijective 32-bit xorshift-multiply hash on int32 lanes (wrapping multiplies; the
+    right shifts are made logical with masks)."""
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * 0x7FEB352D
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * 0x2C1B3C6D
+    return x ^ ((x >> 16) & 0xFFFF)
+
+
+def hash_normal(shape, seed: torch.Tensor, device, dtype: torch.dtype) -> torch.Tensor:
+    """Standard normals that are a pure function of (seed, element index): a counter-based
+    generator that compiles into the kernel that uses it (no separate pass, no state).
+
+    ``seed`` is an int32 tensor of two independent 31-bit words. Each element hashes its
+    index twice (two keyed bijections), giving two 24-bit uniforms for Box-Muller.
+    """
+    n = math.prod(shape)
+    i2 = torch.arange(n, device=device, dtype=torch.int32) * 2
+    lo, hi = seed[0], seed[1]
+    h1 = _hash32(_hash32(i2 + lo) ^ hi)
+    h2 = _hash32(_hash32(i2 + 1 + lo) ^ hi)
+    u1 = (((h1 >> 8) & 0xFFFFFF).to(dtype) + 0.5) * (1.0 / 16777216.0)
+    u2 = ((h2 >> 8) & 0xFFFFFF).to(dtype) * (1.0 / 16777216.0)
+    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(6.283185307179586 * u2)
+    return z.view(shape)
+
+
+def seed_words(seed: int, device) -> torch.Tensor:
+    """Two 31-bit words of a derived seed, as the int32 tensor ``hash_normal`` takes."""
+    return torch.tensor(
+        [seed & 0x7FFFFFFF, (seed >> 31) & 0x7FFFFFFF], dtype=torch.int32, device=device
+    )
+
+
+__all__ = [
+    "NoiseSource",
+    "derive_seed",
+    "hash_normal",
+    "make_generator",
+    "randn_split",
+    "seed_words",
+]
