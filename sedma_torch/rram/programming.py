@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from .materials import Material
-from .rng import randn_split
+from .rng import hash_normal_at, randn_split
 
 
 @dataclass
@@ -145,20 +145,16 @@ def program_conductances(
     # one row gather). Only cells out of tolerance are carried along.
     active = torch.nonzero((g_flat - t_flat).abs() > tol_abs).squeeze(1)
     g = g_flat[active]
-    consts = torch.empty((8, active.numel()), dtype=g.dtype, device=g.device)
-    t = consts[0]
-    torch.index_select(t_flat, 0, active, out=t)
-    consts[1] = _p_nominal(t, a_ltp_f, s_ltp, g_min, g_range)
-    consts[2] = _p_nominal(t, a_ltd_f, s_ltd, g_min, g_range)
+    consts = torch.empty((3, active.numel()), dtype=g.dtype, device=g.device)
+    torch.index_select(t_flat, 0, active, out=consts[0])
     if variation is not None:
-        torch.index_select(variation.g_max.reshape(-1), 0, active, out=consts[3])
-        torch.index_select(variation.a_scale.reshape(-1), 0, active, out=consts[4])
-        consts[5] = consts[4] * a_ltd_f
-        consts[4].mul_(a_ltp_f)
+        torch.index_select(variation.g_max.reshape(-1), 0, active, out=consts[1])
+        torch.index_select(variation.a_scale.reshape(-1), 0, active, out=consts[2])
     else:
-        consts[3], consts[4], consts[5] = g_max, a_ltp_f, a_ltd_f
-    consts[6] = -torch.expm1(-levels_ltp / consts[4])
-    consts[7] = -torch.expm1(-levels_ltd / consts[5])
+        consts[1], consts[2] = g_max, 1.0
+    if t_flat.numel() >= 2**31:
+        raise ValueError(f"program_conductances: {t_flat.numel()} cells exceed the 2^31 limit")
+    index = active.to(torch.int32)
     params = torch.tensor(
         [
             a_ltp_f,
@@ -190,13 +186,13 @@ def program_conductances(
         if n_live == 0:
             break
         iterations += 1
-        noise = (
-            randn_split(g.shape, generator, g.device, g.dtype)
-            if noise_scale > 0
-            else torch.zeros_like(g)
-        )
+        # cycle-to-cycle noise: a counter-based stream keyed by one draw of the generator per
+        # iteration and by each cell's index (generated inside the fused step)
+        seed = torch.randint(
+            0, 2**31 - 1, (2,), generator=generator, device=generator.device, dtype=torch.int32
+        ).to(g.device)
         try:
-            g, live, n_sum = step(g, consts, live, noise, params)
+            g, live, n_sum = step(g, consts, live, index, seed, params)
         except Exception as exc:  # e.g. no Triton for this GPU: the eager step is exact too
             if step is _write_verify_step:
                 raise
@@ -206,13 +202,14 @@ def program_conductances(
                 stacklevel=2,
             )
             step = _write_verify_step
-            g, live, n_sum = step(g, consts, live, noise, params)
+            g, live, n_sum = step(g, consts, live, index, seed, params)
         pulses += int(n_sum)
         n_live = int(live.sum())
         if 0 < n_live < compact_below * live.numel():
             g_flat.index_copy_(0, active, g)
             keep = torch.nonzero(live).squeeze(1)
             active, g, consts = active[keep], g[keep], consts.index_select(1, keep)
+            index = active.to(torch.int32)
             live = torch.ones_like(g)
     g_flat.index_copy_(0, active, g)
     return g_flat.view(shape), _stats(g_flat, t_flat, tol_abs, g_range, iterations, pulses)
@@ -222,37 +219,41 @@ def _write_verify_step(
     g: torch.Tensor,
     consts: torch.Tensor,
     live: torch.Tensor,
-    noise: torch.Tensor,
+    index: torch.Tensor,
+    seed: torch.Tensor,
     params: torch.Tensor,
 ):
     """One program-and-verify iteration for a working set.
 
-    ``g``: conductances; ``consts`` rows: target, target pulse position on the nominal
-    LTP and LTD curves, cell Gmax, cell LTP and LTD curvature, cell 1 - e^{-L/A} (LTP, LTD).
-    ``params`` (a tensor, so a compiled step never bakes material constants in): nominal
-    A and S for LTP and LTD, levels LTP and LTD, Gmin, Gmax - Gmin, noise scale, tolerance.
+    ``g``: conductances; ``consts`` rows: target, cell Gmax, cell curvature factor;
+    ``index``: each cell's flat index (int32), which keys its cycle-to-cycle noise with
+    ``seed`` (see ``rng.hash_normal_at``); ``params`` (a tensor, so a compiled step never
+    bakes material constants in): nominal A and S for LTP and LTD, levels LTP and LTD,
+    Gmin, Gmax - Gmin, noise scale, tolerance. Everything else is recomputed per cell
+    (cheaper than reading it: the step is memory-bound).
 
     Returns (new conductances, new live mask, pulses applied). Frozen cells (live = 0)
     get no pulse and keep their conductance.
     """
-    t, pt_up, pt_dn, top, a_up, a_dn, sc_up, sc_dn = consts.unbind(0)
+    t, top, a_scale = consts.unbind(0)
     (a_ltp, a_ltd, s_ltp, s_ltd, levels_ltp, levels_ltd, g_min, g_range, noise_scale, tol_abs) = (
         params.unbind(0)
     )
     upf = (t > g).to(g.dtype)  # float masks: torch.where on bool masks is slow on CPU
     sgn = upf * 2.0 - 1.0
-    frac = ((g - g_min) / g_range).clamp(0.0, 1.0)
     a_nom = upf * (a_ltp - a_ltd) + a_ltd
-    p_g = -a_nom * torch.log1p(-(upf * (s_ltp - s_ltd) + s_ltd) * frac)
-    n = (torch.lerp(pt_dn, pt_up, upf) - p_g).abs().round().clamp_min(1.0) * live
+    s_nom = upf * (s_ltp - s_ltd) + s_ltd
+    p_g = -a_nom * torch.log1p(-s_nom * ((g - g_min) / g_range).clamp(0.0, 1.0))
+    p_t = -a_nom * torch.log1p(-s_nom * ((t - g_min) / g_range).clamp(0.0, 1.0))
+    n = (p_t - p_g).abs().round().clamp_min(1.0) * live
     levels = upf * (levels_ltp - levels_ltd) + levels_ltd
-    a_cell = torch.lerp(a_dn, a_up, upf)
-    s_cell = torch.lerp(sc_dn, sc_up, upf)
+    a_cell = a_scale * a_nom
+    s_cell = -torch.expm1(-levels / a_cell)
     span = top - g_min
     p_cell = -a_cell * torch.log1p(-((g - g_min) / span).clamp(0.0, 1.0) * s_cell)
     p_next = torch.minimum((p_cell + n * sgn).clamp(min=0.0), levels)
     g_next = -torch.expm1(-p_next / a_cell) / s_cell * span + g_min
-    g_next = g_next + noise * n.sqrt() * noise_scale
+    g_next = g_next + hash_normal_at(index, seed, g.dtype) * n.sqrt() * noise_scale
     g_next = torch.minimum(g_next.clamp(min=g_min), top)
     live = live * ((g_next - t).abs() > tol_abs).to(g.dtype)
     return g_next, live, n.sum()
@@ -273,7 +274,12 @@ def _compiled_step():
             try:
                 compiled = torch.compile(_write_verify_step, dynamic=True)
                 compiled(
-                    torch.rand(8), torch.rand(8, 8), torch.ones(8), torch.rand(8), torch.rand(10)
+                    torch.rand(8),
+                    torch.rand(3, 8),
+                    torch.ones(8),
+                    torch.arange(8, dtype=torch.int32),
+                    torch.tensor([1, 2], dtype=torch.int32),
+                    torch.rand(10),
                 )
                 _COMPILED = compiled
             except Exception as exc:  # no C++ compiler, unsupported platform, ...
@@ -294,12 +300,6 @@ def _finite_a(a: float, levels: float) -> float:
     """A curvature usable in closed form; a linear curve becomes A = 1e6 * levels
     (deviation from linear < 1e-7 of the range)."""
     return a if math.isfinite(a) else math.copysign(1e6 * levels, a)
-
-
-def _p_nominal(g: torch.Tensor, a: float, s: float, g_min: float, g_range: float) -> torch.Tensor:
-    """Pulse position of conductance g on a nominal curve (A, S)."""
-    frac = ((g - g_min) / g_range).clamp_(0.0, 1.0)
-    return frac.mul_(s).neg_().log1p_().mul_(-a)
 
 
 def _stats(

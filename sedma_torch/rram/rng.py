@@ -94,15 +94,20 @@ def hash_normal(shape, seed: torch.Tensor, device, dtype: torch.dtype) -> torch.
     ``seed`` is an int32 tensor of two independent 31-bit words. Each element hashes its
     index twice (two keyed bijections), giving two 24-bit uniforms for Box-Muller.
     """
-    n = math.prod(shape)
-    i2 = torch.arange(n, device=device, dtype=torch.int32) * 2
+    index = torch.arange(math.prod(shape), device=device, dtype=torch.int32)
+    return hash_normal_at(index, seed, dtype).view(shape)
+
+
+def hash_normal_at(index: torch.Tensor, seed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``hash_normal`` for given element indices (int32): the draw of element i is the same
+    whatever other elements are computed with it."""
+    i2 = index * 2
     lo, hi = seed[0], seed[1]
     h1 = _hash32(_hash32(i2 + lo) ^ hi)
     h2 = _hash32(_hash32(i2 + 1 + lo) ^ hi)
     u1 = (((h1 >> 8) & 0xFFFFFF).to(dtype) + 0.5) * (1.0 / 16777216.0)
     u2 = ((h2 >> 8) & 0xFFFFFF).to(dtype) * (1.0 / 16777216.0)
-    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(6.283185307179586 * u2)
-    return z.view(shape)
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(6.283185307179586 * u2)
 
 
 def seed_words(seed: int, device) -> torch.Tensor:
@@ -116,6 +121,7 @@ __all__ = [
     "NoiseSource",
     "derive_seed",
     "hash_normal",
+    "hash_normal_at",
     "make_generator",
     "randn_split",
     "seed_words",

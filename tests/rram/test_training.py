@@ -49,22 +49,29 @@ def _accuracy(model, x, y, test_idx, repeats=5) -> float:
 
 def test_hardware_aware_training_beats_digital_training_then_conversion():
     # Open-loop programming (one write, no verify) of Ag-aSi leaves large programming
-    # errors; training through the crossbar lets the network adapt to them.
+    # errors; training through the crossbar lets the network adapt to them. Three chips
+    # (config seeds), so the comparison does not rest on one noise realisation.
     x, y, train_idx, test_idx = _digits()
-    cfg = st.RRAMConfig(material="ag_asi", tile_rows=64, tile_cols=64, write_verify_iters=1)
-
     digital = _train(_mlp(), x, y, train_idx)
     acc_digital = _accuracy(digital, x, y, test_idx)
-    converted = st.convert_(digital, cfg, progress=False)
-    acc_converted = _accuracy(converted, x, y, test_idx)
-
-    hwa = st.convert_(_mlp(), cfg, progress=False)
-    _train(hwa, x, y, train_idx)
-    acc_hwa = _accuracy(hwa, x, y, test_idx)
-
-    print(f"digital {acc_digital:.3f}  converted {acc_converted:.3f}  hardware-aware {acc_hwa:.3f}")
-    assert acc_converted < acc_digital  # the device costs accuracy
-    assert acc_hwa > acc_converted + 0.01
+    gains = []
+    for seed in range(3):
+        cfg = st.RRAMConfig(
+            material="ag_asi", tile_rows=64, tile_cols=64, write_verify_iters=1, seed=seed
+        )
+        converted = st.convert_(_train(_mlp(), x, y, train_idx), cfg, progress=False)
+        acc_converted = _accuracy(converted, x, y, test_idx)
+        hwa = st.convert_(_mlp(), cfg, progress=False)
+        _train(hwa, x, y, train_idx)
+        acc_hwa = _accuracy(hwa, x, y, test_idx)
+        print(
+            f"chip {seed}: digital {acc_digital:.3f}  converted {acc_converted:.3f}  "
+            f"hardware-aware {acc_hwa:.3f}"
+        )
+        assert acc_converted < acc_digital  # the device costs accuracy
+        gains.append(acc_hwa - acc_converted)
+    assert min(gains) > 0
+    assert float(np.mean(gains)) > 0.005
 
 
 @pytest.mark.parametrize("material", ["ideal", "taox_hfox"])
