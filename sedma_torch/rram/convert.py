@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .config import RRAMConfig
 from .crossbar import derive_seed
-from .layers import RRAMConv2d, RRAMLinear, _check_input, _CrossbarMixin
+from .layers import RRAMConv2d, RRAMLinear, _CrossbarMixin
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -33,6 +33,8 @@ def _transformers_conv1d() -> type | None:
 
 class RRAMConv1D(RRAMLinear):
     """transformers' ``Conv1D`` (GPT-2: weight stored as (in, out)) on crossbars."""
+
+    _transposed_weight = True
 
     def __init__(
         self,
@@ -49,41 +51,11 @@ class RRAMConv1D(RRAMLinear):
         with torch.no_grad():
             self.weight = nn.Parameter(self.weight.detach().t().contiguous())
 
-    def _weight_oi(self) -> torch.Tensor:
-        return self.weight.detach().t()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cfg = self.rram_config
-        _check_input(
-            "RRAMConv1D",
-            x,
-            self.in_features,
-            lambda t: t.ndim >= 1 and t.shape[-1] == self.in_features,
-            f"(..., {self.in_features})",
-            cfg.check_finite,
-        )
-        self._ensure_programmed()
-        lead = x.shape[:-1]
-        x2d = x.reshape(-1, self.in_features).to(self.weight.dtype)
-        y = _TransposedLinearFn.apply(x2d, self.weight, self._hardware_forward).to(x.dtype)
-        y = y + self.bias.to(y.dtype)
-        return y.reshape(*lead, self.out_features)
-
-
-class _TransposedLinearFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x2d, weight_io, hardware):  # type: ignore[override]
-        ctx.save_for_backward(x2d, weight_io)
-        return hardware(x2d.detach())
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        x2d, weight_io = ctx.saved_tensors
-        gx = grad @ weight_io.t().to(grad.dtype) if ctx.needs_input_grad[0] else None
-        gw = (
-            (x2d.t().to(grad.dtype) @ grad).to(weight_io.dtype) if ctx.needs_input_grad[1] else None
-        )
-        return gx, gw, None
+    def _digital_module(self) -> nn.Module:
+        conv1d = _transformers_conv1d()
+        if conv1d is None:
+            raise RuntimeError("to_digital of an RRAMConv1D needs transformers installed")
+        return conv1d(self.nf, self.nx).to(device=self.weight.device, dtype=self.weight.dtype)
 
 
 def _swap_modules(

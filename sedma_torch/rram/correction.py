@@ -102,15 +102,6 @@ def denoise(p: torch.Tensor, lam: float | torch.Tensor) -> torch.Tensor:
     return y.to(p.dtype)
 
 
-def denoise_dense(p: torch.Tensor, lam: float) -> torch.Tensor:
-    """Reference: dense solve of (I + lam L^T L) y = p (O(n^3); tests and small n only)."""
-    n = p.shape[-1]
-    lmat = difference_matrix(n, dtype=torch.float64).to(p.device)
-    system = torch.eye(n, dtype=torch.float64, device=p.device) + lam * lmat.T @ lmat
-    sol = torch.linalg.solve(system, p.to(torch.float64).reshape(-1, n).T).T
-    return sol.reshape(p.shape).to(p.dtype)
-
-
 def default_lambda_grid(num: int = 41) -> torch.Tensor:
     """0 followed by a log grid from 1e-4 to 1e4 (float64)."""
     return torch.cat(
@@ -181,7 +172,6 @@ def gcv_lambda(
 __all__ = [
     "default_lambda_grid",
     "denoise",
-    "denoise_dense",
     "difference_matrix",
     "estimate_lambda",
     "gcv_lambda",

@@ -54,7 +54,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -91,7 +91,6 @@ class CrossbarStats:
     """Pulses spent writing encoded inputs onto vector arrays (first-order correction)."""
     last_programming: ProgrammingStats | None = None
     """Statistics of the most recent programming event."""
-    extra: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, object]:
         out: dict[str, object] = {
@@ -110,7 +109,6 @@ class CrossbarStats:
             out["write_verify_iterations"] = self.last_programming.iterations
             out["fraction_within_tolerance"] = self.last_programming.fraction_within_tolerance
             out["programming_mean_abs_error"] = self.last_programming.mean_abs_error
-        out.update(self.extra)
         return out
 
 
@@ -190,12 +188,13 @@ def program_tiles(
     cfg: RRAMConfig,
     seed: int,
     event: int,
-    previous: ProgrammedTiles | None = None,
+    initial: torch.Tensor | None = None,
 ) -> ProgrammedTiles:
     """Program a digital (T, R, C) weight stack onto differential-pair tiles.
 
     ``event`` numbers the programming events of this stack (a fresh noise draw each);
-    ``previous`` makes it a re-programming that starts from the current conductances.
+    ``initial`` (stacked G+ and G-, (2, T, R, C) in S) makes it a re-programming that
+    starts from the current conductances.
     """
     material = cfg.device
     dtype = torch.float32 if w_tiles.dtype != torch.float64 else torch.float64
@@ -209,22 +208,16 @@ def program_tiles(
     )
     variation, stuck, nu = chip_properties(tuple(targets.shape), cfg, material, seed, device, dtype)
     gen = make_generator(derive_seed(seed, "program", event), device)
-    initial = None if previous is None else torch.stack([previous.g_pos, previous.g_neg]).to(dtype)
-    if material.is_exact:
-        g, stats = targets.clone(), ProgrammingStats(targets.numel(), 1, 0, 1.0, 0.0, 0.0)
-        if previous is None:
-            stats.pulses = int((targets > g_min).sum())
-    else:
-        g, stats = program_conductances(
-            targets,
-            material,
-            generator=gen,
-            tolerance=cfg.write_verify_tolerance,
-            max_iters=cfg.write_verify_iters,
-            initial=initial,
-            programming_noise=cfg.programming_noise,
-            variation=variation,
-        )
+    g, stats = program_conductances(
+        targets,
+        material,
+        generator=gen,
+        tolerance=cfg.write_verify_tolerance,
+        max_iters=cfg.write_verify_iters,
+        initial=None if initial is None else initial.to(dtype),
+        programming_noise=cfg.programming_noise,
+        variation=variation,
+    )
     if stuck is not None:
         g = torch.where(stuck == -1, torch.full_like(g, g_min), g)
         g = torch.where(stuck == 1, torch.full_like(g, material.g_max), g)
@@ -257,6 +250,27 @@ def read_back(
             ]
         )
     return (g[0] - g[1]) / material.g_range
+
+
+def dac(
+    x: torch.Tensor, cfg: RRAMConfig, dims: int | tuple[int, ...]
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Input DAC: ``(codes, full scale, levels)`` with ``codes = round(x / scale * L)``.
+
+    ``dims`` are the dimensions one conversion range covers (an input vector within an
+    input tile); the scale has size 1 there. With ``dac_bits=None`` the input passes at
+    full precision (scale 1, L = 1).
+    """
+    ranged = {d % x.ndim for d in ((dims,) if isinstance(dims, int) else dims)}
+    range_shape = [1 if d in ranged else n for d, n in enumerate(x.shape)]
+    if cfg.dac_bits is None:
+        return x, torch.ones(range_shape, dtype=x.dtype, device=x.device), 1
+    levels = quant_levels(cfg.dac_bits)
+    if cfg.dac_range is None:
+        scale = positive_or_one(absmax(x, dims))
+        return torch.round(x * (levels / scale)), scale, levels
+    scale = torch.full(range_shape, cfg.dac_range, dtype=x.dtype, device=x.device)
+    return torch.round(x * (levels / cfg.dac_range)).clamp_(-levels, levels), scale, levels
 
 
 def absmax(x: torch.Tensor, dim, keepdim: bool = True) -> torch.Tensor:
@@ -310,13 +324,13 @@ def noisy_read_(
     std_g = std_g.unsqueeze(-1) if std_g.ndim else std_g
     try:
         out = _fused_read()(ug, std_g, s_in.unsqueeze(-1), seed, params)  # type: ignore[misc]
-    except Exception as exc:  # compiler missing for this device: the eager twin is exact
+    except Exception as exc:  # no compiler for this device: use the eager path from now on
         warnings.warn(
             f"fused read kernel failed ({exc}); using eager", RuntimeWarning, stacklevel=2
         )
         global _FUSED
-        _FUSED = _read_epilogue
-        out = _read_epilogue(ug, std_g, s_in.unsqueeze(-1), seed, params)
+        _FUSED = False
+        return noisy_read_(u, std, noise, cfg, dac_levels, s_in)
     return out.view(u.shape)
 
 
@@ -332,10 +346,17 @@ def _read_epilogue(
     ``params`` = (ADC levels, DAC levels, fixed full scale or -1 for auto-ranging)."""
     levels, dac_levels, fixed = params[0], params[1], params[2]
     v = ug + hash_normal(ug.shape, seed, ug.device, ug.dtype) * std
-    auto = torch.maximum(v.amax(-1, keepdim=True), -v.amin(-1, keepdim=True))
-    full = torch.where(fixed > 0, fixed, torch.where(auto > 0, auto, torch.ones_like(auto)))
-    q = torch.clamp(torch.round(v * (levels / full)), -levels, levels)
-    return q * (full * s_in / (levels * dac_levels))
+    full = torch.where(fixed > 0, fixed, positive_or_one(absmax(v, -1)))
+    return _quantise_(v, full, levels, dac_levels, s_in, saturate=True)
+
+
+def _quantise_(v, full, levels, dac_levels, s_in, saturate: bool) -> torch.Tensor:
+    """In place on grouped outputs ``v``: ADC codes ``round(v / full * L)`` (clipped to
+    +-L when ``saturate``), then back to input units ``* full * s_in / (L * L_dac)``."""
+    v.mul_(levels / full).round_()
+    if saturate:
+        v.clamp_(-levels, levels)
+    return v.mul_(full * (s_in / (levels * dac_levels)))
 
 
 _FUSED_MIN = 1 << 16
@@ -376,11 +397,16 @@ def adc_dequantise_(
     ug = up.view(*up.shape[:col_dim], n_ot, width, *up.shape[col_dim + 1 :])
     if cfg.adc_range is None:
         full = positive_or_one(absmax(ug, col_dim + 1))
-        ug.mul_(levels / full).round_()
     else:
         full = torch.tensor(cfg.adc_range * dac_levels, dtype=u.dtype, device=u.device)
-        ug.mul_(levels / full).round_().clamp_(-levels, levels)
-    ug.mul_(full * (s_in.unsqueeze(col_dim + 1) / (levels * dac_levels)))
+    _quantise_(
+        ug,
+        full,
+        levels,
+        dac_levels,
+        s_in.unsqueeze(col_dim + 1),
+        saturate=cfg.adc_range is not None,
+    )
     return up.narrow(col_dim, 0, cols) if pad else u
 
 
@@ -392,6 +418,7 @@ __all__ = [
     "adc_dequantise_",
     "chip_properties",
     "column_scale",
+    "dac",
     "derive_seed",
     "ir_drop_factor",
     "make_generator",

@@ -30,13 +30,10 @@ from .correction import denoise, estimate_lambda
 from .crossbar import (
     CrossbarStats,
     NoiseSource,
-    ProgrammedTiles,
-    absmax,
+    dac,
     derive_seed,
     noisy_read_,
-    positive_or_one,
     program_tiles,
-    quant_levels,
 )
 
 _construction_counter = itertools.count()
@@ -128,11 +125,11 @@ class _CrossbarMixin:
                 f"{type(self).__name__}: weight contains NaN or Inf; cannot program it"
             )
         tiles = self.weight_tiles()
-        previous = None
+        initial = None
         if not from_scratch and self.g_pos.shape == tiles.shape:  # type: ignore[attr-defined]
-            previous = ProgrammedTiles(self.g_pos, self.g_neg, self.col_scale, self.w_read, None)  # type: ignore[attr-defined,arg-type]
+            initial = torch.stack([self.g_pos, self.g_neg])  # type: ignore[attr-defined]
         event = int(self.program_events)  # type: ignore[attr-defined]
-        prog = program_tiles(tiles, cfg, self.rram_seed, event, previous)
+        prog = program_tiles(tiles, cfg, self.rram_seed, event, initial)
         self.g_pos = prog.g_pos
         self.g_neg = prog.g_neg
         self.col_scale = prog.col_scale
@@ -270,19 +267,37 @@ class _CrossbarMixin:
     def _used_cells(self) -> int:
         return self.weight.numel()
 
+    def _digital_module(self) -> nn.Module:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def digital_twin(self) -> nn.Module:
+        """The digital layer this one simulates, sharing its weight and bias Parameters."""
+        twin = self._digital_module()
+        twin.weight = self.weight
+        twin.bias = self.bias  # type: ignore[attr-defined]
+        return twin.train(self.training)  # type: ignore[attr-defined]
+
 
 class _LinearFn(torch.autograd.Function):
+    """Hardware forward, straight-through backward with the digital weight, stored as
+    (out, in) or, with ``transposed``, as (in, out) (transformers' Conv1D)."""
+
     @staticmethod
-    def forward(ctx, x2d, weight, hardware):  # type: ignore[override]
+    def forward(ctx, x2d, weight, hardware, transposed: bool):  # type: ignore[override]
         ctx.save_for_backward(x2d, weight)
+        ctx.transposed = transposed
         return hardware(x2d.detach())
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         x2d, weight = ctx.saved_tensors
-        gx = grad @ weight.to(grad.dtype) if ctx.needs_input_grad[0] else None
-        gw = (grad.t() @ x2d.to(grad.dtype)).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        return gx, gw, None
+        w_oi = weight.t() if ctx.transposed else weight
+        gx = grad @ w_oi.to(grad.dtype) if ctx.needs_input_grad[0] else None
+        gw = None
+        if ctx.needs_input_grad[1]:
+            gw_oi = grad.t() @ x2d.to(grad.dtype)
+            gw = (gw_oi.t() if ctx.transposed else gw_oi).to(weight.dtype)
+        return gx, gw, None, None
 
 
 class RRAMLinear(_CrossbarMixin, nn.Linear):
@@ -345,9 +360,21 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
         tiles = math.ceil(self.in_features / rows)
         return tiles, rows
 
+    _transposed_weight = False
+    """Whether ``weight`` is stored as (in, out) instead of (out, in)."""
+
+    def _digital_module(self) -> nn.Module:
+        return nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
+
     def _weight_oi(self) -> torch.Tensor:
         """The digital weight as (out_features, in_features)."""
-        return self.weight.detach()
+        return self.weight.detach().t() if self._transposed_weight else self.weight.detach()
 
     def weight_tiles(self) -> torch.Tensor:
         """Digital weights as the (T, R, out) tile stack (zero padded)."""
@@ -370,7 +397,7 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.rram_config
         _check_input(
-            "RRAMLinear",
+            type(self).__name__,
             x,
             self.in_features,
             lambda t: t.ndim >= 1 and t.shape[-1] == self.in_features,
@@ -382,25 +409,11 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
         x2d = x.reshape(-1, self.in_features)
         if x2d.dtype != self.weight.dtype:
             x2d = x2d.to(self.weight.dtype)
-        y = _LinearFn.apply(x2d, self.weight, self._hardware_forward)
+        y = _LinearFn.apply(x2d, self.weight, self._hardware_forward, self._transposed_weight)
         y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, self.out_features)
-
-    def _dac(self, xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(B, T, R) input -> (codes, per-(B, T) scale, levels); codes in [-L, L]."""
-        cfg = self.rram_config
-        if cfg.dac_bits is None:
-            return xt, torch.ones((*xt.shape[:-1], 1), dtype=xt.dtype, device=xt.device), 1
-        levels = quant_levels(cfg.dac_bits)
-        if cfg.dac_range is None:
-            scale = positive_or_one(absmax(xt, -1))
-            codes = torch.round(xt * (levels / scale))
-        else:
-            scale = torch.full((*xt.shape[:-1], 1), cfg.dac_range, dtype=xt.dtype, device=xt.device)
-            codes = torch.round(xt * (levels / cfg.dac_range)).clamp_(-levels, levels)
-        return codes, scale, levels
 
     def _hardware_forward(self, x2d: torch.Tensor) -> torch.Tensor:
         cfg = self.rram_config
@@ -410,7 +423,7 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
         pad = t * r - self.in_features
         xp = F.pad(x2d, (0, pad)) if pad else x2d
         xt = xp.view(batch, t, r)
-        codes, s_in, levels = self._dac(xt)
+        codes, s_in, levels = dac(xt, cfg, -1)
         sigma = material.read_noise if cfg.read_noise else 0.0
         gen = self._next_read_noise() if sigma > 0 else None
         n_ot = math.ceil(self.out_features / cfg.tile_cols)
@@ -601,6 +614,21 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
             new.program_()
         return new
 
+    def _digital_module(self) -> nn.Module:
+        return nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+            bias=self.bias is not None,
+            padding_mode=self.padding_mode,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
+
     def _geometry(self) -> tuple[int, int, int]:
         """(channels per tile, input tiles per group, rows used per tile).
 
@@ -728,20 +756,7 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
         xp = self._channel_pad(xp)
         b, _, h, w = xp.shape
         xt = xp.view(b, t_tiles, cpt, h, w)
-        if cfg.dac_bits is None:
-            levels = 1
-            s_in = torch.ones(b, t_tiles, 1, 1, 1, dtype=xp.dtype, device=xp.device)
-            codes = xt
-        else:
-            levels = quant_levels(cfg.dac_bits)
-            if cfg.dac_range is None:
-                s_in = positive_or_one(absmax(xt, (2, 3, 4)))
-                codes = torch.round(xt * (levels / s_in))
-            else:
-                s_in = torch.full(
-                    (b, t_tiles, 1, 1, 1), cfg.dac_range, dtype=xp.dtype, device=xp.device
-                )
-                codes = torch.round(xt * (levels / cfg.dac_range)).clamp_(-levels, levels)
+        codes, s_in, levels = dac(xt, cfg, (2, 3, 4))  # one range per image and input tile
         sigma = material.read_noise if cfg.read_noise else 0.0
         gen = self._next_read_noise() if sigma > 0 else None
         out_g = self.out_channels // g
@@ -830,42 +845,13 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
 
 
 def to_digital(model: nn.Module) -> nn.Module:
-    """Replace every RRAM layer by its digital twin (same weights), in place; returns model."""
+    """Replace every RRAM layer by its digital twin (same weight and bias Parameters), in
+    place; returns the model (or the twin when ``model`` itself is an RRAM layer)."""
     from .convert import _swap_modules
 
-    def swap(module: nn.Module, fqn: str) -> nn.Module | None:
-        if isinstance(module, RRAMLinear):
-            new = nn.Linear(
-                module.in_features,
-                module.out_features,
-                bias=module.bias is not None,
-                device=module.weight.device,
-                dtype=module.weight.dtype,
-            )
-        elif isinstance(module, RRAMConv2d):
-            new = nn.Conv2d(
-                module.in_channels,
-                module.out_channels,
-                module.kernel_size,
-                stride=module.stride,
-                padding=module.padding,
-                dilation=module.dilation,
-                groups=module.groups,
-                bias=module.bias is not None,
-                padding_mode=module.padding_mode,
-                device=module.weight.device,
-                dtype=module.weight.dtype,
-            )
-        else:
-            return None
-        new.weight = module.weight
-        if module.bias is not None:
-            new.bias = module.bias
-        return new
-
-    if isinstance(model, RRAMLinear | RRAMConv2d):
-        return swap(model, "")  # type: ignore[return-value]
-    _swap_modules(model, swap)
+    if isinstance(model, _CrossbarMixin):
+        return model.digital_twin()
+    _swap_modules(model, lambda m, fqn: m.digital_twin() if isinstance(m, _CrossbarMixin) else None)
     return model
 
 

@@ -9,12 +9,13 @@ One iteration of the loop, for every cell whose read-back error exceeds the tole
 2. the cell moves ``n`` pulses along its *own* curve (device-to-device spread of Gmax
    and curvature makes that differ from the nominal one);
 3. cycle-to-cycle noise adds ``sigma_c2c * (Gmax - Gmin) * sqrt(n)`` Gaussian noise (the sum
-   of ``n`` independent per-pulse draws) and the result is clipped to the cell's window;
+   of ``n`` independent per-pulse draws; a counter-based stream keyed by the cell index
+   and one generator draw per iteration) and the result is clipped to the cell's window;
 4. the cell is read back (verify) and the loop repeats for the cells still out of
    tolerance, at most ``max_iters`` times.
 
-Only the cells still out of tolerance are carried into the next iteration, so the
-work shrinks as cells converge. The array starts erased at Gmin unless an initial
+Cells that converge are frozen and dropped from the working set once enough of them
+have accumulated, so the work shrinks as cells converge. The array starts erased at Gmin unless an initial
 state is given (re-programming after a weight update starts from the current state
 and touches only the cells whose target moved out of tolerance).
 """
@@ -121,6 +122,8 @@ def program_conductances(
     """
     if max_iters < 1:
         raise ValueError(f"max_iters must be >= 1, got {max_iters}")
+    if target.numel() >= 2**31:  # cell indices key the noise stream as int32
+        raise ValueError(f"program_conductances: {target.numel()} cells exceed the 2^31 limit")
     g_min, g_max, g_range = material.g_min, material.g_max, material.g_range
     target = target.clamp(g_min, g_max)
     shape = target.shape
@@ -152,8 +155,6 @@ def program_conductances(
         torch.index_select(variation.a_scale.reshape(-1), 0, active, out=consts[2])
     else:
         consts[1], consts[2] = g_max, 1.0
-    if t_flat.numel() >= 2**31:
-        raise ValueError(f"program_conductances: {t_flat.numel()} cells exceed the 2^31 limit")
     index = active.to(torch.int32)
     params = torch.tensor(
         [
@@ -289,11 +290,6 @@ def _compiled_step():
                     stacklevel=3,
                 )
     return _COMPILED
-
-
-def _choose(maskf: torch.Tensor, if_one: float, if_zero: float) -> torch.Tensor:
-    """``if_one`` where the float mask is 1, ``if_zero`` where it is 0."""
-    return maskf * (if_one - if_zero) + if_zero
 
 
 def _finite_a(a: float, levels: float) -> float:

@@ -135,3 +135,34 @@ def test_convert_rejects_bad_arguments():
         st.convert_(nn.Sequential(nn.Linear(2, 2)), {"material": "epiram"})
     with pytest.raises(ValueError, match="from_linear"):
         st.convert_(nn.Linear(2, 2), FAST)
+
+
+def test_gpt2_round_trip_restores_conv1d_and_gradients_match_the_digital_model():
+    transformers = pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    cfg = transformers.GPT2Config(
+        vocab_size=100,
+        n_positions=32,
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    torch.manual_seed(1)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    ids = torch.randint(0, 100, (2, 10), generator=torch.Generator().manual_seed(1))
+    model(input_ids=ids, labels=ids).loss.backward()
+    digital_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    params = {n: p for n, p in model.named_parameters()}
+    model.zero_grad()
+    ideal = st.RRAMConfig(material="ideal", dac_bits=None, adc_bits=None)
+    st.convert_(model, ideal, progress=False)
+    model(input_ids=ids, labels=ids).loss.backward()
+    # straight-through gradients of an exact device equal the digital ones, (in, out) layout
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, digital_grads[name], rtol=1e-4, atol=1e-5)
+    st.to_digital(model)
+    assert _count(model, RRAMConv1D) == 0 and _count(model, Conv1D) == 4
+    assert all(p is params[n] for n, p in model.named_parameters())
