@@ -26,7 +26,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,37 +37,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmark_utils import cpu_model, git_revision  # noqa: E402
+from benchmark_utils import cpu_model, git_revision, time_pair_ms  # noqa: E402
 
 import sedma_torch as st  # noqa: E402
 
 ERROR_CALLS = 5
 SPEEDUP_TARGET = 5.0
-
-
-def time_pair_ms(
-    sedma_fn: Callable[[], torch.Tensor],
-    aihwkit_fn: Callable[[], torch.Tensor],
-    warmup: int,
-    repeats: int,
-) -> tuple[float, float, float, float]:
-    """(median, median, min, min) ms of each forward, calls interleaved after ``warmup``
-    calls of each."""
-    for _ in range(warmup):
-        sedma_fn()
-        aihwkit_fn()
-    sedma_ms, aihwkit_ms = [], []
-    for _ in range(repeats):
-        for fn, times in ((sedma_fn, sedma_ms), (aihwkit_fn, aihwkit_ms)):
-            begin = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - begin) * 1e3)
-    return (
-        statistics.median(sedma_ms),
-        statistics.median(aihwkit_ms),
-        min(sedma_ms),
-        min(aihwkit_ms),
-    )
 
 
 def relative_error(fn: Callable[[], torch.Tensor], exact: torch.Tensor) -> float:
@@ -131,7 +105,7 @@ def compare_layer(
     tiles = len(list(analog.analog_tiles()))
     with torch.no_grad():
         sedma_ms, aihwkit_ms, sedma_min, aihwkit_min = time_pair_ms(
-            lambda: sedma(x), lambda: analog(x), warmup, repeats
+            lambda: sedma(x), lambda: analog(x), torch.device("cpu"), warmup, repeats
         )
         sedma_err = relative_error(lambda: sedma(x), exact)
         aihwkit_err = relative_error(lambda: analog(x), exact)

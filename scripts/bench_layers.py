@@ -18,14 +18,19 @@ import json
 import math
 import os
 import platform
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from benchmark_utils import cpu_model, git_revision
+from benchmark_utils import (
+    cpu_model,
+    git_revision,
+    synchronize,
+    time_median_ms,
+    time_pair_ms,
+)
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
@@ -83,53 +88,6 @@ class Row:
 
 
 # ----- timing ---------------------------------------------------------------------------
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_once_ms(fn: Callable[[], object], device: torch.device) -> float:
-    """Wall time of one call in ms (CUDA events on a GPU, perf_counter on the CPU)."""
-    if device.type == "cuda":
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize(device)
-        return float(start.elapsed_time(end))
-    begin = time.perf_counter()
-    fn()
-    return (time.perf_counter() - begin) * 1e3
-
-
-def time_pair_ms(
-    rram_fn: Callable[[], object],
-    digital_fn: Callable[[], object],
-    device: torch.device,
-    warmup: int,
-    repeats: int,
-) -> tuple[float, float, float, float]:
-    """(median, median, min, min) ms of each function, calls interleaved, after ``warmup``
-    calls of each."""
-    for _ in range(warmup):
-        rram_fn()
-        digital_fn()
-    synchronize(device)
-    rram_ms, digital_ms = [], []
-    for _ in range(repeats):
-        rram_ms.append(time_once_ms(rram_fn, device))
-        digital_ms.append(time_once_ms(digital_fn, device))
-    return statistics.median(rram_ms), statistics.median(digital_ms), min(rram_ms), min(digital_ms)
-
-
-def time_median_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int):
-    for _ in range(warmup):
-        fn()
-    synchronize(device)
-    return statistics.median(time_once_ms(fn, device) for _ in range(repeats))
 
 
 def timed_row(name: str, times: tuple[float, float, float, float], target: float | None) -> Row:
