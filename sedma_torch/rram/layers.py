@@ -849,6 +849,8 @@ def to_digital(model: nn.Module) -> nn.Module:
     place; returns the model (or the twin when ``model`` itself is an RRAM layer)."""
     from .convert import _swap_modules
 
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"to_digital expects an nn.Module, got {type(model).__name__}")
     if isinstance(model, _CrossbarMixin):
         return model.digital_twin()
     _swap_modules(model, lambda m, fqn: m.digital_twin() if isinstance(m, _CrossbarMixin) else None)

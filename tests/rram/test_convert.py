@@ -135,6 +135,8 @@ def test_convert_rejects_bad_arguments():
         st.convert_(nn.Sequential(nn.Linear(2, 2)), {"material": "epiram"})
     with pytest.raises(ValueError, match="from_linear"):
         st.convert_(nn.Linear(2, 2), FAST)
+    with pytest.raises(TypeError, match=r"to_digital expects an nn\.Module, got str"):
+        st.to_digital("not a model")
 
 
 def test_gpt2_round_trip_restores_conv1d_and_gradients_match_the_digital_model():
