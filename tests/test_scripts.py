@@ -59,3 +59,11 @@ def test_bench_layers_quick_runs(tmp_path):
         ["scripts/bench_layers.py", "--quick", "--output", str(tmp_path / "b.json")], tmp_path
     )
     assert "Linear" in out and (tmp_path / "b.json").exists()
+
+
+@pytest.mark.slow
+def test_hwa_digits_runs_and_reports_both_models(tmp_path):
+    _run(["scripts/hwa_digits.py", "--seeds", "1", "--out", str(tmp_path)], tmp_path)
+    rows = json.loads((tmp_path / "hwa_digits.json").read_text())
+    assert {r["material"] for r in rows} == {"ag_asi", "alox_hfo2"}
+    assert all(0 < r["converted"] <= 1 and 0 < r["hardware_aware"] <= 1 for r in rows)
