@@ -40,7 +40,9 @@ def mean_output_error(reference: list[torch.Tensor], other: list[torch.Tensor]) 
     errs = []
     for i, (r, o) in enumerate(zip(reference, other, strict=True)):
         if r.shape != o.shape:
-            raise ValueError(f"mean_output_error: batch {i} shapes differ: {tuple(r.shape)} vs {tuple(o.shape)}")
+            raise ValueError(
+                f"mean_output_error: batch {i} shapes differ: {tuple(r.shape)} vs {tuple(o.shape)}"
+            )
         r64, o64 = r.double(), o.double()
         errs.append(float((o64 - r64).norm() / r64.norm().clamp_min(1e-30)))
     return sum(errs) / len(errs)
