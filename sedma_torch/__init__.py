@@ -7,9 +7,10 @@ The public API (nothing else is promised)::
     layer = st.RRAMLinear(512, 256, config=cfg)
     model = st.convert_(model, cfg)
     print(st.summary(model))
+    mem = st.memory.LongTermMemory("sqlite:///sedma.db")   # or postgresql+psycopg://...
 """
 
-from . import rram
+from . import memory, rram
 from .rram import (
     PRESETS,
     RRAMConfig,
@@ -30,6 +31,7 @@ __all__ = [
     "RRAMLinear",
     "__version__",
     "convert_",
+    "memory",
     "preset",
     "rram",
     "summary",

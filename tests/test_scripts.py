@@ -67,3 +67,33 @@ def test_hwa_digits_runs_and_reports_both_models(tmp_path):
     rows = json.loads((tmp_path / "hwa_digits.json").read_text())
     assert {r["material"] for r in rows} == {"ag_asi", "alox_hfo2"}
     assert all(0 < r["converted"] <= 1 and 0 < r["hardware_aware"] <= 1 for r in rows)
+
+
+@pytest.mark.slow
+def test_partition_table_compares_fixed_and_guided(tmp_path):
+    out_json = tmp_path / "p.json"
+    _run(
+        [
+            "scripts/partition_table.py",
+            "--models",
+            "resnet-18",
+            "--materials",
+            "taox_hfox",
+            "--out",
+            str(out_json),
+        ],
+        tmp_path,
+    )
+    (row,) = json.loads(out_json.read_text())["rows"]
+    assert row["layers"] == 21 and 0 < row["fixed_util"] < row["guided_util"] <= 1
+    assert out_json.with_suffix(".png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_self_evolution_second_run_starts_from_the_first(tmp_path):
+    out_json = tmp_path / "s.json"
+    _run(["scripts/self_evolution.py", "--calls", "20", "--out", str(out_json)], tmp_path)
+    runs = {r["run"]: r for r in json.loads(out_json.read_text())}
+    assert runs["run 1"]["memory_hits"] == 0 and runs["run 2"]["memory_hits"] == 4
+    assert runs["run 2"]["calibration_steps"] < runs["run 1"]["calibration_steps"]
+    assert runs["fixed 1e-12"]["calibration_steps"] == 0

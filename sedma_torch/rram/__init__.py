@@ -2,21 +2,36 @@
 
 from .config import CORRECTIONS, DENOISERS, PRESETS, RRAMConfig, preset
 from .convert import RRAMConv1D, RRAMSummary, convert_, summary
-from .correction import denoise, estimate_lambda, gcv_lambda
+from .correction import denoise, estimate_lambda, gcv_lambda, lambda_errors
 from .crossbar import CrossbarStats
 from .layers import RRAMConv2d, RRAMLinear, to_digital
 from .materials import Material, get_material, list_materials, register_material
 from .mvm import MVMResult, mvm
-from .partition import Tiling, crossbar_utilisation
+from .partition import (
+    CrossbarPool,
+    PartitionCostModel,
+    PartitionPlan,
+    Tiling,
+    WorkloadType,
+    classify_workload,
+    crossbar_utilisation,
+    fixed_partition,
+    layer_shapes,
+    layer_tiling,
+    plan_partition,
+)
 from .programming import ProgrammingStats, program_conductances
 
 __all__ = [
     "CORRECTIONS",
     "DENOISERS",
     "PRESETS",
+    "CrossbarPool",
     "CrossbarStats",
     "MVMResult",
     "Material",
+    "PartitionCostModel",
+    "PartitionPlan",
     "ProgrammingStats",
     "RRAMConfig",
     "RRAMConv1D",
@@ -24,14 +39,21 @@ __all__ = [
     "RRAMLinear",
     "RRAMSummary",
     "Tiling",
+    "WorkloadType",
+    "classify_workload",
     "convert_",
     "crossbar_utilisation",
     "denoise",
     "estimate_lambda",
+    "fixed_partition",
     "gcv_lambda",
     "get_material",
+    "lambda_errors",
+    "layer_shapes",
+    "layer_tiling",
     "list_materials",
     "mvm",
+    "plan_partition",
     "preset",
     "program_conductances",
     "register_material",

@@ -8,6 +8,8 @@ conversion is reproducible and layers do not share noise patterns.
 
 from __future__ import annotations
 
+import dataclasses
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,14 +21,21 @@ from tqdm.auto import tqdm
 from .config import RRAMConfig
 from .crossbar import derive_seed
 from .layers import RRAMConv2d, RRAMLinear, _CrossbarMixin
+from .partition import tile_sizes_of
 
 FilterFn = Callable[[nn.Module, str], bool]
 
 
 def _transformers_conv1d() -> type | None:
+    """transformers' ``Conv1D`` class, when transformers is already imported.
+
+    A model holding a ``Conv1D`` has imported transformers, so there is no need to pay
+    for importing it (seconds) when it is not loaded yet."""
+    if "transformers" not in sys.modules:
+        return None
     try:
         from transformers.pytorch_utils import Conv1D
-    except Exception:  # transformers not installed or broken: nothing to convert
+    except Exception:  # transformers broken: nothing to convert
         return None
     return Conv1D
 
@@ -86,6 +95,9 @@ def convert_(
     *,
     program: bool = True,
     progress: bool = True,
+    partition: Any = None,
+    memory: Any = None,
+    short_term: Any = None,
 ) -> nn.Module:
     """Replace ``nn.Linear``, ``nn.Conv2d`` and transformers ``Conv1D`` layers by RRAM layers.
 
@@ -95,6 +107,11 @@ def convert_(
         filter_fn: ``filter_fn(module, fqn) -> bool``; only modules it accepts are converted.
         program: program the crossbars now (otherwise on each layer's first forward pass).
         progress: show a progress bar while programming.
+        partition: per-layer crossbar sizes, a :class:`~sedma_torch.rram.partition.PartitionPlan`
+            (from ``plan_partition``) or ``{layer name: size}``; the named layers use
+            ``size x size`` tiles instead of ``config.tile_rows x config.tile_cols``.
+        memory: long-term memory for the adaptive lambda (``RRAMLinear.attach_memory``).
+        short_term: short-term memory shared by the converted layers (see ``attach_memory``).
 
     Projections inside ``nn.MultiheadAttention`` are used by its fused kernel, not through
     their forward pass, so they are left digital.
@@ -113,6 +130,8 @@ def convert_(
         if sub is not m
     }
     converted: list[nn.Module] = []
+    sizes = {} if partition is None else tile_sizes_of(partition)
+    base_config = config
 
     def swap(module: nn.Module, fqn: str) -> nn.Module | None:
         if id(module) in mha_children or not _convertible(module):
@@ -120,6 +139,12 @@ def convert_(
         if filter_fn is not None and not filter_fn(module, fqn):
             return None
         seed = derive_seed(fqn)  # mixed with config.seed by the layer
+        size = sizes.get(fqn)
+        config = (
+            base_config
+            if size is None
+            else dataclasses.replace(base_config, tile_rows=size, tile_cols=size)
+        )
         if conv1d is not None and isinstance(module, conv1d):
             new: nn.Module = RRAMConv1D(
                 module.nf,
@@ -138,6 +163,8 @@ def convert_(
             new = RRAMLinear.from_linear(module, config, seed=seed, program=False)  # type: ignore[arg-type]
             new.weight, new.bias = module.weight, module.bias
         new.train(module.training)
+        if memory is not None or short_term is not None:
+            new.attach_memory(memory, short_term)  # type: ignore[operator]
         converted.append(new)
         return new
 
@@ -145,6 +172,12 @@ def convert_(
         raise ValueError(
             "convert_ works on a model's children; wrap a single layer with "
             "RRAMLinear.from_linear / RRAMConv2d.from_conv instead"
+        )
+    unknown = set(sizes) - {fqn for fqn, m in model.named_modules() if _convertible(m)}
+    if unknown:
+        raise ValueError(
+            f"convert_: partition names layers that are not convertible layers of the model: "
+            f"{sorted(unknown)[:5]}"
         )
     _swap_modules(model, swap)
     if program and converted:

@@ -109,13 +109,14 @@ def default_lambda_grid(num: int = 41) -> torch.Tensor:
     )
 
 
-def estimate_lambda(
+def lambda_errors(
     p: torch.Tensor, reference: torch.Tensor, grid: Sequence[float] | torch.Tensor | None = None
-) -> tuple[float, float]:
-    """lambda on ``grid`` minimising the mean squared error of ``denoise(p)`` against ``reference``.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean squared error of ``denoise(p, lam)`` against ``reference`` for every lam on ``grid``.
 
     ``p`` and ``reference`` are (..., n) calibration outputs and their exact products.
-    Works in the DCT domain: each candidate costs O(batch * n). Returns ``(lam, mse)``.
+    Works in the DCT domain: each candidate costs O(batch * n). Returns ``(grid, mse)``,
+    both float64 of the grid's length.
     """
     if p.shape != reference.shape:
         raise ValueError(
@@ -124,7 +125,8 @@ def estimate_lambda(
     grid_t = default_lambda_grid() if grid is None else torch.as_tensor(grid, dtype=torch.float64)
     n = p.shape[-1]
     if n < 2:
-        return 0.0, float(((p - reference) ** 2).mean())
+        err = float(((p.double() - reference.double()) ** 2).mean())
+        return grid_t, torch.full((len(grid_t),), err, dtype=torch.float64)
     sp = _mirror_spectrum(p.detach().to(torch.float64).reshape(-1, n))
     sr = _mirror_spectrum(reference.detach().to(torch.float64).reshape(-1, n))
     responses = _filter_response(grid_t.to(sp.device), n, torch.float64, sp.device)  # (G, n+1)
@@ -134,6 +136,20 @@ def estimate_lambda(
     weights[n] = 0.0
     diff = sp.unsqueeze(0) * responses.unsqueeze(1) - sr.unsqueeze(0)  # (G, B, n+1)
     mse = ((diff.abs() ** 2) * weights).sum(-1).mean(-1) / (4 * n * n)
+    return grid_t.cpu(), mse.cpu()
+
+
+def estimate_lambda(
+    p: torch.Tensor, reference: torch.Tensor, grid: Sequence[float] | torch.Tensor | None = None
+) -> tuple[float, float]:
+    """lambda on ``grid`` minimising the mean squared error of ``denoise(p)`` against ``reference``.
+
+    ``p`` and ``reference`` are (..., n) calibration outputs and their exact products.
+    Returns ``(lam, mse)`` (see :func:`lambda_errors`); 0 when n < 2.
+    """
+    grid_t, mse = lambda_errors(p, reference, grid)
+    if p.shape[-1] < 2:
+        return 0.0, float(mse[0])
     best = int(torch.argmin(mse))
     return float(grid_t[best]), float(mse[best])
 
@@ -175,5 +191,6 @@ __all__ = [
     "difference_matrix",
     "estimate_lambda",
     "gcv_lambda",
+    "lambda_errors",
     "laplacian_eigenvalues",
 ]

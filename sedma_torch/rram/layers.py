@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import RRAMConfig
-from .correction import denoise, estimate_lambda
+from .correction import denoise, lambda_errors
 from .crossbar import (
     CrossbarStats,
     NoiseSource,
@@ -38,6 +38,21 @@ from .crossbar import (
 
 _construction_counter = itertools.count()
 _STATE_KEYS = ("g_pos", "g_neg", "col_scale")
+_MEMORY_ATTRS = ("long_term_memory", "short_term_memory")
+
+LAMBDA_MEMORY_TOLERANCE = 0.05
+"""Adaptive lambda: a remembered lambda whose calibration error is within this fraction of
+the best error on the grid is accepted at once (converged in one calibration)."""
+LAMBDA_STABLE_CALIBRATIONS = 3
+"""... otherwise lambda is converged once each of the last this-many lam_recent values is
+within ``LAMBDA_STABLE_TOLERANCE`` of the lowest error on the current windowed curve
+(an error criterion, so a flat curve near lam = 0 counts as converged)."""
+LAMBDA_STABLE_TOLERANCE = 0.02
+CONVERGED_INTERVAL_FACTOR = 10
+"""Once converged, calibrate ``CONVERGED_INTERVAL_FACTOR`` times less often; a calibration
+whose error at the current lambda exceeds the best by more than ``LAMBDA_DRIFT_TOLERANCE``
+re-opens the search."""
+LAMBDA_DRIFT_TOLERANCE = 0.2
 
 
 def _check_config(config: Any) -> RRAMConfig:
@@ -80,12 +95,28 @@ class _CrossbarMixin:
         self.rram_stats = CrossbarStats()
         self._programmed_key: tuple | None = None
         self._lambda_recent: float | None = None
-        self._calibrations = 0
         self._calls_since_calibration = 0
+        self._recent_history: list[int] = []
+        self._lambda_looked_up = False
+        self._workload: tuple[tuple, str] | None = None
+        self.calibration_steps = 0
+        """Calibrations run so far (``denoise="adaptive"``)."""
+        self.lambda_converged = False
+        """Whether the adaptive lambda has converged (see ``LAMBDA_*`` constants)."""
         self.last_lambda: float | None = None
         """lambda used by the most recent denoised forward call."""
+        self.last_calibration_error: float | None = None
+        """Relative MSE (error power / exact-output power) at the lambda in use, measured
+        at the most recent calibration."""
         self.lambda_memory: float | None = None
-        """Remembered lambda (set from long-term memory); used by ``denoise="adaptive"``."""
+        """Remembered lambda (from long-term memory, or set by hand); used by
+        ``denoise="adaptive"``."""
+        self.long_term_memory: Any = None
+        """Long-term memory (``best_lambda`` / ``record_lambda``) or None; see
+        :meth:`attach_memory`."""
+        self.short_term_memory: Any = None
+        """Short-term memory holding the calibration error windows, or None (created on the
+        first calibration); ``False`` keeps only the latest calibration."""
         for key in _STATE_KEYS:
             self.register_buffer(key, torch.empty(0), persistent=True)  # type: ignore[attr-defined]
         # the layer's seed travels with the state dict, so a loaded model reads the same noise
@@ -195,6 +226,8 @@ class _CrossbarMixin:
         state = super().__getstate__()  # type: ignore[misc]
         state = dict(state)
         state["_programmed_key"] = "current" if self.is_programmed else None
+        for name in _MEMORY_ATTRS:  # databases and shared windows are not copied
+            state[name] = None
         return state
 
     def __setstate__(self, state) -> None:
@@ -214,39 +247,128 @@ class _CrossbarMixin:
         return out
 
     # ----- shared read helpers ---------------------------------------------------------
+    def attach_memory(self, long_term: Any = None, short_term: Any = None) -> None:
+        """Connect the adaptive lambda to the dual memory.
+
+        Args:
+            long_term: a :class:`sedma_torch.memory.LongTermMemory` (or anything with
+                ``best_lambda(material, workload)`` / ``record_lambda(material, workload,
+                lam, error)``): the best lambda for (material, workload type) is read at
+                the first calibration as ``lambda_memory``, and every calibration writes
+                its lambda and error back. None: no long-term memory.
+            short_term: a :class:`sedma_torch.memory.ShortTermMemory` holding the windows
+                of calibration errors (shared by layers: keys are per layer); None: a
+                private one; ``False``: no window, only the latest calibration counts.
+
+        Copies of the layer (``copy.deepcopy``, pickling) are not attached.
+        """
+        self.long_term_memory = long_term
+        self.short_term_memory = short_term
+        self._lambda_looked_up = False
+
+    @property
+    def workload_type(self) -> str:
+        """The workload class of the current weights (``partition.classify_workload``)."""
+        from .partition import classify_workload
+
+        key = self._key()
+        if self._workload is None or self._workload[0] != key:
+            w = self.weight.detach()
+            if getattr(self, "_transposed_weight", False):
+                w = w.t()
+            self._workload = (key, classify_workload(w).key)
+        return self._workload[1]
+
     def _lambda(self, p: torch.Tensor, reference) -> float | None:
         """lambda for this call's denoising (None: no denoising).
 
-        ``adaptive``: every ``calibration_interval`` calls, the first ``calibration_rows``
-        outputs are compared with the exact product (``reference(rows)``) and the lambda
-        that minimises their error on a log grid (``estimate_lambda``) updates lam_recent
-        (running mean over calibrations); lam_t = alpha lam_memory + (1 - alpha) lam_recent.
+        ``adaptive`` (SPEC.md Eq. 5-6): every ``calibration_interval`` calls (ten times less
+        often once converged) the first ``calibration_rows`` outputs are compared with the
+        exact product ``reference(rows)``: the relative error of ``denoise(p, lam)`` for
+        every lam on ``default_lambda_grid()`` enters the short-term windows, and
+        lam_recent is the grid point with the lowest windowed mean error. Then
+        lam_t = alpha lam_memory + (1 - alpha) lam_recent (lam_memory from long-term
+        memory for (material, workload type), or lam_recent alone when there is none),
+        and (lam_t, its error) is written back to long-term memory.
         """
         cfg = self.rram_config
         if cfg.denoise == "none":
             return None
         if cfg.denoise == "fixed":
+            self.last_lambda = cfg.lambda_fixed
             return cfg.lambda_fixed
-        if self._lambda_recent is None or self._calls_since_calibration >= cfg.calibration_interval:
-            rows = min(cfg.calibration_rows, p.shape[0])
+        interval = cfg.calibration_interval * (
+            CONVERGED_INTERVAL_FACTOR if self.lambda_converged else 1
+        )
+        if self._lambda_recent is None or self._calls_since_calibration >= interval:
             with torch.no_grad():
-                lam_now, _ = estimate_lambda(p[:rows], reference(rows))
-            self._calibrations += 1
-            prev = self._lambda_recent
-            self._lambda_recent = (
-                lam_now if prev is None else prev + (lam_now - prev) / self._calibrations
-            )
-            self._calls_since_calibration = 0
+                self._calibrate(p, reference)
         self._calls_since_calibration += 1
-        if self.lambda_memory is None:
-            lam = self._lambda_recent
-        else:
-            lam = (
-                cfg.denoise_alpha * self.lambda_memory
-                + (1 - cfg.denoise_alpha) * self._lambda_recent
-            )
+        lam = self._lambda_t()
         self.last_lambda = lam
         return lam
+
+    def _lambda_t(self) -> float:
+        assert self._lambda_recent is not None
+        if self.lambda_memory is None:
+            return self._lambda_recent
+        alpha = self.rram_config.denoise_alpha
+        return alpha * self.lambda_memory + (1 - alpha) * self._lambda_recent
+
+    def _calibrate(self, p: torch.Tensor, reference) -> None:
+        cfg = self.rram_config
+        rows = min(cfg.calibration_rows, p.shape[0])
+        ref = reference(rows)
+        grid, mse = lambda_errors(p[:rows], ref)
+        power = float((ref.detach().double() ** 2).mean())
+        rel = mse / max(power, 1e-300)
+        ltm = self.long_term_memory
+        material = cfg.device.name
+        if ltm is not None and not self._lambda_looked_up:
+            self._lambda_looked_up = True
+            record = ltm.best_lambda(material, self.workload_type)
+            if record is not None:
+                self.lambda_memory = float(record[0])
+        stm = self.short_term_memory
+        if stm is None:
+            from sedma_torch.memory import ShortTermMemory
+
+            stm = self.short_term_memory = ShortTermMemory()
+        if stm is False:
+            curve = rel
+        else:
+            prefix = f"rram/{self.rram_seed}/lambda_error/"
+            for i, e in enumerate(rel.tolist()):
+                stm.update(prefix + str(i), e)
+            curve = torch.tensor([stm.mean(prefix + str(i)) for i in range(len(rel))])
+        best = int(torch.argmin(curve))
+        self._lambda_recent = float(grid[best])
+        self.calibration_steps += 1
+        self._calls_since_calibration = 0
+        lam_t = self._lambda_t()
+        err_t = float(lambda_errors(p[:rows], ref, [lam_t])[1][0]) / max(power, 1e-300)
+        self.last_calibration_error = err_t
+        best_err = float(rel.min())
+        if self.lambda_converged:
+            if err_t > (1 + LAMBDA_DRIFT_TOLERANCE) * best_err + 1e-15:
+                self.lambda_converged = False
+                self._recent_history = []
+        elif (
+            self.lambda_memory is not None
+            and self.calibration_steps == 1
+            and err_t <= (1 + LAMBDA_MEMORY_TOLERANCE) * best_err + 1e-15
+        ):
+            self.lambda_converged = True
+        else:
+            self._recent_history.append(best)
+            last = self._recent_history[-LAMBDA_STABLE_CALIBRATIONS:]
+            if len(last) == LAMBDA_STABLE_CALIBRATIONS:
+                floor = float(curve.min())
+                self.lambda_converged = all(
+                    float(curve[i]) <= (1 + LAMBDA_STABLE_TOLERANCE) * floor + 1e-15 for i in last
+                )
+        if ltm is not None and math.isfinite(lam_t) and math.isfinite(err_t):
+            ltm.record_lambda(material, self.workload_type, lam_t, err_t)
 
     def crossbar_summary(self) -> dict[str, Any]:
         """Tiles, physical crossbars and utilisation of this layer."""
