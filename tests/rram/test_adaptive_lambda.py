@@ -74,15 +74,21 @@ def _dense_errors(weight: torch.Tensor, cfg: st.RRAMConfig, gen: torch.Generator
     )
 
 
-def test_adaptive_lambda_matches_grid_search_on_smooth_outputs():
-    gen = torch.Generator().manual_seed(0)
-    w = _smooth_weight(gen)
+def _adapt_and_grid_search(weight_fn, seed: int):
+    """Run the adaptive layer, then the dense errors of every grid lambda and of the
+    layer's lambda on the same fresh inputs."""
+    gen = torch.Generator().manual_seed(seed)
+    w = weight_fn(gen)
     cfg = _config()
     layer = _layer(w, cfg)
     _run(layer, gen)
     grid = default_lambda_grid().numpy()
-    errs = _dense_errors(w, cfg, gen, grid)
-    err_t = _dense_errors(w, cfg, gen, [layer.last_lambda])[0]
+    errs = _dense_errors(w, cfg, gen, [*grid.tolist(), layer.last_lambda])
+    return layer, errs[:-1], errs[-1]
+
+
+def test_adaptive_lambda_matches_grid_search_on_smooth_outputs():
+    layer, errs, err_t = _adapt_and_grid_search(_smooth_weight, 0)
     assert layer.workload_type.endswith("/smooth")
     assert layer.lambda_converged
     # the chosen lambda is as good as the best on the grid, and far better than no denoising
@@ -92,14 +98,7 @@ def test_adaptive_lambda_matches_grid_search_on_smooth_outputs():
 
 
 def test_adaptive_lambda_is_near_zero_on_rough_outputs():
-    gen = torch.Generator().manual_seed(1)
-    w = _rough_weight(gen)
-    cfg = _config()
-    layer = _layer(w, cfg)
-    _run(layer, gen)
-    grid = default_lambda_grid().numpy()
-    errs = _dense_errors(w, cfg, gen, grid)
-    err_t = _dense_errors(w, cfg, gen, [layer.last_lambda])[0]
+    layer, errs, err_t = _adapt_and_grid_search(_rough_weight, 1)
     assert layer.workload_type.endswith("/rough")
     assert layer.last_lambda <= 0.1
     assert err_t <= 1.02 * errs.min()
