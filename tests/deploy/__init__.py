@@ -1,0 +1,1 @@
+"""Tests of layer 3 (sedma_torch.deploy)."""
