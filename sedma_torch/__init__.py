@@ -24,6 +24,19 @@ from .rram import (
 
 __version__ = "0.1.0"
 
+_LAZY = ("data", "deploy", "distributed", "experiments", "metrics", "models")
+
+
+def __getattr__(name: str):
+    """``st.distributed``, ``st.deploy``, ... imported on first use (they pull in heavier
+    dependencies: torch.distributed, Lattica, the Kubernetes schema, transformers)."""
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'sedma_torch' has no attribute {name!r}")
+
+
 __all__ = [
     "PRESETS",
     "RRAMConfig",

@@ -19,6 +19,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture(autouse=True)
+def _private_memory_store(tmp_path_factory, monkeypatch):
+    """Each test (and the train.py / eval.py processes it starts) gets its own long-term
+    memory file instead of ./sedma_memory.db in the working directory."""
+    if "SEDMA_MEMORY_URL" not in os.environ:
+        path = tmp_path_factory.mktemp("memory") / "sedma_memory.db"
+        monkeypatch.setenv("SEDMA_MEMORY_PATH", str(path))
+
+
 @pytest.fixture
 def shared_data() -> Path:
     """../shared/data (or $SEDMA_SHARED_DATA); skips when absent."""
@@ -30,3 +39,31 @@ def shared_data() -> Path:
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def device(request) -> torch.device:
     return torch.device(request.param)
+
+
+def write_imagenet_folder(
+    root: Path, images: dict[str, list[int]], *, size: int = 12, split: str | None = "val"
+) -> Path:
+    """An ImageNet-layout folder ``root/split/<wnid>/<wnid>_<k>.JPEG`` (real JPEG files) of
+    uniform grey images, one per grey level listed for each WordNet id; returns ``root``."""
+    from PIL import Image
+
+    base = root / split if split else root
+    for wnid, levels in images.items():
+        folder = base / wnid
+        folder.mkdir(parents=True, exist_ok=True)
+        for k, level in enumerate(levels):
+            Image.new("RGB", (size, size), (level, level, level)).save(
+                folder / f"{wnid}_{k}.JPEG", quality=95
+            )
+    return root
+
+
+@pytest.fixture
+def imagenet_folder(tmp_path) -> Path:
+    """Six grey JPEGs in three WordNet-id folders (standard class indices 1, 499 and 999);
+    grey levels 20, 60, ... identify the images."""
+    return write_imagenet_folder(
+        tmp_path / "imagenet",
+        {"n01443537": [20, 60], "n03041632": [100, 140], "n15075141": [180, 220]},
+    )

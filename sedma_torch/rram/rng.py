@@ -59,13 +59,22 @@ class NoiseSource:
                 NoiseSource._pool = ThreadPoolExecutor(
                     max_workers=1, thread_name_prefix="sedma-rng"
                 )
-            pending = NoiseSource._pool.submit(halves[1].normal_, generator=gens[1])
+            pending = NoiseSource._pool.submit(
+                _fill_normal, halves[1], gens[1], torch.is_inference_mode_enabled()
+            )
             halves[0].normal_(generator=gens[0])
             pending.result()
         else:
             for half, gen in zip(halves, gens, strict=True):
                 half.normal_(generator=gen)
         return out.view(shape)
+
+
+def _fill_normal(out: torch.Tensor, generator: torch.Generator, inference: bool) -> None:
+    """``out.normal_`` on a worker thread, in the caller's inference mode (grad mode and
+    inference mode are thread-local; an inference tensor may only be written in it)."""
+    with torch.inference_mode(inference):
+        out.normal_(generator=generator)
 
 
 def randn_split(

@@ -556,3 +556,16 @@ def test_deepcopy_and_pickle_keep_the_programmed_chip():
     # same conductances and noise counters: identical outputs, no re-programming
     assert torch.equal(twin(x), reference) and torch.equal(loaded(x), reference)
     assert all(m.rram_stats.programming_events == 1 for m in twin if hasattr(m, "rram_stats"))
+
+
+def test_layers_run_under_inference_mode_like_under_no_grad():
+    torch.manual_seed(0)
+    cfg = st.RRAMConfig(material="taox_hfox", seed=5)
+    lin = nn.Linear(512, 256)
+    x = torch.randn(64, 512)
+    with torch.no_grad():
+        expected = st.RRAMLinear.from_linear(lin, cfg, seed=1)(x)
+    layer = st.RRAMLinear.from_linear(lin, cfg, seed=1)
+    with torch.inference_mode():
+        got = layer(x)
+    torch.testing.assert_close(got, expected)
