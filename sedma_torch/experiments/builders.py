@@ -102,8 +102,13 @@ def build_model(model_cfg: Mapping[str, Any], *, for_training: bool = False) -> 
     if name == "fasterrcnn_mobilenet_v3":
         from ..models.detection import fasterrcnn_mobilenet_v3
 
+        extra = {
+            key: model_cfg[key]
+            for key in ("min_size", "max_size", "box_score_thresh", "box_detections_per_img")
+            if model_cfg.get(key) is not None
+        }
         return fasterrcnn_mobilenet_v3(
-            weights=weights, num_classes=int(model_cfg.get("num_classes", 91))
+            weights=weights, num_classes=int(model_cfg.get("num_classes", 91)), **extra
         )
     if name == "qa":
         from ..models.qa import build_qa
