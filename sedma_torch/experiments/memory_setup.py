@@ -35,11 +35,9 @@ class ExperimentMemory:
         plan = None
         if self.partition == "memory_guided":
             plan = plan_partition(model, config, memory=self.long_term)
-        short_term = None
-        if self.stm_window != 100:
-            from ..memory import ShortTermMemory
+        from ..memory import ShortTermMemory
 
-            short_term = ShortTermMemory(window=self.stm_window)
+        short_term = ShortTermMemory(window=self.stm_window)
         return convert_(
             model, config, partition=plan, memory=self.long_term, short_term=short_term, **kwargs
         )

@@ -40,6 +40,18 @@ def _transformers_conv1d() -> type | None:
     return Conv1D
 
 
+def _mha_children(model: nn.Module) -> set[int]:
+    """ids of the modules inside ``nn.MultiheadAttention`` blocks: its fused kernel uses
+    their weights directly, not their forward pass, so they stay digital."""
+    return {
+        id(sub)
+        for m in model.modules()
+        if isinstance(m, nn.MultiheadAttention)
+        for sub in m.modules()
+        if sub is not m
+    }
+
+
 class RRAMConv1D(RRAMLinear):
     """transformers' ``Conv1D`` (GPT-2: weight stored as (in, out)) on crossbars."""
 
@@ -122,13 +134,7 @@ def convert_(
     if not isinstance(config, RRAMConfig):
         raise TypeError(f"config must be an RRAMConfig, got {type(config).__name__}")
     conv1d = _transformers_conv1d()
-    mha_children = {
-        id(sub)
-        for m in model.modules()
-        if isinstance(m, nn.MultiheadAttention)
-        for sub in m.modules()
-        if sub is not m
-    }
+    mha_children = _mha_children(model)
     converted: list[nn.Module] = []
     sizes = {} if partition is None else tile_sizes_of(partition)
     base_config = config

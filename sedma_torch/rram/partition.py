@@ -308,16 +308,10 @@ def layer_shapes(model: nn.Module) -> list[tuple[LayerShape, torch.Tensor]]:
     shapes and weights in ``(out, in[, kh, kw])`` layout (meta tensors when built on the
     meta device). ``nn.MultiheadAttention`` projections are skipped, as ``convert_`` does.
     """
-    from .convert import _transformers_conv1d
+    from .convert import _mha_children, _transformers_conv1d
 
     conv1d = _transformers_conv1d()
-    mha_children = {
-        id(sub)
-        for m in model.modules()
-        if isinstance(m, nn.MultiheadAttention)
-        for sub in m.modules()
-        if sub is not m
-    }
+    mha_children = _mha_children(model)
     out: list[tuple[LayerShape, torch.Tensor]] = []
     for name, m in model.named_modules():
         if id(m) in mha_children:
@@ -643,6 +637,14 @@ def _assign_exactly(cost: np.ndarray, use: np.ndarray, capacity: np.ndarray) -> 
     return np.argmax(res.x.reshape(n_layers, n_sizes), axis=1)
 
 
+def _fits(shape: LayerShape, size: int) -> bool:
+    try:
+        layer_tiling(shape, size, size)
+    except ValueError:
+        return False
+    return True
+
+
 def _memory_key(material: str, pool: CrossbarPool, workload: WorkloadType) -> str:
     return f"{material}|{pool.signature}|{workload.key}"
 
@@ -693,25 +695,14 @@ def plan_partition(
     remembered: dict[int, int] = {}
     evaluated = 0
     for i, ((shape, _), wl) in enumerate(zip(layers, workloads, strict=True)):
+        candidates = list(enumerate(sizes))
         if memory is not None and use_memory:
             rec = memory.best_partition(_memory_key(material.name, pool, wl))
-            if rec is not None and rec.get("tile_size") in sizes:
-                size = int(rec["tile_size"])
-                try:
-                    tiling = layer_tiling(shape, size, size)
-                except ValueError:
-                    tiling = None
-                if tiling is not None:
-                    j = sizes.index(size)
-                    comp, mem = cost_model.terms(
-                        tiling, programming_iterations(config, size, memory), bits
-                    )
-                    cost[i, j] = comp + lam * mem
-                    use[i, j] = tiling.crossbars
-                    terms[i, j] = (comp, mem, tiling)
-                    remembered[i] = j
-                    continue
-        for j, size in enumerate(sizes):
+            size = None if rec is None else rec.get("tile_size")
+            if size in sizes and _fits(shape, size):
+                remembered[i] = sizes.index(size)
+                candidates = [(remembered[i], size)]
+        for j, size in candidates:
             try:
                 tiling = layer_tiling(shape, size, size)
             except ValueError:
@@ -720,7 +711,7 @@ def plan_partition(
             cost[i, j] = comp + lam * mem
             use[i, j] = tiling.crossbars
             terms[i, j] = (comp, mem, tiling)
-            evaluated += 1
+            evaluated += i not in remembered
         if not np.isfinite(cost[i]).any():
             raise ValueError(
                 f"plan_partition: layer {shape.name!r} fits no crossbar size in {sizes} "
