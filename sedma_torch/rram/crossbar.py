@@ -60,7 +60,7 @@ import torch
 
 from .config import RRAMConfig
 from .materials import Material
-from .programming import ProgrammingStats, draw_device_variation, program_conductances
+from .programming import ProgrammingStats, SeededDeviceVariation, program_conductances
 from .rng import NoiseSource, derive_seed, hash_normal, make_generator, seed_words
 
 DRIFT_T0_S = 1.0
@@ -129,8 +129,7 @@ class ProgrammedTiles:
 
 def column_scale(w_tiles: torch.Tensor) -> torch.Tensor:
     """Per tile column |max| of a (T, R, C) stack; 1 where a column is all zero."""
-    scale = w_tiles.abs().amax(dim=1)
-    return torch.where(scale > 0, scale, torch.ones_like(scale))
+    return positive_or_one(absmax(w_tiles, 1, keepdim=False))
 
 
 def chip_properties(
@@ -138,13 +137,16 @@ def chip_properties(
 ):
     """Per-cell properties fixed for a chip: device spread, stuck cells, drift exponents.
 
-    Drawn from a generator seeded only by (seed, shape), so they are the same for every
-    programming event of a layer.
+    Drawn from streams seeded only by (seed, shape), so they are the same for every
+    programming event of a layer. The device spread is a :class:`SeededDeviceVariation`,
+    evaluated only for the cells a programming event pulses.
     """
     gen = make_generator(derive_seed(seed, "chip", shape), device)
     variation = None
     if cfg.device_variation and material.sigma_d2d > 0 and material.levels_ltp is not None:
-        variation = draw_device_variation(shape, material, gen, device=device, dtype=dtype)
+        variation = SeededDeviceVariation(
+            derive_seed(seed, "d2d", shape), material.sigma_d2d, material.g_min, material.g_range
+        )
     stuck = None
     if cfg.stuck_at_gmin_prob > 0 or cfg.stuck_at_gmax_prob > 0:
         u = torch.rand(shape, generator=gen, device=device, dtype=dtype)
@@ -201,11 +203,15 @@ def program_tiles(
     w_tiles = w_tiles.detach().to(dtype)
     device = w_tiles.device
     col_scale = column_scale(w_tiles)
-    w_norm = w_tiles / col_scale.unsqueeze(1)
     g_min, g_range = material.g_min, material.g_range
-    targets = torch.stack(
-        [g_min + g_range * w_norm.clamp_min(0), g_min + g_range * (-w_norm).clamp_min(0)]
-    )
+    # targets[0] = Gmin + range * max(w, 0), targets[1] = Gmin + range * max(-w, 0) for the
+    # normalised w = w_tiles / col_scale, written in place (these arrays are the largest
+    # temporaries of a programming event)
+    targets = torch.empty((2, *w_tiles.shape), dtype=dtype, device=device)
+    torch.div(w_tiles, col_scale.unsqueeze(1), out=targets[0])
+    torch.clamp(targets[0], max=0, out=targets[1]).neg_()
+    targets[0].clamp_(min=0)
+    targets.mul_(g_range).add_(g_min)
     variation, stuck, nu = chip_properties(tuple(targets.shape), cfg, material, seed, device, dtype)
     gen = make_generator(derive_seed(seed, "program", event), device)
     g, stats = program_conductances(
@@ -306,9 +312,8 @@ def noisy_read_(
     fused = (
         cfg.adc_bits is not None
         and n_ot * width == cols
-        and u.numel() >= _FUSED_MIN
         and u.device.type in ("cpu", "cuda")
-        and _fused_read() is not None
+        and fused_read_enabled(u.numel())
     )
     if not fused:
         if std is not None and noise is not None:
@@ -361,6 +366,19 @@ def _quantise_(v, full, levels, dac_levels, s_in, saturate: bool) -> torch.Tenso
 
 _FUSED_MIN = 1 << 16
 _FUSED: object = None
+
+
+def fused_read_enabled(numel: int) -> bool:
+    """True when a read of ``numel`` column outputs runs the compiled epilogue
+    (SEDMA_FUSED_READ=1 and large enough)."""
+    return numel >= _FUSED_MIN and _fused_read() is not None
+
+
+def chunk_rows(rows: int, stacks: int, min_rows: int = 8) -> int:
+    """Rows per chunk of a tiled read: at most ``rows / stacks`` (so that ``stacks``
+    partial-sum arrays of the chunk's rows take no more memory than the output of all
+    rows), but at least ``min_rows`` (smaller GEMMs run too far below peak speed)."""
+    return max(min(rows, min_rows), rows // max(stacks, 1))
 
 
 def _fused_read():
@@ -417,9 +435,11 @@ __all__ = [
     "absmax",
     "adc_dequantise_",
     "chip_properties",
+    "chunk_rows",
     "column_scale",
     "dac",
     "derive_seed",
+    "fused_read_enabled",
     "ir_drop_factor",
     "make_generator",
     "noisy_read_",

@@ -30,8 +30,11 @@ from .correction import denoise, lambda_errors
 from .crossbar import (
     CrossbarStats,
     NoiseSource,
+    adc_dequantise_,
+    chunk_rows,
     dac,
     derive_seed,
+    fused_read_enabled,
     noisy_read_,
     program_tiles,
 )
@@ -545,7 +548,6 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
         pad = t * r - self.in_features
         xp = F.pad(x2d, (0, pad)) if pad else x2d
         xt = xp.view(batch, t, r)
-        codes, s_in, levels = dac(xt, cfg, -1)
         sigma = material.read_noise if cfg.read_noise else 0.0
         gen = self._next_read_noise() if sigma > 0 else None
         n_ot = math.ceil(self.out_features / cfg.tile_cols)
@@ -559,9 +561,19 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
             stats.input_programming_pulses += batch * self.in_features * (cfg.dac_bits or 16)
 
         if cfg.adc_bits is None and cfg.correction == "none":
+            codes, s_in, levels = dac(xt, cfg, -1)
             y = self._fast_read(codes, s_in, levels, sigma, gen, batch, t, r)
         else:
-            y = self._tiled_read(xt, codes, s_in, levels, sigma, gen)
+            # Per-tile partial sums are (T, rows, out) per read; rows are processed in
+            # chunks so that the partial sums held at once stay within the size of the
+            # output (see ``chunk_rows``): a forward pass then needs at most a few times
+            # the memory of the digital layer's, whatever the number of input tiles.
+            held = 2 if cfg.correction == "first_order" else 1
+            step = chunk_rows(batch, t * held)
+            y = x2d.new_empty(batch, self.out_features)
+            for start in range(0, batch, step):
+                rows = slice(start, start + step)
+                self._tiled_read(xt[rows], sigma, gen, out=y[rows])
         lam = self._lambda(y, lambda rows: x2d[:rows] @ self._weight_oi().t())
         if lam is not None:
             y = denoise(y, lam)
@@ -589,32 +601,35 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
     ) -> torch.Tensor:
         """inputs (T, B, R) in DAC code units @ weights (T, R, C) -> read noise, ADC and
         de-quantisation: (T, B, C) partial sums in input units (before the column scale)."""
-        u = torch.bmm(inputs, weights)
         std = (2**0.5 * sigma) * inputs.norm(dim=-1, keepdim=True) if sigma > 0 else None
-        return noisy_read_(u, std, gen, self.rram_config, levels, s_in_t)
+        if std is None or fused_read_enabled(inputs.shape[0] * inputs.shape[1] * weights.shape[-1]):
+            u = torch.bmm(inputs, weights)
+            return noisy_read_(u, std, gen, self.rram_config, levels, s_in_t)
+        # the noise is drawn into the output first and the product accumulated onto it: no
+        # separate noise tensor, no extra pass
+        u = gen.randn((*inputs.shape[:2], weights.shape[-1]), inputs.device, inputs.dtype)
+        u.mul_(std).baddbmm_(inputs, weights)
+        return adc_dequantise_(u, self.rram_config, levels, s_in_t, col_dim=-1)
 
-    def _tiled_read(self, xt, codes, s_in, levels, sigma, gen) -> torch.Tensor:
+    def _tiled_read(
+        self, xt: torch.Tensor, sigma: float, gen: NoiseSource | None, out: torch.Tensor
+    ) -> None:
+        """Rows ``xt`` (B, T, R) through DAC, tiles, noise, ADC and the digital tile sum,
+        written to ``out`` (B, out_features)."""
         cfg = self.rram_config
+        codes, s_in, levels = dac(xt, cfg, -1)
         codes_t = codes.transpose(0, 1)  # (T, B, R)
         s_in_t = s_in.transpose(0, 1)  # (T, B, 1)
         if cfg.correction == "first_order":
-            batch = codes_t.shape[1]
-            exact_in = (xt * (levels / s_in)).transpose(0, 1)  # x at full precision, code units
-            both = self._read_stack(
-                torch.cat([codes_t, exact_in], dim=1),
-                self.w_read,
-                sigma,
-                gen,
-                levels,
-                torch.cat([s_in_t, s_in_t], dim=1),
-            )
+            # A x~ + A~ x - A~ x~, accumulated one read at a time (two partial-sum stacks alive)
             u = self._read_stack(codes_t, self.w_exact, sigma, gen, levels, s_in_t)
-            u += both[:, batch:]
-            u -= both[:, :batch]
+            exact_in = (xt * (levels / s_in)).transpose(0, 1)  # x at full precision, code units
+            u += self._read_stack(exact_in, self.w_read, sigma, gen, levels, s_in_t)
+            u -= self._read_stack(codes_t, self.w_read, sigma, gen, levels, s_in_t)
         else:
             u = self._read_stack(codes_t, self.w_read, sigma, gen, levels, s_in_t)
         # digital: per-column scale of each tile, then add the tiles
-        return u.mul_(self.col_scale.unsqueeze(1).to(u.dtype)).sum(0)
+        torch.sum(u.mul_(self.col_scale.unsqueeze(1).to(u.dtype)), 0, out=out)
 
     def extra_repr(self) -> str:
         cfg = self.rram_config
@@ -871,70 +886,33 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
     def _hardware_forward(self, xp: torch.Tensor) -> torch.Tensor:
         cfg = self.rram_config
         material = cfg.device
-        cpt, n_it, rows = self._geometry()
+        _, n_it, rows = self._geometry()
         g = self.groups
         t_tiles = g * n_it
         x_spatial = xp
-        xp = self._channel_pad(xp)
-        b, _, h, w = xp.shape
-        xt = xp.view(b, t_tiles, cpt, h, w)
-        codes, s_in, levels = dac(xt, cfg, (2, 3, 4))  # one range per image and input tile
+        b = xp.shape[0]
         sigma = material.read_noise if cfg.read_noise else 0.0
         gen = self._next_read_noise() if sigma > 0 else None
         out_g = self.out_channels // g
         kh, kw = self.kernel_size
-        conv = dict(stride=self.stride, padding=0, dilation=self.dilation)
-        codes_flat = codes.reshape(b, t_tiles * cpt, h, w)
-
         n_ot = math.ceil(out_g / cfg.tile_cols)
         reads = 3 if cfg.correction == "first_order" else 1
         stats = self.rram_stats
-
-        ones = torch.ones(t_tiles, 1, kh, kw, dtype=xp.dtype, device=xp.device)
-
-        def patch_norm2(inp: torch.Tensor) -> torch.Tensor:
-            """Sum of squares of each tile's input patch, (B, T, H', W'): channels first
-            summed per tile, then a kh x kw box filter."""
-            per_tile = (inp * inp).view(b, t_tiles, cpt, h, w).sum(2)
-            return F.conv2d(per_tile, ones, groups=t_tiles, **conv).clamp_min_(0)
-
-        cl = torch.channels_last  # oneDNN runs grouped convolutions far faster in NHWC
         if cfg.adc_bits is None and cfg.correction == "none":
-            x_deq = (codes * (s_in / levels)).reshape(b, t_tiles * cpt, h, w)
-            y = F.conv2d(x_deq.contiguous(memory_format=cl), self._w_conv, groups=g, **conv)
-            if sigma > 0:
-                n2 = patch_norm2(x_deq)  # (B, T, H', W')
-                cs2 = (self.col_scale.to(y.dtype) ** 2).reshape(g, n_it, out_g)
-                var = torch.einsum("bgthw,gto->bgohw", n2.reshape(b, g, n_it, *n2.shape[-2:]), cs2)
-                var = var.reshape(b, g * out_g, *n2.shape[-2:]) * (2 * sigma * sigma)
-                y = y + gen.randn(y.shape, y.device, y.dtype) * var.sqrt()
+            y = self._single_read(xp, sigma, gen)
         else:
-            s_in_nhwc = s_in.view(b, 1, 1, t_tiles, 1)
-
-            def read(inp: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-                """(B, T*cpt, H, W) codes -> (B, H', W', T, out_g) partial sums after read
-                noise, ADC and de-quantisation (input units, before the column scale)."""
-                u = F.conv2d(inp.contiguous(memory_format=cl), weight, groups=t_tiles, **conv)
-                hh, ww = u.shape[-2:]
-                u = u.permute(0, 2, 3, 1).reshape(b, hh, ww, t_tiles, out_g)  # NHWC: no copy
-                std = None
-                if sigma > 0:
-                    std = patch_norm2(inp).sqrt_().mul_(2**0.5 * sigma)
-                    std = std.permute(0, 2, 3, 1).unsqueeze(-1)
-                return noisy_read_(u, std, gen, cfg, levels, s_in_nhwc)
-
-            if cfg.correction == "first_order":
-                exact_in = (xt * (levels / s_in)).reshape(b, t_tiles * cpt, h, w)
-                u = read(codes_flat, self._w_conv_exact)
-                u += read(exact_in, self._w_conv)
-                u -= read(codes_flat, self._w_conv)
-            else:
-                u = read(codes_flat, self._w_conv)
-            # digital: per-column scale of each tile, then add the tiles of each group
-            u.mul_(self.col_scale.to(u.dtype).view(1, 1, 1, t_tiles, out_g))
-            hh, ww = u.shape[1:3]
-            y = u.view(b, hh, ww, g, n_it, out_g).sum(4).reshape(b, hh, ww, g * out_g)
-            y = y.permute(0, 3, 1, 2)  # NCHW view of channels-last memory
+            # images in chunks: the partial sums of the T input tiles and their noise (two
+            # stacks, four with first-order correction) stay within the output's size
+            held = 4 if cfg.correction == "first_order" else 2
+            step = chunk_rows(b, t_tiles * held, min_rows=1)
+            y_cl = None
+            for start in range(0, b, step):
+                part = self._tiled_read(xp[start : start + step], sigma, gen)
+                if y_cl is None:
+                    y_cl = part.new_empty((b, *part.shape[1:]))
+                y_cl[start : start + step] = part
+                del part
+            y = y_cl.permute(0, 3, 1, 2)  # type: ignore[union-attr]  # NCHW view of NHWC
         hh, ww = y.shape[-2:]
         stats.matrix_products += reads * b * hh * ww
         stats.tile_reads += reads * b * hh * ww * t_tiles * n_ot
@@ -956,6 +934,84 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
         if lam is not None:
             y = denoise(y.movedim(1, -1), lam).movedim(-1, 1)
         return y
+
+    def _conv_args(self) -> dict[str, Any]:
+        return dict(stride=self.stride, padding=0, dilation=self.dilation)
+
+    def _patch_norm2(self, inp: torch.Tensor) -> torch.Tensor:
+        """Sum of squares of each tile's input patch, (B, T, H', W'): channels first summed
+        per tile, then a kh x kw box filter."""
+        cpt, n_it, _ = self._geometry()
+        t_tiles = self.groups * n_it
+        b, _, h, w = inp.shape
+        per_tile = (inp * inp).view(b, t_tiles, cpt, h, w).sum(2)
+        ones = torch.ones(t_tiles, 1, *self.kernel_size, dtype=inp.dtype, device=inp.device)
+        return F.conv2d(per_tile, ones, groups=t_tiles, **self._conv_args()).clamp_min_(0)
+
+    def _single_read(self, xp: torch.Tensor, sigma: float, gen: NoiseSource | None) -> torch.Tensor:
+        """No ADC: the tile sum is linear, so one convolution on the de-quantised input,
+        with the summed per-tile read noise added once per output."""
+        cfg = self.rram_config
+        cpt, n_it, _ = self._geometry()
+        g = self.groups
+        t_tiles = g * n_it
+        out_g = self.out_channels // g
+        xp = self._channel_pad(xp)
+        b, _, h, w = xp.shape
+        codes, s_in, levels = dac(xp.view(b, t_tiles, cpt, h, w), cfg, (2, 3, 4))
+        x_deq = (codes * (s_in / levels)).reshape(b, t_tiles * cpt, h, w)
+        cl = torch.channels_last  # oneDNN runs grouped convolutions far faster in NHWC
+        y = F.conv2d(
+            x_deq.contiguous(memory_format=cl), self._w_conv, groups=g, **self._conv_args()
+        )
+        if sigma > 0:
+            n2 = self._patch_norm2(x_deq)  # (B, T, H', W')
+            cs2 = (self.col_scale.to(y.dtype) ** 2).reshape(g, n_it, out_g)
+            var = torch.einsum("bgthw,gto->bgohw", n2.reshape(b, g, n_it, *n2.shape[-2:]), cs2)
+            var = var.reshape(b, g * out_g, *n2.shape[-2:]) * (2 * sigma * sigma)
+            y = y + gen.randn(y.shape, y.device, y.dtype) * var.sqrt()  # type: ignore[union-attr]
+        return y
+
+    def _tiled_read(self, xp: torch.Tensor, sigma: float, gen: NoiseSource | None) -> torch.Tensor:
+        """Images ``xp`` (spatially padded) through DAC, tile convolutions, read noise, ADC
+        and the digital tile sum: (B, H', W', out_channels), channels last."""
+        cfg = self.rram_config
+        cpt, n_it, _ = self._geometry()
+        g = self.groups
+        t_tiles = g * n_it
+        out_g = self.out_channels // g
+        xp = self._channel_pad(xp)
+        b, _, h, w = xp.shape
+        xt = xp.view(b, t_tiles, cpt, h, w)
+        codes, s_in, levels = dac(xt, cfg, (2, 3, 4))  # one range per image and input tile
+        codes_flat = codes.reshape(b, t_tiles * cpt, h, w)
+        s_in_nhwc = s_in.view(b, 1, 1, t_tiles, 1)
+        cl = torch.channels_last
+
+        def read(inp: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+            """(B, T*cpt, H, W) codes -> (B, H', W', T, out_g) partial sums after read
+            noise, ADC and de-quantisation (input units, before the column scale)."""
+            u = F.conv2d(
+                inp.contiguous(memory_format=cl), weight, groups=t_tiles, **self._conv_args()
+            )
+            hh, ww = u.shape[-2:]
+            u = u.permute(0, 2, 3, 1).reshape(b, hh, ww, t_tiles, out_g)  # NHWC: no copy
+            std = None
+            if sigma > 0:
+                std = self._patch_norm2(inp).sqrt_().mul_(2**0.5 * sigma)
+                std = std.permute(0, 2, 3, 1).unsqueeze(-1)
+            return noisy_read_(u, std, gen, cfg, levels, s_in_nhwc)
+
+        if cfg.correction == "first_order":
+            u = read(codes_flat, self._w_conv_exact)
+            u += read((xt * (levels / s_in)).reshape(b, t_tiles * cpt, h, w), self._w_conv)
+            u -= read(codes_flat, self._w_conv)
+        else:
+            u = read(codes_flat, self._w_conv)
+        # digital: per-column scale of each tile, then add the tiles of each group
+        u.mul_(self.col_scale.to(u.dtype).view(1, 1, 1, t_tiles, out_g))
+        hh, ww = u.shape[1:3]
+        return u.view(b, hh, ww, g, n_it, out_g).sum(4).reshape(b, hh, ww, g * out_g)
 
     def extra_repr(self) -> str:
         cfg = self.rram_config

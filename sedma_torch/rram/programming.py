@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from .materials import Material
-from .rng import hash_normal_at, randn_split
+from .rng import hash_normal_at, randn_split, seed_words
 
 
 @dataclass
@@ -79,6 +79,65 @@ class DeviceVariation:
     a_scale: torch.Tensor
     """Each cell's curvature relative to nominal (> 0)."""
 
+    def at(self, index: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Gmax, curvature factor) of the cells with flat indices ``index`` (int64)."""
+        return (
+            self.g_max.reshape(-1).index_select(0, index).to(dtype),
+            self.a_scale.reshape(-1).index_select(0, index).to(dtype),
+        )
+
+
+@dataclass(frozen=True)
+class SeededDeviceVariation:
+    """Device-to-device variation as a pure function of (chip seed, flat cell index).
+
+    The same distribution as :func:`draw_device_variation` (Gmax and curvature with
+    relative sigma ``sigma``, floored at 5 % of nominal), drawn from the counter-based
+    :func:`~sedma_torch.rram.rng.hash_normal_at` stream keyed by each cell's index. So a
+    cell's properties never change between programming events, and they are computed only
+    for the cells a programming event addresses (about half of a differential array sits
+    at Gmin and is never pulsed) instead of being stored for the whole chip.
+    """
+
+    seed: int
+    """Chip seed (63 bits); two 31-bit words key each of the two properties."""
+    sigma: float
+    """Relative standard deviation of Gmax and of the curvature."""
+    g_min: float
+    """Gmin in siemens."""
+    g_range: float
+    """Nominal Gmax - Gmin in siemens."""
+
+    def at(self, index: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Gmax in S, curvature factor) of the cells with flat indices ``index``."""
+        if index.numel() >= 2**30:  # two draws per cell key the stream as int32
+            raise ValueError(f"SeededDeviceVariation: {index.numel()} cells exceed 2^30")
+        words = seed_words(self.seed, index.device)
+        params = torch.tensor([self.sigma, self.g_min, self.g_range], dtype=dtype)
+        fn = _compiled(_variation_at) if index.numel() >= _COMPILE_MIN_CELLS else _variation_at
+        try:
+            return fn(index.to(torch.int32), words, params.to(index.device))
+        except Exception as exc:  # no compiler for this device: the eager version is exact
+            if fn is _variation_at:
+                raise
+            _compile_failed(_variation_at, exc)
+            return _variation_at(index.to(torch.int32), words, params.to(index.device))
+
+    def materialise(self, shape: tuple[int, ...], device, dtype) -> DeviceVariation:
+        """The full per-cell tensors for an array of ``shape`` (for inspection and tests)."""
+        index = torch.arange(math.prod(shape), device=device)
+        g_max, a_scale = self.at(index, dtype)
+        return DeviceVariation(g_max=g_max.view(shape), a_scale=a_scale.view(shape))
+
+
+def _variation_at(index: torch.Tensor, words: torch.Tensor, params: torch.Tensor):
+    """Gmax and curvature of cells ``index`` (int32) from two normals per cell."""
+    sigma, g_min, g_range = params.unbind(0)
+    z = hash_normal_at(index * 2, words, params.dtype)
+    z2 = hash_normal_at(index * 2 + 1, words, params.dtype)
+    g_max = g_min + g_range * (1 + sigma * z).clamp_min(0.05)
+    return g_max, (1 + sigma * z2).clamp_min(0.05)
+
 
 def draw_device_variation(
     shape: torch.Size | tuple[int, ...],
@@ -103,7 +162,7 @@ def program_conductances(
     max_iters: int = 20,
     initial: torch.Tensor | None = None,
     programming_noise: bool = True,
-    variation: DeviceVariation | None = None,
+    variation: DeviceVariation | SeededDeviceVariation | None = None,
 ) -> tuple[torch.Tensor, ProgrammingStats]:
     """Program ``target`` conductances (siemens, any shape) with write-and-verify.
 
@@ -146,13 +205,15 @@ def program_conductances(
 
     # Working set: conductances g and, row-wise, per-cell constants (so that compaction is
     # one row gather). Only cells out of tolerance are carried along.
-    active = torch.nonzero((g_flat - t_flat).abs() > tol_abs).squeeze(1)
+    if initial is None:  # erased: only targets above Gmin + tolerance need pulses
+        active = torch.nonzero(t_flat > g_min + tol_abs).squeeze(1)
+    else:
+        active = torch.nonzero((g_flat - t_flat).abs() > tol_abs).squeeze(1)
     g = g_flat[active]
     consts = torch.empty((3, active.numel()), dtype=g.dtype, device=g.device)
     torch.index_select(t_flat, 0, active, out=consts[0])
     if variation is not None:
-        torch.index_select(variation.g_max.reshape(-1), 0, active, out=consts[1])
-        torch.index_select(variation.a_scale.reshape(-1), 0, active, out=consts[2])
+        consts[1], consts[2] = variation.at(active, g.dtype)
     else:
         consts[1], consts[2] = g_max, 1.0
     index = active.to(torch.int32)
@@ -173,9 +234,9 @@ def program_conductances(
         device=g.device,
     )
     fused = g.numel() >= _COMPILE_MIN_CELLS
-    step = _compiled_step() if fused else _write_verify_step
+    step = _compiled(_write_verify_step) if fused else _write_verify_step
     # a fused step is cheap per cell, so compact (gather) only when few cells are left
-    compact_below = 0.5 if fused and step is not _write_verify_step else 0.6
+    compact_below = _COMPACT_FUSED if fused and step is not _write_verify_step else 0.6
     pulses = 0
     iterations = 0
     # Cells that converge are frozen (live = 0) and dropped from the working set only when
@@ -193,19 +254,15 @@ def program_conductances(
             0, 2**31 - 1, (2,), generator=generator, device=generator.device, dtype=torch.int32
         ).to(g.device)
         try:
-            g, live, n_sum = step(g, consts, live, index, seed, params)
+            counts = step(g, consts, live, index, seed, params)
         except Exception as exc:  # e.g. no Triton for this GPU: the eager step is exact too
             if step is _write_verify_step:
                 raise
-            warnings.warn(
-                f"compiled write-verify step failed ({exc}); using eager",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            _compile_failed(_write_verify_step, exc)
             step = _write_verify_step
-            g, live, n_sum = step(g, consts, live, index, seed, params)
-        pulses += int(n_sum)
-        n_live = int(live.sum())
+            counts = step(g, consts, live, index, seed, params)
+        n_sum, n_live = (int(c) for c in counts.tolist())
+        pulses += n_sum
         if 0 < n_live < compact_below * live.numel():
             g_flat.index_copy_(0, active, g)
             keep = torch.nonzero(live).squeeze(1)
@@ -224,7 +281,7 @@ def _write_verify_step(
     seed: torch.Tensor,
     params: torch.Tensor,
 ):
-    """One program-and-verify iteration for a working set.
+    """One program-and-verify iteration for a working set, in place on ``g`` and ``live``.
 
     ``g``: conductances; ``consts`` rows: target, cell Gmax, cell curvature factor;
     ``index``: each cell's flat index (int32), which keys its cycle-to-cycle noise with
@@ -233,8 +290,11 @@ def _write_verify_step(
     Gmin, Gmax - Gmin, noise scale, tolerance. Everything else is recomputed per cell
     (cheaper than reading it: the step is memory-bound).
 
-    Returns (new conductances, new live mask, pulses applied). Frozen cells (live = 0)
-    get no pulse and keep their conductance.
+    Updates ``g`` (conductances) and ``live`` (1 = still out of tolerance) in place --
+    reusing the working set's memory instead of allocating two new arrays per iteration,
+    which on CPU costs page faults on every iteration -- and returns (pulses applied,
+    cells still live) as a float64 pair.
+    Frozen cells (live = 0) get no pulse and keep their conductance.
     """
     t, top, a_scale = consts.unbind(0)
     (a_ltp, a_ltd, s_ltp, s_ltd, levels_ltp, levels_ltd, g_min, g_range, noise_scale, tol_abs) = (
@@ -256,40 +316,36 @@ def _write_verify_step(
     g_next = -torch.expm1(-p_next / a_cell) / s_cell * span + g_min
     g_next = g_next + hash_normal_at(index, seed, g.dtype) * n.sqrt() * noise_scale
     g_next = torch.minimum(g_next.clamp(min=g_min), top)
-    live = live * ((g_next - t).abs() > tol_abs).to(g.dtype)
-    return g_next, live, n.sum()
+    live_next = live * ((g_next - t).abs() > tol_abs).to(g.dtype)
+    live.copy_(live_next)
+    g.copy_(g_next)
+    return torch.stack([n.sum(dtype=torch.float64), live_next.sum(dtype=torch.float64)])
 
 
 _COMPILE_MIN_CELLS = 1 << 20
-_COMPILED = None
+_COMPACT_FUSED = 0.5
+_COMPILED: dict = {}
 
 
-def _compiled_step():
-    """``_write_verify_step`` fused by torch.compile (one loop instead of ~40 passes; about
-    6x faster on CPU); falls back to eager when compilation is unavailable or disabled
-    with SEDMA_COMPILE=0."""
-    global _COMPILED
-    if _COMPILED is None:
-        _COMPILED = _write_verify_step
-        if os.environ.get("SEDMA_COMPILE", "1") != "0":
-            try:
-                compiled = torch.compile(_write_verify_step, dynamic=True)
-                compiled(
-                    torch.rand(8),
-                    torch.rand(3, 8),
-                    torch.ones(8),
-                    torch.arange(8, dtype=torch.int32),
-                    torch.tensor([1, 2], dtype=torch.int32),
-                    torch.rand(10),
-                )
-                _COMPILED = compiled
-            except Exception as exc:  # no C++ compiler, unsupported platform, ...
-                warnings.warn(
-                    f"torch.compile unavailable for write-verify ({exc}); using eager",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-    return _COMPILED
+def _compiled(fn):
+    """``fn`` fused by torch.compile with dynamic shapes (one loop instead of tens of
+    eager passes; the write-verify step runs about 6x faster on CPU). ``fn`` itself when
+    compilation is disabled with SEDMA_COMPILE=0 or failed before in this process."""
+    if os.environ.get("SEDMA_COMPILE", "1") == "0":
+        return fn
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=True)
+    return _COMPILED[fn]
+
+
+def _compile_failed(fn, exc: Exception) -> None:
+    """Use eager ``fn`` from now on (no C++ compiler, no Triton for this GPU, ...)."""
+    _COMPILED[fn] = fn
+    warnings.warn(
+        f"torch.compile failed for {fn.__name__} ({exc}); using eager",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def _finite_a(a: float, levels: float) -> float:
@@ -303,15 +359,42 @@ def _stats(
 ) -> ProgrammingStats:
     if g.numel() == 0:
         return ProgrammingStats(0, iterations, pulses, 1.0, 0.0, 0.0)
-    err = (g - t).abs()
+    tol = torch.tensor(tol_abs * (1 + 1e-6), dtype=g.dtype, device=g.device)
+    fn = _compiled(_error_sums) if g.numel() >= _COMPILE_MIN_CELLS else _error_sums
+    try:
+        sums = fn(g, t, tol)
+    except Exception as exc:  # no compiler for this device: the eager version is exact
+        if fn is _error_sums:
+            raise
+        _compile_failed(_error_sums, exc)
+        sums = _error_sums(g, t, tol)
+    within, total, largest = sums.tolist()
     return ProgrammingStats(
         cells=g.numel(),
         iterations=iterations,
         pulses=pulses,
-        fraction_within_tolerance=float((err <= tol_abs * (1 + 1e-6)).float().mean()),
-        mean_abs_error=float(err.mean()) / g_range,
-        max_abs_error=float(err.max()) / g_range,
+        fraction_within_tolerance=within / g.numel(),
+        mean_abs_error=total / g.numel() / g_range,
+        max_abs_error=largest / g_range,
     )
 
 
-__all__ = ["DeviceVariation", "ProgrammingStats", "draw_device_variation", "program_conductances"]
+def _error_sums(g: torch.Tensor, t: torch.Tensor, tol: torch.Tensor) -> torch.Tensor:
+    """(cells with |g - t| <= tol, sum of |g - t|, max |g - t|) in float64, one pass."""
+    err = (g - t).abs()
+    return torch.stack(
+        [
+            (err <= tol).sum(dtype=torch.float64),
+            err.sum(dtype=torch.float64),
+            err.max().to(torch.float64),
+        ]
+    )
+
+
+__all__ = [
+    "DeviceVariation",
+    "ProgrammingStats",
+    "SeededDeviceVariation",
+    "draw_device_variation",
+    "program_conductances",
+]

@@ -157,7 +157,10 @@ def test_fixed_lambda_1e12_reproduces_no_denoising_within_float_precision():
     plain = _layer(w, _config(denoise="none"))
     x = torch.randn(8, INP, generator=gen)
     with torch.no_grad():
-        torch.testing.assert_close(fixed(x), plain(x), rtol=1e-5, atol=1e-6)
+        expected = plain(x)
+        # the DCT round trip rounds at the scale of each vector, not of each element
+        scale = float(expected.abs().max())
+        torch.testing.assert_close(fixed(x), expected, rtol=1e-5, atol=1e-6 * scale)
 
 
 def test_copies_are_not_attached_to_memory(tmp_path):
