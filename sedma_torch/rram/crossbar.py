@@ -259,24 +259,30 @@ def read_back(
 
 
 def dac(
-    x: torch.Tensor, cfg: RRAMConfig, dims: int | tuple[int, ...]
+    x: torch.Tensor,
+    cfg: RRAMConfig,
+    dims: int | tuple[int, ...],
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Input DAC: ``(codes, full scale, levels)`` with ``codes = round(x / scale * L)``.
 
     ``dims`` are the dimensions one conversion range covers (an input vector within an
     input tile); the scale has size 1 there. With ``dac_bits=None`` the input passes at
-    full precision (scale 1, L = 1).
+    full precision (scale 1, L = 1). ``out`` (shaped like x, may be x itself) receives the
+    codes instead of a new tensor.
     """
     ranged = {d % x.ndim for d in ((dims,) if isinstance(dims, int) else dims)}
     range_shape = [1 if d in ranged else n for d, n in enumerate(x.shape)]
     if cfg.dac_bits is None:
-        return x, torch.ones(range_shape, dtype=x.dtype, device=x.device), 1
+        codes = x if out is None else (out if out is x else out.copy_(x))
+        return codes, torch.ones(range_shape, dtype=x.dtype, device=x.device), 1
     levels = quant_levels(cfg.dac_bits)
     if cfg.dac_range is None:
         scale = positive_or_one(absmax(x, dims))
-        return torch.round(x * (levels / scale)), scale, levels
+        return torch.mul(x, levels / scale, out=out).round_(), scale, levels
     scale = torch.full(range_shape, cfg.dac_range, dtype=x.dtype, device=x.device)
-    return torch.round(x * (levels / cfg.dac_range)).clamp_(-levels, levels), scale, levels
+    codes = torch.mul(x, levels / cfg.dac_range, out=out).round_().clamp_(-levels, levels)
+    return codes, scale, levels
 
 
 def absmax(x: torch.Tensor, dim, keepdim: bool = True) -> torch.Tensor:

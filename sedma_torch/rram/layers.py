@@ -30,13 +30,16 @@ from .correction import denoise, lambda_errors
 from .crossbar import (
     CrossbarStats,
     NoiseSource,
+    absmax,
     adc_dequantise_,
     chunk_rows,
     dac,
     derive_seed,
     fused_read_enabled,
     noisy_read_,
+    positive_or_one,
     program_tiles,
+    quant_levels,
 )
 
 _construction_counter = itertools.count()
@@ -536,8 +539,8 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
             x2d = x2d.to(self.weight.dtype)
         y = _LinearFn.apply(x2d, self.weight, self._hardware_forward, self._transposed_weight)
         y = y.to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
+        if self.bias is not None:  # in place: the output is a fresh tensor
+            y = y.add_(self.bias.to(y.dtype))
         return y.reshape(*lead, self.out_features)
 
     def _hardware_forward(self, x2d: torch.Tensor) -> torch.Tensor:
@@ -565,11 +568,11 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
             y = self._fast_read(codes, s_in, levels, sigma, gen, batch, t, r)
         else:
             # Per-tile partial sums are (T, rows, out) per read; rows are processed in
-            # chunks so that the partial sums held at once stay within the size of the
-            # output (see ``chunk_rows``): a forward pass then needs at most a few times
-            # the memory of the digital layer's, whatever the number of input tiles.
-            held = 2 if cfg.correction == "first_order" else 1
-            step = chunk_rows(batch, t * held)
+            # chunks so that one read's partial sums stay within the size of the output
+            # (see ``chunk_rows``; first-order correction holds two such stacks): a forward
+            # pass then needs a few times the memory of the digital layer's, whatever the
+            # number of input tiles.
+            step = chunk_rows(batch, t)
             y = x2d.new_empty(batch, self.out_features)
             for start in range(0, batch, step):
                 rows = slice(start, start + step)
@@ -879,8 +882,8 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
             (self.stride, (0, 0), self.dilation, self.groups),
         )
         y = y.to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype).view(1, -1, 1, 1)
+        if self.bias is not None:  # in place: the output is a fresh tensor
+            y = y.add_(self.bias.to(y.dtype).view(1, -1, 1, 1))
         return y.squeeze(0) if unbatched else y
 
     def _hardware_forward(self, xp: torch.Tensor) -> torch.Tensor:
@@ -901,18 +904,23 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
         if cfg.adc_bits is None and cfg.correction == "none":
             y = self._single_read(xp, sigma, gen)
         else:
-            # images in chunks: the partial sums of the T input tiles and their noise (two
-            # stacks, four with first-order correction) stay within the output's size
-            held = 4 if cfg.correction == "first_order" else 2
-            step = chunk_rows(b, t_tiles * held, min_rows=1)
-            y_cl = None
+            # images in chunks: the partial sums of the T input tiles and their read noise
+            # (two stacks; first-order correction holds one more) stay within the size of
+            # the output
+            step = chunk_rows(b, t_tiles, min_rows=1)
+            y = None
             for start in range(0, b, step):
-                part = self._tiled_read(xp[start : start + step], sigma, gen)
-                if y_cl is None:
-                    y_cl = part.new_empty((b, *part.shape[1:]))
-                y_cl[start : start + step] = part
+                part = self._tiled_read(xp[start : start + step], sigma, gen)  # NHWC
+                if y is None:  # NCHW in channels-last memory: chunks are NHWC slices of it
+                    hh, ww, c_out = part.shape[1:]
+                    y = torch.empty(
+                        (b, c_out, hh, ww),
+                        dtype=part.dtype,
+                        device=part.device,
+                        memory_format=torch.channels_last,
+                    )
+                y.permute(0, 2, 3, 1)[start : start + step] = part
                 del part
-            y = y_cl.permute(0, 3, 1, 2)  # type: ignore[union-attr]  # NCHW view of NHWC
         hh, ww = y.shape[-2:]
         stats.matrix_products += reads * b * hh * ww
         stats.tile_reads += reads * b * hh * ww * t_tiles * n_ot
@@ -940,11 +948,11 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
 
     def _patch_norm2(self, inp: torch.Tensor) -> torch.Tensor:
         """Sum of squares of each tile's input patch, (B, T, H', W'): channels first summed
-        per tile, then a kh x kw box filter."""
+        per tile (a norm reduction, no squared copy), then a kh x kw box filter."""
         cpt, n_it, _ = self._geometry()
         t_tiles = self.groups * n_it
         b, _, h, w = inp.shape
-        per_tile = (inp * inp).view(b, t_tiles, cpt, h, w).sum(2)
+        per_tile = torch.linalg.vector_norm(inp.view(b, t_tiles, cpt, h, w), dim=2).square_()
         ones = torch.ones(t_tiles, 1, *self.kernel_size, dtype=inp.dtype, device=inp.device)
         return F.conv2d(per_tile, ones, groups=t_tiles, **self._conv_args()).clamp_min_(0)
 
@@ -980,13 +988,23 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
         g = self.groups
         t_tiles = g * n_it
         out_g = self.out_channels // g
-        xp = self._channel_pad(xp)
-        b, _, h, w = xp.shape
-        xt = xp.view(b, t_tiles, cpt, h, w)
-        codes, s_in, levels = dac(xt, cfg, (2, 3, 4))  # one range per image and input tile
-        codes_flat = codes.reshape(b, t_tiles * cpt, h, w)
-        s_in_nhwc = s_in.view(b, 1, 1, t_tiles, 1)
+        # one channels-last copy of the images, padded to whole tiles, converted in place
+        # by the DACs (oneDNN runs grouped convolutions far faster in NHWC)
         cl = torch.channels_last
+        b, _, h, w = xp.shape
+        c_g = self.in_channels // g
+        buf = xp.new_zeros((b, t_tiles * cpt, h, w)).contiguous(memory_format=cl)
+        buf.view(b, g, n_it * cpt, h, w)[:, :, :c_g] = xp.view(b, g, c_g, h, w)
+        xt = buf.view(b, t_tiles, cpt, h, w)
+        exact_in = None
+        if cfg.correction == "first_order":  # x at full precision, in DAC code units
+            scale = positive_or_one(absmax(xt, (2, 3, 4)))
+            exact_in = (xt * (quant_levels(cfg.dac_bits) / scale) if cfg.dac_bits else xt).view(
+                b, t_tiles * cpt, h, w
+            )
+        _, s_in, levels = dac(xt, cfg, (2, 3, 4), out=xt)  # one range per image and tile
+        codes_flat = buf  # now holds the DAC codes
+        s_in_nhwc = s_in.view(b, 1, 1, t_tiles, 1)
 
         def read(inp: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
             """(B, T*cpt, H, W) codes -> (B, H', W', T, out_g) partial sums after read
@@ -1002,9 +1020,9 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
                 std = std.permute(0, 2, 3, 1).unsqueeze(-1)
             return noisy_read_(u, std, gen, cfg, levels, s_in_nhwc)
 
-        if cfg.correction == "first_order":
+        if exact_in is not None:
             u = read(codes_flat, self._w_conv_exact)
-            u += read((xt * (levels / s_in)).reshape(b, t_tiles * cpt, h, w), self._w_conv)
+            u += read(exact_in, self._w_conv)
             u -= read(codes_flat, self._w_conv)
         else:
             u = read(codes_flat, self._w_conv)

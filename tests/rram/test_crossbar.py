@@ -619,3 +619,57 @@ def test_first_order_correction_reduces_mvm_error_several_fold(material):
         f"(x{factor:.1f} lower with first-order correction)"
     )
     assert factor > 10.0
+
+
+# ----- reads in chunks: same product, bounded memory -------------------------------------------
+@pytest.mark.parametrize("batch", [1, 9, 37, 64])
+def test_dac_adc_path_equals_reference_for_batches_read_in_chunks(batch):
+    # 5 input tiles: a batch above 8 rows is read in chunks of batch // 5 (at least 8) rows
+    rng = np.random.default_rng(900 + batch)
+    n_in, n_out, tile_rows, tile_cols = 75, 19, 16, 8
+    w = rng.standard_normal((n_out, n_in))
+    x = rng.standard_normal((batch, n_in)) * rng.uniform(0.2, 2.0, size=(batch, 1))
+    cfg = IDEAL.replace(dac_bits=6, adc_bits=5, tile_rows=tile_rows, tile_cols=tile_cols)
+    y = run(linear_layer(w, cfg), x)
+    ref = np_tiled_adc_product(x, w, tile_rows, tile_cols, adc_bits=5, dac_bits=6)
+    np.testing.assert_allclose(y, ref, rtol=1e-10, atol=1e-10)
+
+
+def _forward_peak_bytes(fn) -> int:
+    """Largest amount of memory allocated above the starting level while ``fn()`` runs
+    (output included), from the allocation events of the PyTorch profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        fn()
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            out = fn()
+            del out
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    level = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        level += event.nbytes()
+        peak = max(peak, level)
+    return peak
+
+
+def test_linear_forward_memory_stays_within_three_digital_forwards_whatever_the_tiles():
+    cfg = RRAMConfig(material="taox_hfox", tile_rows=64, tile_cols=64, dac_bits=8, adc_bits=8)
+    digital = torch.nn.Linear(512, 256)
+    layer = RRAMLinear.from_linear(digital, cfg)  # 8 input tiles: 8 partial sums per output
+    x = torch.randn(128, 512, generator=torch.Generator().manual_seed(5))
+    digital_peak = _forward_peak_bytes(lambda: digital(x))
+    assert digital_peak >= 128 * 256 * 4  # the output
+    assert _forward_peak_bytes(lambda: layer(x)) <= 3 * digital_peak
+
+
+def test_conv_forward_memory_stays_within_three_digital_forwards():
+    # images are read in chunks (one image at least): the bound holds when one image's
+    # partial sums are small next to the batch's output, as here (3 tiles, 8 images)
+    cfg = RRAMConfig(material="taox_hfox", tile_rows=128, tile_cols=64, dac_bits=8, adc_bits=8)
+    digital = torch.nn.Conv2d(32, 64, 3, padding=1)
+    layer = RRAMConv2d.from_conv(digital, cfg)  # 14 channels per tile: 3 tiles
+    x = torch.randn(8, 32, 16, 16, generator=torch.Generator().manual_seed(6))
+    digital_peak = _forward_peak_bytes(lambda: digital(x))
+    assert digital_peak >= 8 * 64 * 16 * 16 * 4  # the output
+    assert _forward_peak_bytes(lambda: layer(x)) <= 3 * digital_peak

@@ -312,3 +312,30 @@ def test_max_iters_below_one_rejected():
         program_conductances(
             _targets(material, 10, seed=13), material, generator=_generator(13), max_iters=0
         )
+
+
+def test_seeded_variation_is_normal_per_cell_and_independent_of_the_cells_evaluated():
+    import scipy.stats
+
+    from sedma_torch.rram.programming import SeededDeviceVariation
+
+    material = get_material("taox_hfox")
+    sigma = 0.05
+    spread = SeededDeviceVariation(
+        seed=1234, sigma=sigma, g_min=material.g_min, g_range=material.g_range
+    )
+    index = torch.arange(40_000)
+    g_max, a_scale = spread.at(index, torch.float64)
+    z_g = ((g_max.numpy() - material.g_min) / material.g_range - 1) / sigma
+    z_a = (a_scale.numpy() - 1) / sigma
+    for z in (z_g, z_a):  # relative sigma as specified; the 5 % floor is 19 sigma away
+        assert scipy.stats.kstest(z, "norm").pvalue > 1e-3
+    assert abs(np.corrcoef(z_g, z_a)[0, 1]) < 0.03  # the two properties are independent
+    # a cell's properties do not depend on which other cells are evaluated with it
+    subset = torch.tensor([39_999, 7, 12_345])
+    g_sub, a_sub = spread.at(subset, torch.float64)
+    assert torch.equal(g_sub, g_max[subset]) and torch.equal(a_sub, a_scale[subset])
+    other, _ = SeededDeviceVariation(1235, sigma, material.g_min, material.g_range).at(
+        index, torch.float64
+    )
+    assert not torch.equal(other, g_max)  # another chip, another spread
