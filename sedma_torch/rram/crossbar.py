@@ -25,6 +25,14 @@ Read path for one input vector (all tiles at once, one batched matmul):
    (largest |u| of the physical tile for this vector) or ``adc_range * L``, saturating.
 5. Digital: scale by ``s_in / L * col_scale`` and add the T partial sums.
 
+The read noise is drawn into the output buffer first and the batched product is
+accumulated onto it (``baddbmm``), so noise costs no tensor of its own. The T partial sums
+of a read are T times the size of the output, so a linear read runs in blocks of rows x
+whole physical column tiles (``read_blocks``) and a convolution in chunks of images
+(``chunk_rows``): a block's partial sums stay within about the output's size and a
+forward pass within a few times the digital layer's memory, whatever the number of input
+tiles (``scripts/bench_layers.py`` measures it).
+
 Without an ADC, step 5 is linear, so the tile loop collapses to a single GEMM on the
 de-quantised input, and the per-tile read noise (independent Gaussians) is added once
 with the summed variance -- the same distribution, much cheaper.
@@ -380,6 +388,46 @@ def fused_read_enabled(numel: int) -> bool:
     return numel >= _FUSED_MIN and _fused_read() is not None
 
 
+@dataclass(frozen=True)
+class ReadBlocks:
+    """How a tiled linear read is cut to bound its memory (see :func:`read_blocks`)."""
+
+    codes_rows: int
+    """Rows converted by the DACs at once."""
+    rows: int
+    """Rows of one block (within ``codes_rows``)."""
+    cols: int
+    """Output columns of one block (whole physical column tiles)."""
+
+
+def read_blocks(
+    rows: int, in_rows: int, cols: int, tiles: int, tile_cols: int, stacks: int = 1
+) -> ReadBlocks:
+    """Blocks of a tiled linear read whose memory stays within about 2.5 outputs.
+
+    Columns come in whole physical column tiles (each tile's ADC ranges over its own
+    columns), about ``cols / tiles`` of them, so that one block's T partial sums of a row
+    take about one output row. The DAC codes of all rows (``in_rows`` per row, ``stacks``
+    copies with first-order correction) are made at once when they fit in one output;
+    blocks then take rows in chunks whose ``stacks`` partial-sum stacks fit in half an
+    output. Otherwise rows are converted in chunks whose codes and partial sums fit in
+    1.5 outputs. Chunks have at least 16 rows and are spread evenly.
+    """
+    n_ot = math.ceil(cols / tile_cols)
+    cols_step = cols if n_ot == 1 else tile_cols * max(1, n_ot // tiles)
+    stack_row = stacks * tiles * min(cols_step, cols)  # partial sums of one row
+    out_size = rows * cols
+
+    def even(step: int) -> int:
+        step = max(min(rows, 16), step)
+        return math.ceil(rows / math.ceil(rows / step))
+
+    if stacks * in_rows <= cols:  # the codes of every row fit in one output
+        return ReadBlocks(rows, even(out_size // (2 * stack_row)), cols_step)
+    step = even(int(1.5 * out_size) // (stacks * in_rows + stack_row))
+    return ReadBlocks(step, step, cols_step)
+
+
 def chunk_rows(rows: int, stacks: int, min_rows: int = 8) -> int:
     """Rows per chunk of a tiled read: at most ``rows / stacks`` (so that ``stacks``
     partial-sum arrays of the chunk's rows take no more memory than the output of all
@@ -438,6 +486,7 @@ __all__ = [
     "CrossbarStats",
     "NoiseSource",
     "ProgrammedTiles",
+    "ReadBlocks",
     "absmax",
     "adc_dequantise_",
     "chip_properties",
@@ -453,4 +502,5 @@ __all__ = [
     "program_tiles",
     "quant_levels",
     "read_back",
+    "read_blocks",
 ]

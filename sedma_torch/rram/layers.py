@@ -30,6 +30,7 @@ from .correction import denoise, lambda_errors
 from .crossbar import (
     CrossbarStats,
     NoiseSource,
+    ReadBlocks,
     absmax,
     adc_dequantise_,
     chunk_rows,
@@ -40,6 +41,7 @@ from .crossbar import (
     positive_or_one,
     program_tiles,
     quant_levels,
+    read_blocks,
 )
 
 _construction_counter = itertools.count()
@@ -539,8 +541,9 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
             x2d = x2d.to(self.weight.dtype)
         y = _LinearFn.apply(x2d, self.weight, self._hardware_forward, self._transposed_weight)
         y = y.to(x.dtype)
-        if self.bias is not None:  # in place: the output is a fresh tensor
-            y = y.add_(self.bias.to(y.dtype))
+        if self.bias is not None:  # in place unless the output is a view (autograd forbids)
+            bias = self.bias.to(y.dtype)
+            y = y.add_(bias) if y._base is None else y + bias
         return y.reshape(*lead, self.out_features)
 
     def _hardware_forward(self, x2d: torch.Tensor) -> torch.Tensor:
@@ -567,16 +570,19 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
             codes, s_in, levels = dac(xt, cfg, -1)
             y = self._fast_read(codes, s_in, levels, sigma, gen, batch, t, r)
         else:
-            # Per-tile partial sums are (T, rows, out) per read; rows are processed in
-            # chunks so that one read's partial sums stay within the size of the output
-            # (see ``chunk_rows``; first-order correction holds two such stacks): a forward
-            # pass then needs a few times the memory of the digital layer's, whatever the
-            # number of input tiles.
-            step = chunk_rows(batch, t)
+            # The T partial sums of a read are T times the output's size: the read runs in
+            # blocks of rows x whole physical column tiles (``read_blocks``) so that a
+            # forward pass needs a few times the digital layer's memory at any tile count.
+            # When the DAC codes of the whole batch fit in one output, they are made once
+            # and the blocks go column by column, so each block of weight columns is
+            # streamed from memory once and reused from cache by the row chunks; otherwise
+            # rows go outside and each row chunk has its own codes.
+            stacks = 2 if cfg.correction == "first_order" else 1
+            plan = read_blocks(batch, t * r, self.out_features, t, cfg.tile_cols, stacks)
             y = x2d.new_empty(batch, self.out_features)
-            for start in range(0, batch, step):
-                rows = slice(start, start + step)
-                self._tiled_read(xt[rows], sigma, gen, out=y[rows])
+            for start in range(0, batch, plan.codes_rows):
+                rows = slice(start, start + plan.codes_rows)
+                self._tiled_read(xt[rows], sigma, gen, plan, out=y[rows])
         lam = self._lambda(y, lambda rows: x2d[:rows] @ self._weight_oi().t())
         if lam is not None:
             y = denoise(y, lam)
@@ -597,42 +603,72 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
         self,
         inputs: torch.Tensor,
         weights: torch.Tensor,
-        sigma: float,
+        std: torch.Tensor | None,
         gen: NoiseSource | None,
         levels: int,
         s_in_t: torch.Tensor,
     ) -> torch.Tensor:
-        """inputs (T, B, R) in DAC code units @ weights (T, R, C) -> read noise, ADC and
-        de-quantisation: (T, B, C) partial sums in input units (before the column scale)."""
-        std = (2**0.5 * sigma) * inputs.norm(dim=-1, keepdim=True) if sigma > 0 else None
+        """inputs (T, B, R) in DAC code units @ weights (T, R, C) with read noise of
+        standard deviation ``std`` (T, B, 1), then ADC and de-quantisation: (T, B, C)
+        partial sums in input units (before the column scale)."""
         if std is None or fused_read_enabled(inputs.shape[0] * inputs.shape[1] * weights.shape[-1]):
             u = torch.bmm(inputs, weights)
             return noisy_read_(u, std, gen, self.rram_config, levels, s_in_t)
         # the noise is drawn into the output first and the product accumulated onto it: no
         # separate noise tensor, no extra pass
-        u = gen.randn((*inputs.shape[:2], weights.shape[-1]), inputs.device, inputs.dtype)
+        u = gen.randn((*inputs.shape[:2], weights.shape[-1]), inputs.device, inputs.dtype)  # type: ignore[union-attr]
         u.mul_(std).baddbmm_(inputs, weights)
         return adc_dequantise_(u, self.rram_config, levels, s_in_t, col_dim=-1)
 
     def _tiled_read(
-        self, xt: torch.Tensor, sigma: float, gen: NoiseSource | None, out: torch.Tensor
+        self,
+        xt: torch.Tensor,
+        sigma: float,
+        gen: NoiseSource | None,
+        plan: ReadBlocks,
+        out: torch.Tensor,
     ) -> None:
         """Rows ``xt`` (B, T, R) through DAC, tiles, noise, ADC and the digital tile sum,
-        written to ``out`` (B, out_features)."""
+        written to ``out`` (B, out_features) block by block (columns outside, rows
+        inside)."""
         cfg = self.rram_config
         codes, s_in, levels = dac(xt, cfg, -1)
         codes_t = codes.transpose(0, 1)  # (T, B, R)
         s_in_t = s_in.transpose(0, 1)  # (T, B, 1)
+
+        def std_of(inputs: torch.Tensor) -> torch.Tensor | None:
+            return (2**0.5 * sigma) * inputs.norm(dim=-1, keepdim=True) if sigma > 0 else None
+
+        std_codes = std_of(codes_t)
+        exact_in = std_exact = None
         if cfg.correction == "first_order":
-            # A x~ + A~ x - A~ x~, accumulated one read at a time (two partial-sum stacks alive)
-            u = self._read_stack(codes_t, self.w_exact, sigma, gen, levels, s_in_t)
             exact_in = (xt * (levels / s_in)).transpose(0, 1)  # x at full precision, code units
-            u += self._read_stack(exact_in, self.w_read, sigma, gen, levels, s_in_t)
-            u -= self._read_stack(codes_t, self.w_read, sigma, gen, levels, s_in_t)
-        else:
-            u = self._read_stack(codes_t, self.w_read, sigma, gen, levels, s_in_t)
-        # digital: per-column scale of each tile, then add the tiles
-        torch.sum(u.mul_(self.col_scale.unsqueeze(1).to(u.dtype)), 0, out=out)
+            std_exact = std_of(exact_in)
+        col_scale = self.col_scale.unsqueeze(1).to(codes.dtype)  # (T, 1, C)
+
+        def part(t: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+            return None if t is None else t[:, rows]
+
+        batch = xt.shape[0]
+        for c0 in range(0, self.out_features, plan.cols):
+            cols = slice(c0, c0 + plan.cols)
+            w_read = self.w_read[..., cols]
+            w_exact = self.w_exact[..., cols] if exact_in is not None else None
+            for r0 in range(0, batch, plan.rows):
+                rows = slice(r0, r0 + plan.rows)
+                c_in, c_std, c_s = codes_t[:, rows], part(std_codes, rows), s_in_t[:, rows]
+                if exact_in is not None:
+                    # A x~ + A~ x - A~ x~, one read at a time (two partial-sum stacks alive)
+                    u = self._read_stack(c_in, w_exact, c_std, gen, levels, c_s)
+                    u += self._read_stack(
+                        exact_in[:, rows], w_read, part(std_exact, rows), gen, levels, c_s
+                    )
+                    u -= self._read_stack(c_in, w_read, c_std, gen, levels, c_s)
+                else:
+                    u = self._read_stack(c_in, w_read, c_std, gen, levels, c_s)
+                # digital: per-column scale of each tile, then add the tiles
+                torch.sum(u.mul_(col_scale[..., cols]), 0, out=out[rows, cols])
+                del u  # before the next block's stack is allocated
 
     def extra_repr(self) -> str:
         cfg = self.rram_config
@@ -882,8 +918,9 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
             (self.stride, (0, 0), self.dilation, self.groups),
         )
         y = y.to(x.dtype)
-        if self.bias is not None:  # in place: the output is a fresh tensor
-            y = y.add_(self.bias.to(y.dtype).view(1, -1, 1, 1))
+        if self.bias is not None:  # in place unless the output is a view (autograd forbids)
+            bias = self.bias.to(y.dtype).view(1, -1, 1, 1)
+            y = y.add_(bias) if y._base is None else y + bias
         return y.squeeze(0) if unbatched else y
 
     def _hardware_forward(self, xp: torch.Tensor) -> torch.Tensor:

@@ -24,11 +24,13 @@ def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
 class NoiseSource:
     """Gaussian draws for one forward call: reproducible from a seed, fast on CPU.
 
-    Each draw gets its own generator seeded from (seed, draw number). On CPU a large draw
-    is split into two halves with their own generators, filled concurrently by two
-    threads (torch releases the GIL): MT19937 normal generation is serial and otherwise
-    costs as much as the layer's matmul. The split does not depend on the thread count,
-    so results are identical with 1 or more threads.
+    Each draw gets its own seed derived from (seed, draw number). A large float32 draw on
+    CPU comes from the compiled counter-based kernel of :mod:`.native_rng` (about 3x faster
+    per core than PyTorch's MT19937 generator, which otherwise costs as much as the layer's
+    matmul); without it, or for other dtypes, from PyTorch generators. On CPU a large draw
+    is split into two halves with their own seeds, filled concurrently by two threads
+    (both release the GIL). The split does not depend on the thread count, so results are
+    identical with 1 or more threads.
     """
 
     _pool: ThreadPoolExecutor | None = None
@@ -47,6 +49,11 @@ class NoiseSource:
     def randn(self, shape, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         seed = self.next_seed()
         n = math.prod(shape)
+        if device.type == "cpu" and dtype == torch.float32 and n >= self.SPLIT_MIN:
+            from . import native_rng
+
+            if n <= native_rng.MAX_ELEMENTS and native_rng.available():
+                return _native_randn(n, seed).view(shape)
         if device.type != "cpu" or n < self.SPLIT_MIN:
             return torch.randn(
                 shape, generator=make_generator(seed, device), device=device, dtype=dtype
@@ -68,6 +75,28 @@ class NoiseSource:
             for half, gen in zip(halves, gens, strict=True):
                 half.normal_(generator=gen)
         return out.view(shape)
+
+
+def _native_randn(n: int, seed: int) -> torch.Tensor:
+    """``n`` float32 normals from the compiled kernel (:mod:`.native_rng`): two halves
+    keyed by seeds derived from ``seed``, the second filled on the worker thread (ctypes
+    releases the GIL), so the result does not depend on the thread count."""
+    from .native_rng import fill_normal_
+
+    out = torch.empty(n, dtype=torch.float32)
+    halves = (out[: n // 2], out[n // 2 :])
+    keys = [derive_seed(seed, "native", k) for k in (0, 1)]
+    words = [(key & 0x7FFFFFFF, (key >> 31) & 0x7FFFFFFF) for key in keys]
+    if torch.get_num_threads() > 1:
+        if NoiseSource._pool is None:
+            NoiseSource._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sedma-rng")
+        pending = NoiseSource._pool.submit(fill_normal_, halves[1], *words[1])
+        fill_normal_(halves[0], *words[0])
+        pending.result()
+    else:
+        for half, (lo, hi) in zip(halves, words, strict=True):
+            fill_normal_(half, lo, hi)
+    return out
 
 
 def _fill_normal(out: torch.Tensor, generator: torch.Generator, inference: bool) -> None:
