@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native_rng
 from .config import RRAMConfig
 from .correction import denoise, lambda_errors
 from .crossbar import (
@@ -45,6 +46,7 @@ from .crossbar import (
 )
 
 _construction_counter = itertools.count()
+_FUSED_PROBE = 1 << 62  # a read size above any threshold: asks whether the fused read is on
 _STATE_KEYS = ("g_pos", "g_neg", "col_scale")
 _MEMORY_ATTRS = ("long_term_memory", "short_term_memory")
 
@@ -577,12 +579,17 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
             # and the blocks go column by column, so each block of weight columns is
             # streamed from memory once and reused from cache by the row chunks; otherwise
             # rows go outside and each row chunk has its own codes.
-            stacks = 2 if cfg.correction == "first_order" else 1
-            plan = read_blocks(batch, t * r, self.out_features, t, cfg.tile_cols, stacks)
             y = x2d.new_empty(batch, self.out_features)
-            for start in range(0, batch, plan.codes_rows):
-                rows = slice(start, start + plan.codes_rows)
-                self._tiled_read(xt[rows], sigma, gen, plan, out=y[rows])
+            native = self._native_epilogue(y)
+            # the compiled epilogue accumulates every read into the output: one stack alive
+            stacks = 2 if cfg.correction == "first_order" and not native else 1
+            plan = read_blocks(batch, t * r, self.out_features, t, cfg.tile_cols, stacks)
+            if native:
+                self._native_read(xt, sigma, gen, plan, out=y)
+            else:
+                for start in range(0, batch, plan.codes_rows):
+                    rows = slice(start, start + plan.codes_rows)
+                    self._tiled_read(xt[rows], sigma, gen, plan, out=y[rows])
         lam = self._lambda(y, lambda rows: x2d[:rows] @ self._weight_oi().t())
         if lam is not None:
             y = denoise(y, lam)
@@ -619,6 +626,101 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
         u = gen.randn((*inputs.shape[:2], weights.shape[-1]), inputs.device, inputs.dtype)  # type: ignore[union-attr]
         u.mul_(std).baddbmm_(inputs, weights)
         return adc_dequantise_(u, self.rram_config, levels, s_in_t, col_dim=-1)
+
+    def _native_epilogue(self, y: torch.Tensor) -> bool:
+        """True when the compiled read epilogue (``native_rng.read_epilogue_``) applies:
+        float32 on CPU, with an ADC, outside the opt-in fused read."""
+        cfg = self.rram_config
+        return (
+            y.dtype == torch.float32
+            and y.device.type == "cpu"
+            and cfg.adc_bits is not None
+            and not fused_read_enabled(_FUSED_PROBE)
+            and self.col_scale.dtype == torch.float32
+            and native_rng.available()
+        )
+
+    def _native_read(
+        self,
+        xt: torch.Tensor,
+        sigma: float,
+        gen: NoiseSource | None,
+        plan: ReadBlocks,
+        out: torch.Tensor,
+    ) -> None:
+        """The tiled read with the compiled epilogue: per block, one batched matmul and one
+        call that adds the read noise, runs the ADC, de-quantises, scales the columns and
+        sums the input tiles into ``out`` (first-order correction adds and subtracts its
+        second and third reads there). Same model as :meth:`_tiled_read`; the noise comes
+        from the kernel's counter-based stream, keyed per read and per element, so it does
+        not depend on the blocks."""
+        cfg = self.rram_config
+        batch, t, _ = xt.shape
+        cols = self.out_features
+        first_order = cfg.correction == "first_order"
+        n_reads = 3 if first_order else 1
+        keys = [(0, 0)] * n_reads
+        if sigma > 0:
+            seeds = [gen.next_seed() for _ in range(n_reads)]  # type: ignore[union-attr]
+            keys = [(sd & 0x7FFFFFFF, (sd >> 31) & 0x7FFFFFFF) for sd in seeds]
+        adc_levels = quant_levels(cfg.adc_bits)  # type: ignore[arg-type]
+        group = cfg.tile_cols if cols > cfg.tile_cols else cols
+        col_scale = self.col_scale.contiguous()
+
+        def chunk(start: int) -> None:
+            """Rows from ``start``: their codes and blocks live only in this call."""
+            buffers: dict[tuple[int, int], torch.Tensor] = {}
+            xs = xt[start : start + plan.codes_rows]
+            n_rows = xs.shape[0]
+            codes, s_in, levels = dac(xs, cfg, -1)
+            codes_t = codes.transpose(0, 1)  # (T, B, R)
+            s_in_2d = s_in.reshape(n_rows, t).t().contiguous()  # (T, B)
+
+            def std_of(inputs: torch.Tensor) -> torch.Tensor | None:
+                if sigma <= 0:
+                    return None
+                return inputs.norm(dim=-1).mul_(2**0.5 * sigma).contiguous()
+
+            std_codes = std_of(codes_t)
+            reads = [(codes_t, self.w_read, std_codes, keys[0], 0)]
+            if first_order:
+                exact_t = (xs * (levels / s_in)).transpose(0, 1)  # x at full precision
+                reads = [
+                    (codes_t, self.w_exact, std_codes, keys[0], 0),
+                    (exact_t, self.w_read, std_of(exact_t), keys[1], 1),
+                    (codes_t, self.w_read, std_codes, keys[2], -1),
+                ]
+            fixed = None if cfg.adc_range is None else cfg.adc_range * levels
+            for c0 in range(0, cols, plan.cols):
+                c1 = min(c0 + plan.cols, cols)
+                for r0 in range(0, n_rows, plan.rows):
+                    r1 = min(r0 + plan.rows, n_rows)
+                    shape = (r1 - r0, c1 - c0)
+                    if shape not in buffers:
+                        buffers[shape] = out.new_empty((t, *shape))
+                    for inputs, weights, std, key, mode in reads:
+                        u = torch.bmm(inputs[:, r0:r1], weights[..., c0:c1], out=buffers[shape])
+                        native_rng.read_epilogue_(
+                            u,
+                            std,
+                            s_in_2d,
+                            r0,
+                            col_scale,
+                            c0,
+                            out[start + r0 : start + r1, c0:c1],
+                            group=group,
+                            levels=adc_levels,
+                            dac_levels=levels,
+                            fixed_full=fixed,
+                            key=key,
+                            noise_rows=batch,
+                            noise_row0=start + r0,
+                            noise_col0=c0,
+                            mode=mode,
+                        )
+
+        for start in range(0, batch, plan.codes_rows):
+            chunk(start)
 
     def _tiled_read(
         self,

@@ -82,10 +82,12 @@ void sedma_normal_f32(float *restrict out, int64_t n, uint32_t lo, uint32_t hi) 
    the block's rows at [row0, row0 + rows); col_scale is (T, cs_stride) at the block's
    first column. Columns are grouped in ADC groups of `group`; fixed_full > 0 is a fixed
    ADC full scale (saturating), otherwise each group auto-ranges to its largest |value|.
-   The noise of row r of tile t, column c is keyed by the counter
+   Only rows [r_begin, r_end) are processed. The noise of
+   row r of tile t, column c is keyed by the counter
    (t * noise_rows + noise_row0 + r) * noise_cols + noise_col0 + c. Returns 0, or -1 when
    out of memory. */
-int sedma_read_epilogue_f32(const float *restrict u, int64_t T, int64_t rows, int64_t width,
+int sedma_read_epilogue_f32(const float *restrict u, int64_t T, int64_t rows,
+                            int64_t r_begin, int64_t r_end, int64_t width,
                             int64_t group, const float *std, const float *s_in, int64_t ld,
                             int64_t row0, const float *col_scale, int64_t cs_stride,
                             float levels, float dac_levels, float fixed_full,
@@ -94,7 +96,7 @@ int sedma_read_epilogue_f32(const float *restrict u, int64_t T, int64_t rows, in
                             float *restrict out, int64_t out_stride, int mode) {
   float *v = (float *)malloc(sizeof(float) * (size_t)width);
   if (!v) return -1;
-  for (int64_t r = 0; r < rows; ++r) {
+  for (int64_t r = r_begin; r < r_end; ++r) {
     float *o = out + r * out_stride;
     for (int64_t t = 0; t < T; ++t) {
       const float *ur = u + (t * rows + r) * width;
@@ -181,7 +183,8 @@ def _build() -> ctypes.CDLL | None:
     fn.restype = None
     i64, f32, u32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_uint32, ctypes.c_void_p
     epi = lib.sedma_read_epilogue_f32
-    epi.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, i64, i64, ptr, i64, f32, f32, f32]
+    epi.argtypes = [ptr, i64, i64, i64, i64, i64, i64, ptr, ptr, i64, i64, ptr, i64]
+    epi.argtypes += [f32, f32, f32]
     epi.argtypes += [u32, u32, i64, i64, i64, i64, ptr, i64, ctypes.c_int]
     epi.restype = ctypes.c_int
     return lib
@@ -271,11 +274,10 @@ def read_epilogue_(
     if not available():
         raise RuntimeError("native kernels unavailable")
     ld = s_in.shape[1]
-    status = _LIB.sedma_read_epilogue_f32(  # type: ignore[union-attr]
+    args = (
         u.data_ptr(),
         t,
         rows,
-        width,
         group,
         None if std is None else std.data_ptr(),
         s_in.data_ptr(),
@@ -295,6 +297,11 @@ def read_epilogue_(
         out.data_ptr(),
         out.stride(0),
         mode,
+    )
+    # One thread: a second Python thread here competes with the OpenMP workers of the
+    # matmuls, which spin after each call (measured slower than one thread on 2 cores).
+    status = _LIB.sedma_read_epilogue_f32(  # type: ignore[union-attr]
+        *args[:3], 0, rows, width, *args[3:]
     )
     if status != 0:
         raise MemoryError("read_epilogue_: out of memory")

@@ -251,7 +251,9 @@ def test_fixed_adc_range_saturates_above_full_scale(dac_bits):
 
 # ----- read noise -----------------------------------------------------------------------------
 @pytest.mark.parametrize("adc_bits", [None, 16], ids=["fast_path", "stack_path_adc16"])
-def test_read_noise_output_variance_matches_cell_noise_formula(adc_bits):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_read_noise_output_variance_matches_cell_noise_formula(adc_bits, dtype):
+    # float32 with an ADC runs the compiled epilogue and its noise stream (native_rng)
     sigma = 0.02
     cfg = RRAMConfig(
         material=readonly_material(sigma),
@@ -265,11 +267,10 @@ def test_read_noise_output_variance_matches_cell_noise_formula(adc_bits):
     n_in, n_out, reps, calls = 40, 10, 1500, 2
     w = rng.standard_normal((n_out, n_in))
     vectors = rng.standard_normal((2, n_in))
-    layer = linear_layer(w, cfg)
+    layer = linear_layer(w, cfg).to(dtype)
     batch = np.repeat(vectors, reps, axis=0)
-    samples = np.concatenate([run(layer, batch) for _ in range(calls)]).reshape(
-        calls, 2, reps, n_out
-    )
+    samples = np.concatenate([run(layer, batch) for _ in range(calls)]).astype(np.float64)
+    samples = samples.reshape(calls, 2, reps, n_out)
     samples = samples.transpose(1, 0, 2, 3).reshape(2, calls * reps, n_out)
     n = calls * reps
 
@@ -673,3 +674,33 @@ def test_conv_forward_memory_stays_within_three_digital_forwards():
     digital_peak = _forward_peak_bytes(lambda: digital(x))
     assert digital_peak >= 8 * 64 * 16 * 16 * 4  # the output
     assert _forward_peak_bytes(lambda: layer(x)) <= 3 * digital_peak
+
+
+@pytest.mark.parametrize("adc_range", [None, 0.4])
+@pytest.mark.parametrize("batch", [5, 70])
+def test_float32_read_equals_numpy_reference_within_one_adc_step(adc_range, batch):
+    # float32 on CPU runs the compiled epilogue (native_rng) when a C compiler is present,
+    # the eager path otherwise; both must match the float64 NumPy reference up to float32
+    # rounding, which may move a value across an ADC decision boundary (one step).
+    rng = np.random.default_rng(950 + batch)
+    n_in, n_out, tile_rows, tile_cols, dac_bits, adc_bits = 75, 40, 16, 8, 6, 5
+    w = rng.standard_normal((n_out, n_in))
+    x = rng.standard_normal((batch, n_in)) * rng.uniform(0.2, 2.0, size=(batch, 1))
+    cfg = IDEAL.replace(
+        dac_bits=dac_bits,
+        adc_bits=adc_bits,
+        adc_range=adc_range,
+        tile_rows=tile_rows,
+        tile_cols=tile_cols,
+    )
+    layer = RRAMLinear(n_in, n_out, bias=False, config=cfg)
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(w))
+        y = layer(torch.from_numpy(x).float()).double().numpy()
+    ref = np_tiled_adc_product(x, w, tile_rows, tile_cols, adc_bits, adc_range, dac_bits)
+    tol = 1e-4 * np.abs(ref).max()
+    off = np.abs(y - ref) > tol
+    assert off.mean() < 0.02  # rare boundary cases only
+    # a boundary case is one ADC step of one tile: at most the largest step of the layer
+    step = np.abs(ref).max() / levels_of(adc_bits)
+    assert np.abs(y - ref).max() <= 2 * step
