@@ -79,23 +79,17 @@ class NoiseSource:
 
 def _native_randn(n: int, seed: int) -> torch.Tensor:
     """``n`` float32 normals from the compiled kernel (:mod:`.native_rng`): two halves
-    keyed by seeds derived from ``seed``, the second filled on the worker thread (ctypes
-    releases the GIL), so the result does not depend on the thread count."""
+    keyed by seeds derived from ``seed`` (the same split as the MT19937 path)."""
     from .native_rng import fill_normal_
 
     out = torch.empty(n, dtype=torch.float32)
     halves = (out[: n // 2], out[n // 2 :])
     keys = [derive_seed(seed, "native", k) for k in (0, 1)]
     words = [(key & 0x7FFFFFFF, (key >> 31) & 0x7FFFFFFF) for key in keys]
-    if torch.get_num_threads() > 1:
-        if NoiseSource._pool is None:
-            NoiseSource._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sedma-rng")
-        pending = NoiseSource._pool.submit(fill_normal_, halves[1], *words[1])
-        fill_normal_(halves[0], *words[0])
-        pending.result()
-    else:
-        for half, (lo, hi) in zip(halves, words, strict=True):
-            fill_normal_(half, lo, hi)
+    # Both halves on this thread: a worker thread would compete with the OpenMP workers of
+    # the surrounding matmuls, which spin after each call (measured slower on 2 cores).
+    for half, (lo, hi) in zip(halves, words, strict=True):
+        fill_normal_(half, lo, hi)
     return out
 
 
