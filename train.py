@@ -3,8 +3,11 @@
     python train.py                      # digits + small CNN on the open-loop TaOx-HfOx chip
     python train.py rram=ag_asi train.hwa_epochs=3 logger=none
     python train.py hydra.run.dir=outputs/my_run   # run again to resume from its checkpoint
+    python train.py distributed=memory_aware distributed.world_size=2   # 2 gloo ranks
+    torchrun --nproc-per-node 2 train.py distributed=memory_aware hydra.run.dir=outputs/ddp
 
-Config: configs/config.yaml; loops: sedma_torch.experiments.training.
+Config: configs/config.yaml; loops: sedma_torch.experiments.training; data-parallel runs
+(the ``distributed`` group): sedma_torch.experiments.distributed_train.
 """
 
 from __future__ import annotations
@@ -19,11 +22,14 @@ from sedma_torch.experiments import run_train
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
-    run_train(
-        OmegaConf.to_container(cfg, resolve=True),
-        hydra_cfg.runtime.output_dir,
-        rram_label=hydra_cfg.runtime.choices.get("rram", "rram"),
-    )
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    label = hydra_cfg.runtime.choices.get("rram", "rram")
+    if (plain.get("distributed") or {}).get("enabled"):
+        from sedma_torch.experiments.distributed_train import run_train_distributed
+
+        run_train_distributed(plain, hydra_cfg.runtime.output_dir, rram_label=label)
+    else:
+        run_train(plain, hydra_cfg.runtime.output_dir, rram_label=label)
 
 
 if __name__ == "__main__":

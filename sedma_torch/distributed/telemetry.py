@@ -10,6 +10,8 @@
   ping-pong over the process group at every telemetry refresh (every ``refresh_every``
   steps). A peer that is busy answers when it reaches the refresh point, so its RTT
   includes its lateness: that is the latency a gradient exchange with it would see.
+* local step time: the median wall time of the rank's recent steps *outside* the exchange
+  (compute, data loading), used to decide whether a late rank is worth waiting for.
 
 Rows travel between ranks as JSON (never pickle) and are validated on receipt.
 """
@@ -40,6 +42,10 @@ class Telemetry:
         weights: the rank's current Eq. 7 weights (w1, w2, w3).
         step: the training step at which it was measured.
         timestamp: unix time of the measurement (s).
+        compute_ms: median local step time (ms) since the previous refresh, excluding the
+            time spent in the exchange; None before the first measured step.
+        collective_gen: the generation of collective subgroup the rank trusts (raised
+            after a failed collective, so that a broken group is never reused).
     """
 
     rank: int
@@ -50,6 +56,8 @@ class Telemetry:
     weights: tuple[float, float, float]
     step: int
     timestamp: float
+    compute_ms: float | None = None
+    collective_gen: int = 0
 
     @property
     def mem_free_gb(self) -> float:
@@ -90,6 +98,12 @@ class Telemetry:
         device = None if d["device_free_gb"] is None else float(d["device_free_gb"])
         if host < 0 or (device is not None and device < 0):
             raise ValueError("telemetry free memory must be >= 0")
+        compute = None if d["compute_ms"] is None else float(d["compute_ms"])
+        if compute is not None and not (math.isfinite(compute) and compute >= 0):
+            raise ValueError(f"telemetry compute_ms must be a number >= 0, got {compute}")
+        gen = d["collective_gen"]
+        if isinstance(gen, bool) or not isinstance(gen, int) or gen < 0:
+            raise ValueError(f"telemetry collective_gen must be an integer >= 0, got {gen!r}")
         return cls(
             rank=rank,
             availability=availability,
@@ -99,6 +113,8 @@ class Telemetry:
             weights=weights,  # type: ignore[arg-type]
             step=int(d["step"]),
             timestamp=float(d["timestamp"]),
+            compute_ms=compute,
+            collective_gen=gen,
         )
 
 

@@ -34,7 +34,7 @@ from .builders import apply_threads, build_model, check_task, resolve_device, se
 from .checkpoint import load_checkpoint, save_checkpoint
 from .classification import evaluate_classification
 from .compare import compare_settings, format_table, plot_metric, write_json
-from .logger import RunLogger, make_logger
+from .logger import NullLogger, RunLogger, make_logger
 from .memory_setup import ExperimentMemory, open_memory
 from .settings import CORRECTION_MODES, material_sweep, rram_config_from_mapping, with_corrections
 
@@ -199,8 +199,11 @@ def _phase_loop(
     hook: _DeployHook,
     ckpt_path: Path,
     progress: bool,
+    distributed: Any | None = None,
 ) -> None:
     tcfg = cfg["train"]
+    main = distributed is None or distributed.is_main
+    trainer = model if distributed is None else distributed.wrap(model)
     seed = int(cfg.get("seed", 0))
     start = state["epoch"] if state["phase"] == phase else 0
     if start:
@@ -215,7 +218,7 @@ def _phase_loop(
 
     for epoch in tqdm(range(start, epochs), desc=f"{phase} epochs", disable=not progress):
         stats = train_epoch(
-            model,
+            trainer,
             train_set,
             optimizer,
             generator=epoch_generator(seed, phase, epoch),
@@ -226,6 +229,9 @@ def _phase_loop(
             desc=f"{phase} epoch {epoch + 1}",
             on_step=on_step,
         )
+        state.update(phase=phase, epoch=epoch + 1)
+        if not main:  # rank > 0 of a distributed run: rank 0 evaluates and checkpoints
+            continue
         test = evaluate_classification(
             model,
             test_set,
@@ -249,8 +255,6 @@ def _phase_loop(
             f"test top1 {test.metrics['top1']:.4f}, {record['train_samples_per_s']:.0f} samples/s"
         )
         state.update(
-            phase=phase,
-            epoch=epoch + 1,
             model=model.state_dict(),
             optimizer=optimizer.state_dict(),
             torch_rng=torch.get_rng_state(),
@@ -258,12 +262,20 @@ def _phase_loop(
         save_checkpoint(ckpt_path, state)
 
 
-def run_train(cfg: Mapping[str, Any], run_dir: str | Path, *, rram_label: str = "rram") -> dict:
+def run_train(
+    cfg: Mapping[str, Any],
+    run_dir: str | Path,
+    *,
+    rram_label: str = "rram",
+    distributed: Any | None = None,
+) -> dict:
     """Digital training, hardware-aware fine-tuning on ``cfg.rram``, then the comparison.
 
     ``cfg`` is the composed Hydra config as plain data. Writes ``<run_dir>/results.json``,
     ``results.png``, ``model_digital.pt`` and ``model_hwa.pt`` (digital state dicts of the
     two trained models) and prints the comparison table; returns the JSON payload.
+    ``distributed``: a :class:`~sedma_torch.experiments.distributed_train.DistributedContext`
+    on every rank of a data-parallel run (see that module); ranks > 0 return ``{}``.
     """
     run_dir = Path(run_dir)
     tcfg = cfg["train"]
@@ -283,6 +295,9 @@ def run_train(cfg: Mapping[str, Any], run_dir: str | Path, *, rram_label: str = 
     wall = time.perf_counter()
 
     train_set, test_set = _train_data(cfg["dataset"])
+    main = distributed is None or distributed.is_main
+    if distributed is not None:
+        train_set = distributed.shard(train_set)
     digital = build_model(cfg["model"], for_training=True).to(device)
     optimizer = torch.optim.Adam(digital.parameters(), lr=float(tcfg["lr"]))
     ckpt_path = _checkpoint_path(tcfg, run_dir)
@@ -300,9 +315,9 @@ def run_train(cfg: Mapping[str, Any], run_dir: str | Path, *, rram_label: str = 
         raise ValueError(f"{ckpt_path}: checkpoint version {state.get('version')!r} unsupported")
     else:
         torch.set_rng_state(state["torch_rng"])
-    logger = make_logger(cfg["logger"], run_dir, dict(cfg))
-    memory = open_memory(cfg.get("memory"))
-    hook = _DeployHook(cfg.get("deploy"), digital, memory.long_term)
+    logger = make_logger(cfg["logger"], run_dir, dict(cfg)) if main else NullLogger()
+    memory = open_memory(cfg.get("memory") if main else None)
+    hook = _DeployHook(cfg.get("deploy") if main else None, digital, memory.long_term)
     common = {
         "state": state,
         "train_set": train_set,
@@ -313,7 +328,8 @@ def run_train(cfg: Mapping[str, Any], run_dir: str | Path, *, rram_label: str = 
         "logger": logger,
         "hook": hook,
         "ckpt_path": ckpt_path,
-        "progress": progress,
+        "progress": progress and main,
+        "distributed": distributed,
     }
     try:
         if state["phase"] == "digital":
@@ -344,6 +360,11 @@ def run_train(cfg: Mapping[str, Any], run_dir: str | Path, *, rram_label: str = 
     train_seconds = time.perf_counter() - wall
 
     hwa_digital = to_digital(copy.deepcopy(hwa))
+    if distributed is not None:
+        distributed.finish(run_dir, {"digital": digital, "hwa": hwa_digital})
+        if not main:
+            memory.close()
+            return {}
     torch.save(digital.state_dict(), run_dir / "model_digital.pt")
     torch.save(hwa_digital.state_dict(), run_dir / "model_hwa.pt")
     try:
@@ -367,6 +388,11 @@ def run_train(cfg: Mapping[str, Any], run_dir: str | Path, *, rram_label: str = 
         deploy_events=hook.events(),
         command=" ".join(sys.argv),
     )
+    if distributed is not None:
+        payload["distributed"] = {
+            "world_size": distributed.world_size,
+            "exchange": distributed.stats(),
+        }
     write_json(run_dir / "results.json", payload)
     plot_metric(
         payload["rows"],

@@ -118,6 +118,12 @@ def test_selector_rejects_bad_arguments():
         ExchangeConfig(refresh_every=0)
     with pytest.raises(ValueError, match="k must"):
         ExchangeConfig(k=-1)
+    with pytest.raises(ValueError, match="readmit_wait_s"):
+        ExchangeConfig(readmit_wait_s=-1.0)
+    with pytest.raises(ValueError, match="readmit_ratio"):
+        ExchangeConfig(readmit_ratio=0.0)
+    with pytest.raises(ValueError, match="collective"):
+        ExchangeConfig(collective="yes")
 
 
 def _row(rank, rtt, availability=0.5, mem=4.0, weights=(1 / 3, 1 / 3, 1 / 3)):
@@ -137,6 +143,14 @@ def test_telemetry_round_trip_and_validation():
         Telemetry.from_bytes(bad, 3)
     with pytest.raises(ValueError, match="fields"):
         Telemetry.from_bytes(b'{"rank": 0}', 3)
+    timed = Telemetry(0, 0.5, 2.0, None, (0.0, 1.0, 2.0), (0.2, 0.3, 0.5), 3, 1.0, 210.5, 2)
+    assert Telemetry.from_bytes(timed.to_bytes(), 3) == timed
+    with pytest.raises(ValueError, match="compute_ms"):
+        Telemetry.from_bytes(timed.to_bytes().replace(b"210.5", b"-1"), 3)
+    with pytest.raises(ValueError, match="collective_gen"):
+        Telemetry.from_bytes(
+            timed.to_bytes().replace(b'"collective_gen":2', b'"collective_gen":1.5'), 3
+        )
 
 
 def test_schedule_from_view_uses_each_ranks_own_rtt_and_weights():

@@ -212,10 +212,12 @@ def ddp_worker(rank: int, world: int, out: str, ddp_steps: int) -> None:
     dist.destroy_process_group()
 
 
-def exchange_worker(rank: int, world: int, out: str, slow: dict, kill: dict) -> None:
-    """All peers healthy, then a straggler phase, then a phase in which one rank is killed."""
+def exchange_worker(rank: int, world: int, out: str, slow: dict, late: dict, kill: dict) -> None:
+    """All peers healthy, then a straggler phase, then a rank late in a collective, then a
+    phase in which one rank is killed."""
     all_peers_worker(rank, world, out)
     straggler_worker(rank, world, out, **slow)
+    collective_deadline_worker(rank, world, out, **late)
     fault_worker(rank, world, out, **kill)
     dist.destroy_process_group()
 
@@ -264,4 +266,127 @@ def ddp_fault_worker(
         },
         Path(out) / f"ddpfault_rank{rank}.pt",
     )
+    dist.destroy_process_group()
+
+
+def readmit_worker(
+    rank: int,
+    world: int,
+    out: str,
+    slow_rank: int,
+    slow_steps: list[int],
+    delay_s: float,
+    compute_s: float,
+    steps: int,
+    lr: float,
+    mode: str = "ddp",
+) -> None:
+    """k = all; ``slow_rank`` sleeps ``delay_s`` more at ``slow_steps``, then is back to
+    normal and must be re-admitted and re-synchronised. ``mode``: "ddp" (DDP + hook) or
+    "group" (:meth:`MemoryAwareGroup.average_gradients` after the backward pass)."""
+    torch.manual_seed(0)
+    model = SmallMLP()
+    cfg = ExchangeConfig(
+        k=None,
+        deadline_s=4.0,
+        refresh_every=2,
+        refresh_deadline_s=0.3,
+        readmit_wait_s=3.0,
+        readmit_ratio=1.5,
+    )
+    if mode == "ddp":
+        net = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+        exchange = register_memory_aware_hook(net, cfg)
+        group = None
+    else:
+        net, group = model, MemoryAwareGroup(cfg)
+        exchange = group.exchange
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    participants, resync_step, transports = [], None, []
+    for step in range(steps):
+        x, y = mlp_batch(rank, step)
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(net(x), y)
+        time.sleep(compute_s + (delay_s if rank == slow_rank and step in slow_steps else 0.0))
+        before = exchange.stats.resyncs
+        loss.backward()
+        if group is not None:
+            group.average_gradients(model)
+        if exchange.stats.resyncs > before:
+            resync_step = step
+        participants.append(exchange.last_participants)
+        transports.append(exchange.transport)
+        opt.step()
+    exchange.finish(timeout_s=10.0)
+    torch.save(
+        {
+            "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+            "participants": participants,
+            "transports": transports,
+            "views": exchange.views,
+            "resync_step": resync_step,
+            "stats": {
+                "readmitted": exchange.stats.readmitted,
+                "resyncs": exchange.stats.resyncs,
+                "resync_failures": exchange.stats.resync_failures,
+                "excluded_epochs": exchange.stats.excluded_epochs,
+            },
+        },
+        Path(out) / f"readmit_rank{rank}.pt",
+    )
+    dist.destroy_process_group()
+
+
+def collective_deadline_worker(
+    rank: int, world: int, out: str, late_rank: int, late_step: int, delay_s: float, steps: int
+) -> None:
+    """k = all (subgroup all-reduce); ``late_rank`` arrives ``delay_s`` late at ``late_step``."""
+    ex = PeerExchange(
+        ExchangeConfig(k=None, deadline_s=0.5, refresh_every=4, refresh_deadline_s=5.0)
+    )
+    rows = []
+    for step in range(steps):
+        ex.begin_step()
+        if rank == late_rank and step == late_step:
+            time.sleep(delay_s)
+        t = step_tensor(rank, step)
+        start = time.perf_counter()
+        res = ex.exchange(t)
+        rows.append(
+            {
+                "result": res,
+                "participants": ex.last_participants,
+                "transport": ex.transport,
+                "elapsed_s": time.perf_counter() - start,
+            }
+        )
+    ex.finish(timeout_s=5.0)
+    torch.save(
+        {
+            "rows": rows,
+            "collective_failures": ex.stats.collective_failures,
+            "generations": [max(r.collective_gen for r in ex.view.values())],
+        },
+        Path(out) / f"collective_rank{rank}.pt",
+    )
+
+
+def equality_worker(rank: int, world: int, out: str) -> None:
+    """k = all through both transports, and torch.distributed's own all-reduce average."""
+    record: dict = {"inputs": [step_tensor(rank, 0), step_tensor(rank, 1, n=40).float()]}
+    reference = []
+    for t in record["inputs"]:
+        summed = t.clone()
+        dist.all_reduce(summed)
+        reference.append(summed / world)
+    record["allreduce"] = reference
+    for collective in (True, False):
+        ex = PeerExchange(ExchangeConfig(k=None, deadline_s=20.0, collective=collective))
+        ex.begin_step()
+        record[f"collective={collective}"] = {
+            "results": [ex.exchange(t) for t in record["inputs"]],
+            "transport": ex.transport,
+        }
+        ex.finish()
+    torch.save(record, Path(out) / f"equality_rank{rank}.pt")
     dist.destroy_process_group()
