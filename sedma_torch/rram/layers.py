@@ -1048,7 +1048,9 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
             # the output
             step = chunk_rows(b, t_tiles, min_rows=1)
             y = None
-            for start in range(0, b, step):
+            if self._native_epilogue(xp):
+                y = self._native_read(xp, sigma, gen, step)
+            for start in range(0, b, step) if y is None else ():
                 part = self._tiled_read(xp[start : start + step], sigma, gen)  # NHWC
                 if y is None:  # NCHW in channels-last memory: chunks are NHWC slices of it
                     hh, ww, c_out = part.shape[1:]
@@ -1117,6 +1119,104 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
             var = torch.einsum("bgthw,gto->bgohw", n2.reshape(b, g, n_it, *n2.shape[-2:]), cs2)
             var = var.reshape(b, g * out_g, *n2.shape[-2:]) * (2 * sigma * sigma)
             y = y + gen.randn(y.shape, y.device, y.dtype) * var.sqrt()  # type: ignore[union-attr]
+        return y
+
+    def _native_epilogue(self, xp: torch.Tensor) -> bool:
+        """True when the compiled read epilogue applies: float32 on CPU, with an ADC, one
+        group (grouped convolutions keep the PyTorch path), outside the fused read."""
+        cfg = self.rram_config
+        return (
+            xp.dtype == torch.float32
+            and xp.device.type == "cpu"
+            and cfg.adc_bits is not None
+            and self.groups == 1
+            and not fused_read_enabled(_FUSED_PROBE)
+            and self.col_scale.dtype == torch.float32
+            and native_rng.available()
+        )
+
+    def _native_read(
+        self, xp: torch.Tensor, sigma: float, gen: NoiseSource | None, step: int
+    ) -> torch.Tensor:
+        """The tiled read with the compiled epilogue, ``step`` images at a time: per read,
+        one tile convolution and one call that adds the read noise, runs the ADC,
+        de-quantises, scales the columns and sums the tiles into the output (first-order
+        correction adds and subtracts its second and third reads there). Returns NCHW in
+        channels-last memory."""
+        cfg = self.rram_config
+        cpt, n_it, _ = self._geometry()
+        t_tiles = n_it
+        out_c = self.out_channels
+        b, _, h, w = xp.shape
+        kh, kw = self.kernel_size
+        (sh, sw), (dh, dw) = self.stride, self.dilation
+        hh, ww = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+        y = torch.empty((b, out_c, hh, ww), dtype=xp.dtype, memory_format=torch.channels_last)
+        y_rows = y.permute(0, 2, 3, 1)  # NHWC view
+        first_order = cfg.correction == "first_order"
+        n_reads = 3 if first_order else 1
+        keys = [(0, 0)] * n_reads
+        if sigma > 0:
+            seeds = [gen.next_seed() for _ in range(n_reads)]  # type: ignore[union-attr]
+            keys = [(sd & 0x7FFFFFFF, (sd >> 31) & 0x7FFFFFFF) for sd in seeds]
+        adc_levels = quant_levels(cfg.adc_bits)  # type: ignore[arg-type]
+        group = cfg.tile_cols if out_c > cfg.tile_cols else out_c
+        col_scale = self.col_scale.reshape(t_tiles, out_c).contiguous()
+        cl = torch.channels_last
+        for start in range(0, b, step):
+            xc = xp[start : start + step]
+            n_img = xc.shape[0]
+            rows = n_img * hh * ww
+            # one channels-last copy of the images, padded to whole tiles, converted in place
+            buf = xc.new_zeros((n_img, t_tiles * cpt, h, w)).contiguous(memory_format=cl)
+            buf[:, : self.in_channels] = xc
+            xt = buf.view(n_img, t_tiles, cpt, h, w)
+            exact_in = None
+            if first_order:  # x at full precision, in DAC code units
+                scale = positive_or_one(absmax(xt, (2, 3, 4)))
+                levels_in = quant_levels(cfg.dac_bits) if cfg.dac_bits else 1
+                exact_in = (xt * (levels_in / scale)).view(n_img, t_tiles * cpt, h, w)
+            _, s_in, levels = dac(xt, cfg, (2, 3, 4), out=xt)
+            s_rows = (
+                s_in.view(n_img, t_tiles, 1).expand(n_img, t_tiles, hh * ww).permute(1, 0, 2)
+            ).reshape(t_tiles, rows).contiguous()
+            out = y_rows[start : start + n_img].reshape(rows, out_c)
+            fixed = None if cfg.adc_range is None else cfg.adc_range * levels
+            reads = [(buf, self._w_conv, keys[0], 0)]
+            if exact_in is not None:
+                reads = [
+                    (buf, self._w_conv_exact, keys[0], 0),
+                    (exact_in, self._w_conv, keys[1], 1),
+                    (buf, self._w_conv, keys[2], -1),
+                ]
+            for inp, weight, key, mode in reads:
+                u = F.conv2d(
+                    inp.contiguous(memory_format=cl), weight, groups=t_tiles, **self._conv_args()
+                )
+                u3 = u.permute(0, 2, 3, 1).reshape(rows, t_tiles, out_c)  # NHWC: no copy
+                std = None
+                if sigma > 0:
+                    std = self._patch_norm2(inp).sqrt_().mul_(2**0.5 * sigma)  # (B, T, H', W')
+                    std = std.permute(1, 0, 2, 3).reshape(t_tiles, rows).contiguous()
+                native_rng.read_epilogue_(
+                    u3,
+                    std,
+                    s_rows,
+                    0,
+                    col_scale,
+                    0,
+                    out,
+                    group=group,
+                    levels=adc_levels,
+                    dac_levels=levels,
+                    fixed_full=fixed,
+                    key=key,
+                    noise_rows=b * hh * ww,
+                    noise_row0=start * hh * ww,
+                    noise_col0=0,
+                    mode=mode,
+                )
+                del u, u3, std
         return y
 
     def _tiled_read(self, xp: torch.Tensor, sigma: float, gen: NoiseSource | None) -> torch.Tensor:

@@ -77,17 +77,18 @@ void sedma_normal_f32(float *restrict out, int64_t n, uint32_t lo, uint32_t hi) 
 }
 
 /* Read noise, column ADC, de-quantisation, column scale and the digital sum over the T
-   input tiles of one block of partial sums u (T, rows, width), into out (rows, width; row
-   stride out_stride): mode 0 writes, +1 adds, -1 subtracts. std and s_in are (T, ld) with
+   input tiles of one block of partial sums u (tile t, row r, column c at
+   t * u_t_stride + r * u_r_stride + c), into out (rows, width; row stride out_stride):
+   mode 0 writes, +1 adds, -1 subtracts. std and s_in are (T, ld) with
    the block's rows at [row0, row0 + rows); col_scale is (T, cs_stride) at the block's
    first column. Columns are grouped in ADC groups of `group`; fixed_full > 0 is a fixed
    ADC full scale (saturating), otherwise each group auto-ranges to its largest |value|.
-   Only rows [r_begin, r_end) are processed. The noise of
+   The noise of
    row r of tile t, column c is keyed by the counter
    (t * noise_rows + noise_row0 + r) * noise_cols + noise_col0 + c. Returns 0, or -1 when
    out of memory. */
-int sedma_read_epilogue_f32(const float *restrict u, int64_t T, int64_t rows,
-                            int64_t r_begin, int64_t r_end, int64_t width,
+int sedma_read_epilogue_f32(const float *restrict u, int64_t T, int64_t u_t_stride,
+                            int64_t u_r_stride, int64_t rows, int64_t width,
                             int64_t group, const float *std, const float *s_in, int64_t ld,
                             int64_t row0, const float *col_scale, int64_t cs_stride,
                             float levels, float dac_levels, float fixed_full,
@@ -96,10 +97,10 @@ int sedma_read_epilogue_f32(const float *restrict u, int64_t T, int64_t rows,
                             float *restrict out, int64_t out_stride, int mode) {
   float *v = (float *)malloc(sizeof(float) * (size_t)width);
   if (!v) return -1;
-  for (int64_t r = r_begin; r < r_end; ++r) {
+  for (int64_t r = 0; r < rows; ++r) {
     float *o = out + r * out_stride;
     for (int64_t t = 0; t < T; ++t) {
-      const float *ur = u + (t * rows + r) * width;
+      const float *ur = u + t * u_t_stride + r * u_r_stride;
       const float *cs = col_scale + t * cs_stride;
       float si = s_in[t * ld + row0 + r];
       if (std) {
@@ -183,7 +184,7 @@ def _build() -> ctypes.CDLL | None:
     fn.restype = None
     i64, f32, u32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_uint32, ctypes.c_void_p
     epi = lib.sedma_read_epilogue_f32
-    epi.argtypes = [ptr, i64, i64, i64, i64, i64, i64, ptr, ptr, i64, i64, ptr, i64]
+    epi.argtypes = [ptr, i64, i64, i64, i64, i64, i64, ptr, ptr, i64, i64, ptr, i64]  # u..cs
     epi.argtypes += [f32, f32, f32]
     epi.argtypes += [u32, u32, i64, i64, i64, i64, ptr, i64, ctypes.c_int]
     epi.restype = ctypes.c_int
@@ -247,10 +248,11 @@ def read_epilogue_(
     mode: int = 0,
 ) -> None:
     """Read noise, column ADC, de-quantisation, column scale and the sum over the input
-    tiles of one block ``u`` (T, rows, width) of partial sums in DAC code units, into
-    ``out`` (rows, width; a row-major view, any row stride): ``mode`` 0 writes, +1 adds,
-    -1 subtracts.
+    tiles of one block ``u`` of partial sums in DAC code units, into ``out`` (rows, width;
+    a row-major view, any row stride): ``mode`` 0 writes, +1 adds, -1 subtracts.
 
+    ``u`` is (T, rows, width) or (rows, T, width), each with unit column stride (a linear
+    layer's batched matmul gives the first, a convolution's NHWC output the second).
     ``std`` and ``s_in`` are contiguous (T, ld) float32 (read-noise standard deviation and
     DAC full scale of each tile row; the block's rows start at ``row0``); ``col_scale`` is
     (T, C) with the block starting at column ``col0``. ``group`` columns share an ADC range;
@@ -260,28 +262,41 @@ def read_epilogue_(
     read is cut into blocks. Same arithmetic as the eager path (``adc_dequantise_``) up to
     float rounding.
     """
-    t, rows, width = u.shape
+    rows, width = out.shape
+    t = col_scale.shape[0]
+    if u.shape == (t, rows, width):
+        t_stride, r_stride = u.stride(0), u.stride(1)
+    elif u.shape == (rows, t, width):
+        t_stride, r_stride = u.stride(1), u.stride(0)
+    else:
+        raise ValueError(f"read_epilogue_: u {tuple(u.shape)} does not match out {(rows, width)}")
     cols = col_scale.shape[1]
-    for name, tensor in (("u", u), ("s_in", s_in), ("col_scale", col_scale)):
+    if u.dtype != torch.float32 or u.stride(-1) != 1:
+        raise ValueError("read_epilogue_: u must be float32 with unit column stride")
+    for name, tensor in (("s_in", s_in), ("col_scale", col_scale)):
         if tensor.dtype != torch.float32 or not tensor.is_contiguous():
             raise ValueError(f"read_epilogue_: {name} must be contiguous float32")
     if std is not None and (std.dtype != torch.float32 or not std.is_contiguous()):
         raise ValueError("read_epilogue_: std must be contiguous float32")
-    if out.dtype != torch.float32 or out.stride(1) != 1 or out.shape != (rows, width):
+    if out.dtype != torch.float32 or out.stride(1) != 1:
         raise ValueError(f"read_epilogue_: out must be a ({rows}, {width}) float32 row view")
     if t * noise_rows * cols >= 2**32:
         raise ValueError("read_epilogue_: noise counters exceed 32 bits")
     if not available():
         raise RuntimeError("native kernels unavailable")
-    ld = s_in.shape[1]
-    args = (
+    # One thread: a second Python thread here competes with the OpenMP workers of the
+    # matmuls, which spin after each call (measured slower than one thread on 2 cores).
+    status = _LIB.sedma_read_epilogue_f32(  # type: ignore[union-attr]
         u.data_ptr(),
         t,
+        t_stride,
+        r_stride,
         rows,
+        width,
         group,
         None if std is None else std.data_ptr(),
         s_in.data_ptr(),
-        ld,
+        s_in.shape[1],
         row0,
         col_scale.data_ptr() + 4 * col0,
         cols,
@@ -297,11 +312,6 @@ def read_epilogue_(
         out.data_ptr(),
         out.stride(0),
         mode,
-    )
-    # One thread: a second Python thread here competes with the OpenMP workers of the
-    # matmuls, which spin after each call (measured slower than one thread on 2 cores).
-    status = _LIB.sedma_read_epilogue_f32(  # type: ignore[union-attr]
-        *args[:3], 0, rows, width, *args[3:]
     )
     if status != 0:
         raise MemoryError("read_epilogue_: out of memory")

@@ -24,6 +24,13 @@ from sedma_torch.distributed import ExchangeConfig, MemoryAwareGroup
 from tests.distributed.workers import step_tensor
 
 
+def _save(record: dict, path: Path) -> None:
+    """Atomically: the agent may stop this process in the middle of a save."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(record, tmp)
+    os.replace(tmp, path)
+
+
 def main() -> None:
     out, steps, kill_rank, kill_step = Path(sys.argv[1]), *map(int, sys.argv[2:5])
     torch.set_num_threads(1)
@@ -40,10 +47,10 @@ def main() -> None:
         record["results"].append(group.all_reduce(step_tensor(rank, step)).clone())
         record["participants"].append(group.exchange.last_participants)
         record["time"] = time.time()
-        torch.save(record, out / f"torchrun_rank{rank}.pt")
+        _save(record, out / f"torchrun_rank{rank}.pt")
         time.sleep(0.05)
     record["finished"] = group.finish(timeout_s=5.0)
-    torch.save(record, out / f"torchrun_rank{rank}.pt")
+    _save(record, out / f"torchrun_rank{rank}.pt")
     dist.destroy_process_group()
 
 
