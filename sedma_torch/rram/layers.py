@@ -1178,8 +1178,10 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
                 exact_in = (xt * (levels_in / scale)).view(n_img, t_tiles * cpt, h, w)
             _, s_in, levels = dac(xt, cfg, (2, 3, 4), out=xt)
             s_rows = (
-                s_in.view(n_img, t_tiles, 1).expand(n_img, t_tiles, hh * ww).permute(1, 0, 2)
-            ).reshape(t_tiles, rows).contiguous()
+                (s_in.view(n_img, t_tiles, 1).expand(n_img, t_tiles, hh * ww).permute(1, 0, 2))
+                .reshape(t_tiles, rows)
+                .contiguous()
+            )
             out = y_rows[start : start + n_img].reshape(rows, out_c)
             fixed = None if cfg.adc_range is None else cfg.adc_range * levels
             reads = [(buf, self._w_conv, keys[0], 0)]
