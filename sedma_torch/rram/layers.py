@@ -380,6 +380,27 @@ class _CrossbarMixin:
         if ltm is not None and math.isfinite(lam_t) and math.isfinite(err_t):
             ltm.record_lambda(material, self.workload_type, lam_t, err_t)
 
+    def _native_ok(self, x: torch.Tensor) -> bool:
+        """True when the compiled read epilogue (``native_rng.read_epilogue_``) applies:
+        float32 on CPU, with an ADC, outside the opt-in fused read."""
+        return (
+            x.dtype == torch.float32
+            and x.device.type == "cpu"
+            and self.rram_config.adc_bits is not None
+            and not fused_read_enabled(_FUSED_PROBE)
+            and self.col_scale.dtype == torch.float32  # type: ignore[attr-defined]
+            and native_rng.available()
+        )
+
+    def _epilogue_keys(self, sigma: float, gen: NoiseSource | None) -> list[tuple[int, int]]:
+        """Noise keys (two 31-bit words) of the reads of one forward call: one, or three
+        with first-order correction."""
+        n_reads = 3 if self.rram_config.correction == "first_order" else 1
+        if sigma <= 0 or gen is None:
+            return [(0, 0)] * n_reads
+        seeds = [gen.next_seed() for _ in range(n_reads)]
+        return [(sd & 0x7FFFFFFF, (sd >> 31) & 0x7FFFFFFF) for sd in seeds]
+
     def crossbar_summary(self) -> dict[str, Any]:
         """Tiles, physical crossbars and utilisation of this layer."""
         from .partition import crossbar_utilisation
@@ -580,7 +601,7 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
             # streamed from memory once and reused from cache by the row chunks; otherwise
             # rows go outside and each row chunk has its own codes.
             y = x2d.new_empty(batch, self.out_features)
-            native = self._native_epilogue(y)
+            native = self._native_ok(y)
             # the compiled epilogue accumulates every read into the output: one stack alive
             stacks = 2 if cfg.correction == "first_order" and not native else 1
             plan = read_blocks(batch, t * r, self.out_features, t, cfg.tile_cols, stacks)
@@ -627,19 +648,6 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
         u.mul_(std).baddbmm_(inputs, weights)
         return adc_dequantise_(u, self.rram_config, levels, s_in_t, col_dim=-1)
 
-    def _native_epilogue(self, y: torch.Tensor) -> bool:
-        """True when the compiled read epilogue (``native_rng.read_epilogue_``) applies:
-        float32 on CPU, with an ADC, outside the opt-in fused read."""
-        cfg = self.rram_config
-        return (
-            y.dtype == torch.float32
-            and y.device.type == "cpu"
-            and cfg.adc_bits is not None
-            and not fused_read_enabled(_FUSED_PROBE)
-            and self.col_scale.dtype == torch.float32
-            and native_rng.available()
-        )
-
     def _native_read(
         self,
         xt: torch.Tensor,
@@ -658,11 +666,7 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
         batch, t, _ = xt.shape
         cols = self.out_features
         first_order = cfg.correction == "first_order"
-        n_reads = 3 if first_order else 1
-        keys = [(0, 0)] * n_reads
-        if sigma > 0:
-            seeds = [gen.next_seed() for _ in range(n_reads)]  # type: ignore[union-attr]
-            keys = [(sd & 0x7FFFFFFF, (sd >> 31) & 0x7FFFFFFF) for sd in seeds]
+        keys = self._epilogue_keys(sigma, gen)
         adc_levels = quant_levels(cfg.adc_bits)  # type: ignore[arg-type]
         group = cfg.tile_cols if cols > cfg.tile_cols else cols
         col_scale = self.col_scale.contiguous()
@@ -1048,7 +1052,7 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
             # the output
             step = chunk_rows(b, t_tiles, min_rows=1)
             y = None
-            if self._native_epilogue(xp):
+            if self.groups == 1 and self._native_ok(xp):  # grouped: the PyTorch path
                 y = self._native_read(xp, sigma, gen, step)
             for start in range(0, b, step) if y is None else ():
                 part = self._tiled_read(xp[start : start + step], sigma, gen)  # NHWC
@@ -1121,19 +1125,33 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
             y = y + gen.randn(y.shape, y.device, y.dtype) * var.sqrt()  # type: ignore[union-attr]
         return y
 
-    def _native_epilogue(self, xp: torch.Tensor) -> bool:
-        """True when the compiled read epilogue applies: float32 on CPU, with an ADC, one
-        group (grouped convolutions keep the PyTorch path), outside the fused read."""
+    def _dac_images(
+        self, xp: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, int]:
+        """One channels-last copy of the images ``xp`` (spatially padded), each group's
+        channels padded to whole tiles and converted in place by the DACs (one range per
+        image and input tile; oneDNN runs grouped convolutions far faster in NHWC).
+
+        Returns (codes (B, T*cpt, H, W), the input at full precision in code units when
+        first-order correction needs it (else None), DAC full scales (B, T, 1, 1, 1), DAC
+        levels)."""
         cfg = self.rram_config
-        return (
-            xp.dtype == torch.float32
-            and xp.device.type == "cpu"
-            and cfg.adc_bits is not None
-            and self.groups == 1
-            and not fused_read_enabled(_FUSED_PROBE)
-            and self.col_scale.dtype == torch.float32
-            and native_rng.available()
-        )
+        cpt, n_it, _ = self._geometry()
+        g = self.groups
+        t_tiles = g * n_it
+        b, _, h, w = xp.shape
+        c_g = self.in_channels // g
+        buf = xp.new_zeros((b, t_tiles * cpt, h, w)).contiguous(memory_format=torch.channels_last)
+        buf.view(b, g, n_it * cpt, h, w)[:, :, :c_g] = xp.view(b, g, c_g, h, w)
+        xt = buf.view(b, t_tiles, cpt, h, w)
+        exact_in = None
+        if cfg.correction == "first_order":
+            scale = positive_or_one(absmax(xt, (2, 3, 4)))
+            exact_in = (xt * (quant_levels(cfg.dac_bits) / scale) if cfg.dac_bits else xt).view(
+                b, t_tiles * cpt, h, w
+            )
+        _, s_in, levels = dac(xt, cfg, (2, 3, 4), out=xt)
+        return buf, exact_in, s_in, levels
 
     def _native_read(
         self, xp: torch.Tensor, sigma: float, gen: NoiseSource | None, step: int
@@ -1144,7 +1162,7 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
         correction adds and subtracts its second and third reads there). Returns NCHW in
         channels-last memory."""
         cfg = self.rram_config
-        cpt, n_it, _ = self._geometry()
+        _, n_it, _ = self._geometry()
         t_tiles = n_it
         out_c = self.out_channels
         b, _, h, w = xp.shape
@@ -1153,12 +1171,7 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
         hh, ww = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
         y = torch.empty((b, out_c, hh, ww), dtype=xp.dtype, memory_format=torch.channels_last)
         y_rows = y.permute(0, 2, 3, 1)  # NHWC view
-        first_order = cfg.correction == "first_order"
-        n_reads = 3 if first_order else 1
-        keys = [(0, 0)] * n_reads
-        if sigma > 0:
-            seeds = [gen.next_seed() for _ in range(n_reads)]  # type: ignore[union-attr]
-            keys = [(sd & 0x7FFFFFFF, (sd >> 31) & 0x7FFFFFFF) for sd in seeds]
+        keys = self._epilogue_keys(sigma, gen)
         adc_levels = quant_levels(cfg.adc_bits)  # type: ignore[arg-type]
         group = cfg.tile_cols if out_c > cfg.tile_cols else out_c
         col_scale = self.col_scale.reshape(t_tiles, out_c).contiguous()
@@ -1167,16 +1180,7 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
             xc = xp[start : start + step]
             n_img = xc.shape[0]
             rows = n_img * hh * ww
-            # one channels-last copy of the images, padded to whole tiles, converted in place
-            buf = xc.new_zeros((n_img, t_tiles * cpt, h, w)).contiguous(memory_format=cl)
-            buf[:, : self.in_channels] = xc
-            xt = buf.view(n_img, t_tiles, cpt, h, w)
-            exact_in = None
-            if first_order:  # x at full precision, in DAC code units
-                scale = positive_or_one(absmax(xt, (2, 3, 4)))
-                levels_in = quant_levels(cfg.dac_bits) if cfg.dac_bits else 1
-                exact_in = (xt * (levels_in / scale)).view(n_img, t_tiles * cpt, h, w)
-            _, s_in, levels = dac(xt, cfg, (2, 3, 4), out=xt)
+            buf, exact_in, s_in, levels = self._dac_images(xc)
             s_rows = (
                 (s_in.view(n_img, t_tiles, 1).expand(n_img, t_tiles, hh * ww).permute(1, 0, 2))
                 .reshape(t_tiles, rows)
@@ -1225,26 +1229,13 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
         """Images ``xp`` (spatially padded) through DAC, tile convolutions, read noise, ADC
         and the digital tile sum: (B, H', W', out_channels), channels last."""
         cfg = self.rram_config
-        cpt, n_it, _ = self._geometry()
+        _, n_it, _ = self._geometry()
         g = self.groups
         t_tiles = g * n_it
         out_g = self.out_channels // g
-        # one channels-last copy of the images, padded to whole tiles, converted in place
-        # by the DACs (oneDNN runs grouped convolutions far faster in NHWC)
         cl = torch.channels_last
-        b, _, h, w = xp.shape
-        c_g = self.in_channels // g
-        buf = xp.new_zeros((b, t_tiles * cpt, h, w)).contiguous(memory_format=cl)
-        buf.view(b, g, n_it * cpt, h, w)[:, :, :c_g] = xp.view(b, g, c_g, h, w)
-        xt = buf.view(b, t_tiles, cpt, h, w)
-        exact_in = None
-        if cfg.correction == "first_order":  # x at full precision, in DAC code units
-            scale = positive_or_one(absmax(xt, (2, 3, 4)))
-            exact_in = (xt * (quant_levels(cfg.dac_bits) / scale) if cfg.dac_bits else xt).view(
-                b, t_tiles * cpt, h, w
-            )
-        _, s_in, levels = dac(xt, cfg, (2, 3, 4), out=xt)  # one range per image and tile
-        codes_flat = buf  # now holds the DAC codes
+        b = xp.shape[0]
+        codes_flat, exact_in, s_in, levels = self._dac_images(xp)
         s_in_nhwc = s_in.view(b, 1, 1, t_tiles, 1)
 
         def read(inp: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ References are torch's own nn.Linear / nn.Conv2d (the digital layer) and NumPy i
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 
@@ -580,3 +581,30 @@ def test_layers_run_under_inference_mode_like_under_no_grad():
     with torch.inference_mode():
         got = layer(x)
     torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("dac_bits", [None, 6])
+def test_float32_first_order_read_equals_float64_reference_path(kind, dac_bits):
+    # float32 runs the compiled epilogue (three reads accumulated in place), float64 the
+    # PyTorch path; without noise they must agree up to float32 rounding at ADC decisions
+    cfg = IDEAL.replace(
+        adc_bits=6, dac_bits=dac_bits, correction="first_order", tile_rows=20, tile_cols=4
+    )
+    torch.manual_seed(60 + (dac_bits or 0))
+    if kind == "linear":
+        ref = nn.Linear(50, 12, dtype=torch.float64)
+        layer64 = RRAMLinear.from_linear(ref, cfg)
+        x = torch.randn(9, 50, dtype=torch.float64, generator=seeded(61))
+    else:
+        ref = nn.Conv2d(6, 12, 3, padding=1, dtype=torch.float64)
+        layer64 = RRAMConv2d.from_conv(ref, cfg)
+        x = torch.randn(3, 6, 7, 8, dtype=torch.float64, generator=seeded(61))
+    layer32 = copy.deepcopy(layer64).float()
+    with torch.no_grad():
+        want = layer64(x).numpy()
+        got = layer32(x.float()).double().numpy()
+    scale = np.abs(want).max()
+    off = np.abs(got - want) > 1e-4 * scale
+    assert off.mean() < 0.03
+    assert np.abs(got - want).max() <= 3 * 2 * scale / (2**5 - 1)  # 3 reads, 2 steps at most
