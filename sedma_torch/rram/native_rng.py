@@ -83,8 +83,8 @@ void sedma_normal_f32(float *restrict out, int64_t n, uint32_t lo, uint32_t hi) 
    the block's rows at [row0, row0 + rows); col_scale is (T, cs_stride) at the block's
    first column. Columns are grouped in ADC groups of `group`; fixed_full > 0 is a fixed
    ADC full scale (saturating), otherwise each group auto-ranges to its largest |value|.
-   The noise of
-   row r of tile t, column c is keyed by the counter
+   Rows run in parallel on OpenMP threads (each row's result does not depend on the
+   split). The noise of row r of tile t, column c is keyed by the counter
    (t * noise_rows + noise_row0 + r) * noise_cols + noise_col0 + c. Returns 0, or -1 when
    out of memory. */
 int sedma_read_epilogue_f32(const float *restrict u, int64_t T, int64_t u_t_stride,
@@ -95,9 +95,17 @@ int sedma_read_epilogue_f32(const float *restrict u, int64_t T, int64_t u_t_stri
                             uint32_t lo, uint32_t hi, int64_t noise_rows,
                             int64_t noise_row0, int64_t noise_cols, int64_t noise_col0,
                             float *restrict out, int64_t out_stride, int mode) {
+  int status = 0;
+  #pragma omp parallel if (rows * width * T >= 32768)
+  {
   float *v = (float *)malloc(sizeof(float) * (size_t)width);
-  if (!v) return -1;
+  if (!v) {
+    #pragma omp atomic write
+    status = -1;
+  }
+  #pragma omp for schedule(static)
   for (int64_t r = 0; r < rows; ++r) {
+    if (!v) continue;
     float *o = out + r * out_stride;
     for (int64_t t = 0; t < T; ++t) {
       const float *ur = u + t * u_t_stride + r * u_r_stride;
@@ -139,7 +147,8 @@ int sedma_read_epilogue_f32(const float *restrict u, int64_t T, int64_t u_t_stri
     }
   }
   free(v);
-  return 0;
+  }
+  return status;
 }
 """
 
@@ -150,34 +159,49 @@ _LIB: object = None
 _LOCK = threading.Lock()
 
 
-def _flags() -> list[str]:
-    flags = ["-O3", "-ffast-math", "-fopenmp-simd", "-fPIC", "-shared"]
+def _flags(openmp: bool) -> list[str]:
+    # -fopenmp: the epilogue's rows run on OpenMP threads. PyTorch has loaded its own
+    # libgomp.so.1 by then, so the kernel shares PyTorch's thread pool and thread count.
+    # Without OpenMP support the same source builds single-threaded (-fopenmp-simd).
+    flags = ["-O3", "-ffast-math", "-fopenmp" if openmp else "-fopenmp-simd", "-fPIC", "-shared"]
     if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
         flags += ["-mavx2", "-mfma"]
     return flags
+
+
+def _compile(compiler: str, flags: list[str], target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        source = Path(tmp) / "native_rng.c"
+        source.write_text(_SOURCE)
+        built = Path(tmp) / "native_rng.so"
+        subprocess.run(
+            [compiler, *flags, str(source), "-o", str(built), "-lm"],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        os.replace(built, target)  # atomic: concurrent builders never see half a file
 
 
 def _build() -> ctypes.CDLL | None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None or not sys.platform.startswith("linux"):
         return None
-    flags = _flags()
-    key = hashlib.sha256((_SOURCE + " ".join(flags) + compiler).encode()).hexdigest()[:16]
     cache = Path(os.environ.get("SEDMA_CACHE_DIR", Path.home() / ".cache" / "sedma_torch"))
-    target = cache / f"native_rng_{key}.so"
-    if not target.exists():
-        cache.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            source = Path(tmp) / "native_rng.c"
-            source.write_text(_SOURCE)
-            built = Path(tmp) / "native_rng.so"
-            subprocess.run(
-                [compiler, *flags, str(source), "-o", str(built), "-lm"],
-                check=True,
-                capture_output=True,
-                timeout=120,
-            )
-            os.replace(built, target)  # atomic: concurrent builders never see half a file
+    target = None
+    for openmp in (True, False):
+        flags = _flags(openmp)
+        key = hashlib.sha256((_SOURCE + " ".join(flags) + compiler).encode()).hexdigest()[:16]
+        target = cache / f"native_rng_{key}.so"
+        if target.exists():
+            break
+        try:
+            _compile(compiler, flags, target)
+            break
+        except subprocess.CalledProcessError:
+            if not openmp:
+                raise
     lib = ctypes.CDLL(str(target))
     fn = lib.sedma_normal_f32
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint32, ctypes.c_uint32]

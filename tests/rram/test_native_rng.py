@@ -89,7 +89,10 @@ def test_fill_rejects_tensors_it_cannot_fill():
         native_rng.fill_normal_(torch.empty(10, 4).t(), 1, 2)
 
 
-def test_switching_it_off_falls_back_to_torch():
+@pytest.mark.parametrize(
+    "env", [{"SEDMA_NATIVE_RNG": "0"}, {"CC": "false"}], ids=["switched_off", "no_compiler"]
+)
+def test_switching_it_off_or_a_failing_compiler_falls_back_to_torch(env, tmp_path):
     code = (
         "import torch; from sedma_torch.rram import native_rng; "
         "from sedma_torch.rram.rng import NoiseSource; "
@@ -97,5 +100,5 @@ def test_switching_it_off_falls_back_to_torch():
         "z = NoiseSource(1).randn((70000,), torch.device('cpu'), torch.float32); "
         "assert abs(float(z.std()) - 1) < 0.02"
     )
-    env = {**os.environ, "SEDMA_NATIVE_RNG": "0"}
+    env = {**os.environ, **env, "SEDMA_CACHE_DIR": str(tmp_path)}  # nothing built yet
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
