@@ -382,10 +382,15 @@ _FUSED_MIN = 1 << 16
 _FUSED: object = None
 
 
+def fused_read_on() -> bool:
+    """True when the opt-in fused read (SEDMA_FUSED_READ=1) is on in this process."""
+    return _fused_read() is not None
+
+
 def fused_read_enabled(numel: int) -> bool:
-    """True when a read of ``numel`` column outputs runs the compiled epilogue
-    (SEDMA_FUSED_READ=1 and large enough)."""
-    return numel >= _FUSED_MIN and _fused_read() is not None
+    """True when a read of ``numel`` column outputs runs the fused read (it is on and the
+    read is large enough)."""
+    return numel >= _FUSED_MIN and fused_read_on()
 
 
 @dataclass(frozen=True)
@@ -495,6 +500,7 @@ __all__ = [
     "dac",
     "derive_seed",
     "fused_read_enabled",
+    "fused_read_on",
     "ir_drop_factor",
     "make_generator",
     "noisy_read_",

@@ -38,15 +38,16 @@ from .crossbar import (
     dac,
     derive_seed,
     fused_read_enabled,
+    fused_read_on,
     noisy_read_,
     positive_or_one,
     program_tiles,
     quant_levels,
     read_blocks,
 )
+from .rng import seed_pair
 
 _construction_counter = itertools.count()
-_FUSED_PROBE = 1 << 62  # a read size above any threshold: asks whether the fused read is on
 _STATE_KEYS = ("g_pos", "g_neg", "col_scale")
 _MEMORY_ATTRS = ("long_term_memory", "short_term_memory")
 
@@ -63,6 +64,12 @@ CONVERGED_INTERVAL_FACTOR = 10
 whose error at the current lambda exceeds the best by more than ``LAMBDA_DRIFT_TOLERANCE``
 re-opens the search."""
 LAMBDA_DRIFT_TOLERANCE = 0.2
+
+
+def _add_bias(y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``y + bias``, in place when ``y`` (a fresh hardware output) is not a view: autograd
+    forbids in-place changes to views made inside a custom Function (the denoised path)."""
+    return y.add_(bias) if y._base is None else y + bias
 
 
 def _check_config(config: Any) -> RRAMConfig:
@@ -387,7 +394,7 @@ class _CrossbarMixin:
             x.dtype == torch.float32
             and x.device.type == "cpu"
             and self.rram_config.adc_bits is not None
-            and not fused_read_enabled(_FUSED_PROBE)
+            and not fused_read_on()
             and self.col_scale.dtype == torch.float32  # type: ignore[attr-defined]
             and native_rng.available()
         )
@@ -399,7 +406,7 @@ class _CrossbarMixin:
         if sigma <= 0 or gen is None:
             return [(0, 0)] * n_reads
         seeds = [gen.next_seed() for _ in range(n_reads)]
-        return [(sd & 0x7FFFFFFF, (sd >> 31) & 0x7FFFFFFF) for sd in seeds]
+        return [seed_pair(sd) for sd in seeds]
 
     def crossbar_summary(self) -> dict[str, Any]:
         """Tiles, physical crossbars and utilisation of this layer."""
@@ -564,9 +571,8 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
             x2d = x2d.to(self.weight.dtype)
         y = _LinearFn.apply(x2d, self.weight, self._hardware_forward, self._transposed_weight)
         y = y.to(x.dtype)
-        if self.bias is not None:  # in place unless the output is a view (autograd forbids)
-            bias = self.bias.to(y.dtype)
-            y = y.add_(bias) if y._base is None else y + bias
+        if self.bias is not None:
+            y = _add_bias(y, self.bias.to(y.dtype))
         return y.reshape(*lead, self.out_features)
 
     def _hardware_forward(self, x2d: torch.Tensor) -> torch.Tensor:
@@ -605,12 +611,10 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
             # the compiled epilogue accumulates every read into the output: one stack alive
             stacks = 2 if cfg.correction == "first_order" and not native else 1
             plan = read_blocks(batch, t * r, self.out_features, t, cfg.tile_cols, stacks)
-            if native:
-                self._native_read(xt, sigma, gen, plan, out=y)
-            else:
-                for start in range(0, batch, plan.codes_rows):
-                    rows = slice(start, start + plan.codes_rows)
-                    self._tiled_read(xt[rows], sigma, gen, plan, out=y[rows])
+            keys = self._epilogue_keys(sigma, gen) if native else None
+            for start in range(0, batch, plan.codes_rows):
+                rows = slice(start, start + plan.codes_rows)
+                self._tiled_read(xt[rows], sigma, gen, plan, y[rows], keys, start, batch)
         lam = self._lambda(y, lambda rows: x2d[:rows] @ self._weight_oi().t())
         if lam is not None:
             y = denoise(y, lam)
@@ -648,84 +652,6 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
         u.mul_(std).baddbmm_(inputs, weights)
         return adc_dequantise_(u, self.rram_config, levels, s_in_t, col_dim=-1)
 
-    def _native_read(
-        self,
-        xt: torch.Tensor,
-        sigma: float,
-        gen: NoiseSource | None,
-        plan: ReadBlocks,
-        out: torch.Tensor,
-    ) -> None:
-        """The tiled read with the compiled epilogue: per block, one batched matmul and one
-        call that adds the read noise, runs the ADC, de-quantises, scales the columns and
-        sums the input tiles into ``out`` (first-order correction adds and subtracts its
-        second and third reads there). Same model as :meth:`_tiled_read`; the noise comes
-        from the kernel's counter-based stream, keyed per read and per element, so it does
-        not depend on the blocks."""
-        cfg = self.rram_config
-        batch, t, _ = xt.shape
-        cols = self.out_features
-        first_order = cfg.correction == "first_order"
-        keys = self._epilogue_keys(sigma, gen)
-        adc_levels = quant_levels(cfg.adc_bits)  # type: ignore[arg-type]
-        group = cfg.tile_cols if cols > cfg.tile_cols else cols
-        col_scale = self.col_scale.contiguous()
-
-        def chunk(start: int) -> None:
-            """Rows from ``start``: their codes and blocks live only in this call."""
-            buffers: dict[tuple[int, int], torch.Tensor] = {}
-            xs = xt[start : start + plan.codes_rows]
-            n_rows = xs.shape[0]
-            codes, s_in, levels = dac(xs, cfg, -1)
-            codes_t = codes.transpose(0, 1)  # (T, B, R)
-            s_in_2d = s_in.reshape(n_rows, t).t().contiguous()  # (T, B)
-
-            def std_of(inputs: torch.Tensor) -> torch.Tensor | None:
-                if sigma <= 0:
-                    return None
-                return inputs.norm(dim=-1).mul_(2**0.5 * sigma).contiguous()
-
-            std_codes = std_of(codes_t)
-            reads = [(codes_t, self.w_read, std_codes, keys[0], 0)]
-            if first_order:
-                exact_t = (xs * (levels / s_in)).transpose(0, 1)  # x at full precision
-                reads = [
-                    (codes_t, self.w_exact, std_codes, keys[0], 0),
-                    (exact_t, self.w_read, std_of(exact_t), keys[1], 1),
-                    (codes_t, self.w_read, std_codes, keys[2], -1),
-                ]
-            fixed = None if cfg.adc_range is None else cfg.adc_range * levels
-            for c0 in range(0, cols, plan.cols):
-                c1 = min(c0 + plan.cols, cols)
-                for r0 in range(0, n_rows, plan.rows):
-                    r1 = min(r0 + plan.rows, n_rows)
-                    shape = (r1 - r0, c1 - c0)
-                    if shape not in buffers:
-                        buffers[shape] = out.new_empty((t, *shape))
-                    for inputs, weights, std, key, mode in reads:
-                        u = torch.bmm(inputs[:, r0:r1], weights[..., c0:c1], out=buffers[shape])
-                        native_rng.read_epilogue_(
-                            u,
-                            std,
-                            s_in_2d,
-                            r0,
-                            col_scale,
-                            c0,
-                            out[start + r0 : start + r1, c0:c1],
-                            group=group,
-                            levels=adc_levels,
-                            dac_levels=levels,
-                            fixed_full=fixed,
-                            key=key,
-                            noise_rows=batch,
-                            noise_row0=start + r0,
-                            noise_col0=c0,
-                            mode=mode,
-                        )
-
-        for start in range(0, batch, plan.codes_rows):
-            chunk(start)
-
     def _tiled_read(
         self,
         xt: torch.Tensor,
@@ -733,10 +659,20 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
         gen: NoiseSource | None,
         plan: ReadBlocks,
         out: torch.Tensor,
+        keys: list[tuple[int, int]] | None,
+        row0: int,
+        batch: int,
     ) -> None:
-        """Rows ``xt`` (B, T, R) through DAC, tiles, noise, ADC and the digital tile sum,
-        written to ``out`` (B, out_features) block by block (columns outside, rows
-        inside)."""
+        """Rows ``xt`` (B, T, R) -- rows ``row0``.. of a forward call of ``batch`` rows --
+        through DAC, tiles, noise, ADC and the digital tile sum, written to ``out``
+        (B, out_features) block by block (columns outside, rows inside).
+
+        With ``keys`` (one noise key per read, :meth:`_epilogue_keys`) each block is one
+        batched matmul per read and one compiled epilogue call (``native_rng``) that adds
+        the read noise, runs the ADC, de-quantises, scales the columns and sums the input
+        tiles into ``out``; first-order correction adds and subtracts its second and third
+        reads there. Its noise is keyed per read and per element, so it does not depend on
+        the blocks. Without keys, each read is :meth:`_read_stack` in PyTorch."""
         cfg = self.rram_config
         codes, s_in, levels = dac(xt, cfg, -1)
         codes_t = codes.transpose(0, 1)  # (T, B, R)
@@ -746,35 +682,97 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
             return (2**0.5 * sigma) * inputs.norm(dim=-1, keepdim=True) if sigma > 0 else None
 
         std_codes = std_of(codes_t)
-        exact_in = std_exact = None
+        # (inputs, weights, their read-noise std, sign in A x~ + A~ x - A~ x~)
+        reads = [(codes_t, self.w_read, std_codes, 0)]
         if cfg.correction == "first_order":
             exact_in = (xt * (levels / s_in)).transpose(0, 1)  # x at full precision, code units
-            std_exact = std_of(exact_in)
+            reads = [
+                (codes_t, self.w_exact, std_codes, 0),
+                (exact_in, self.w_read, std_of(exact_in), 1),
+                (codes_t, self.w_read, std_codes, -1),
+            ]
+        n_rows = xt.shape[0]
+        if keys is not None:
+            self._native_blocks(reads, s_in_t, levels, plan, out, keys, row0, batch)
+            return
         col_scale = self.col_scale.unsqueeze(1).to(codes.dtype)  # (T, 1, C)
-
-        def part(t: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
-            return None if t is None else t[:, rows]
-
-        batch = xt.shape[0]
         for c0 in range(0, self.out_features, plan.cols):
             cols = slice(c0, c0 + plan.cols)
-            w_read = self.w_read[..., cols]
-            w_exact = self.w_exact[..., cols] if exact_in is not None else None
-            for r0 in range(0, batch, plan.rows):
+            for r0 in range(0, n_rows, plan.rows):
                 rows = slice(r0, r0 + plan.rows)
-                c_in, c_std, c_s = codes_t[:, rows], part(std_codes, rows), s_in_t[:, rows]
-                if exact_in is not None:
-                    # A x~ + A~ x - A~ x~, one read at a time (two partial-sum stacks alive)
-                    u = self._read_stack(c_in, w_exact, c_std, gen, levels, c_s)
-                    u += self._read_stack(
-                        exact_in[:, rows], w_read, part(std_exact, rows), gen, levels, c_s
+                u = None  # one read at a time: at most two partial-sum stacks alive
+                for inputs, weights, std, sign in reads:
+                    part = self._read_stack(
+                        inputs[:, rows],
+                        weights[..., cols],
+                        None if std is None else std[:, rows],
+                        gen,
+                        levels,
+                        s_in_t[:, rows],
                     )
-                    u -= self._read_stack(c_in, w_read, c_std, gen, levels, c_s)
-                else:
-                    u = self._read_stack(c_in, w_read, c_std, gen, levels, c_s)
+                    if u is None:
+                        u = part
+                    elif sign > 0:
+                        u += part
+                    else:
+                        u -= part
+                    del part
                 # digital: per-column scale of each tile, then add the tiles
-                torch.sum(u.mul_(col_scale[..., cols]), 0, out=out[rows, cols])
+                torch.sum(u.mul_(col_scale[..., cols]), 0, out=out[rows, cols])  # type: ignore[union-attr]
                 del u  # before the next block's stack is allocated
+
+    def _native_blocks(
+        self,
+        reads: list,
+        s_in_t: torch.Tensor,
+        levels: int,
+        plan: ReadBlocks,
+        out: torch.Tensor,
+        keys: list[tuple[int, int]],
+        row0: int,
+        batch: int,
+    ) -> None:
+        """The blocks of :meth:`_tiled_read` with the compiled epilogue."""
+        cfg = self.rram_config
+        cols = self.out_features
+        t, n_rows = s_in_t.shape[:2]
+        adc_levels = quant_levels(cfg.adc_bits)  # type: ignore[arg-type]
+        group = cfg.tile_cols if cols > cfg.tile_cols else cols
+        fixed = None if cfg.adc_range is None else cfg.adc_range * levels
+        col_scale = self.col_scale.contiguous()
+        s_in_2d = s_in_t.squeeze(-1).contiguous()  # (T, B)
+        reads = [
+            (inputs, weights, None if std is None else std.squeeze(-1).contiguous(), sign, key)
+            for (inputs, weights, std, sign), key in zip(reads, keys, strict=True)
+        ]
+        buffers: dict[tuple[int, int], torch.Tensor] = {}
+        for c0 in range(0, cols, plan.cols):
+            c1 = min(c0 + plan.cols, cols)
+            for r0 in range(0, n_rows, plan.rows):
+                r1 = min(r0 + plan.rows, n_rows)
+                shape = (r1 - r0, c1 - c0)
+                if shape not in buffers:
+                    buffers[shape] = out.new_empty((t, *shape))
+                for inputs, weights, std, sign, key in reads:
+                    u = torch.bmm(inputs[:, r0:r1], weights[..., c0:c1], out=buffers[shape])
+                    native_rng.read_epilogue_(
+                        u,
+                        std,
+                        s_in_2d,
+                        r0,
+                        col_scale,
+                        c0,
+                        out[r0:r1, c0:c1],
+                        group=group,
+                        levels=adc_levels,
+                        dac_levels=levels,
+                        fixed_full=fixed,
+                        key=key,
+                        noise_rows=batch,
+                        noise_row0=row0 + r0,
+                        noise_col0=c0,
+                        mode=sign,
+                    )
 
     def extra_repr(self) -> str:
         cfg = self.rram_config
@@ -1024,9 +1022,8 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
             (self.stride, (0, 0), self.dilation, self.groups),
         )
         y = y.to(x.dtype)
-        if self.bias is not None:  # in place unless the output is a view (autograd forbids)
-            bias = self.bias.to(y.dtype).view(1, -1, 1, 1)
-            y = y.add_(bias) if y._base is None else y + bias
+        if self.bias is not None:
+            y = _add_bias(y, self.bias.to(y.dtype).view(1, -1, 1, 1))
         return y.squeeze(0) if unbatched else y
 
     def _hardware_forward(self, xp: torch.Tensor) -> torch.Tensor:
@@ -1051,21 +1048,24 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
             # (two stacks; first-order correction holds one more) stay within the size of
             # the output
             step = chunk_rows(b, t_tiles, min_rows=1)
-            y = None
+            kh, kw = self.kernel_size
+            (sh, sw), (dh, dw) = self.stride, self.dilation
+            h, w = xp.shape[-2:]  # spatially padded already
+            hh, ww = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+            # NCHW in channels-last memory: image chunks are NHWC slices of it
+            y = torch.empty(
+                (b, self.out_channels, hh, ww),
+                dtype=xp.dtype,
+                device=xp.device,
+                memory_format=torch.channels_last,
+            )
             if self.groups == 1 and self._native_ok(xp):  # grouped: the PyTorch path
-                y = self._native_read(xp, sigma, gen, step)
-            for start in range(0, b, step) if y is None else ():
-                part = self._tiled_read(xp[start : start + step], sigma, gen)  # NHWC
-                if y is None:  # NCHW in channels-last memory: chunks are NHWC slices of it
-                    hh, ww, c_out = part.shape[1:]
-                    y = torch.empty(
-                        (b, c_out, hh, ww),
-                        dtype=part.dtype,
-                        device=part.device,
-                        memory_format=torch.channels_last,
-                    )
-                y.permute(0, 2, 3, 1)[start : start + step] = part
-                del part
+                self._native_read(xp, sigma, gen, step, y)
+            else:
+                for start in range(0, b, step):
+                    part = self._tiled_read(xp[start : start + step], sigma, gen)  # NHWC
+                    y.permute(0, 2, 3, 1)[start : start + step] = part
+                    del part
         hh, ww = y.shape[-2:]
         stats.matrix_products += reads * b * hh * ww
         stats.tile_reads += reads * b * hh * ww * t_tiles * n_ot
@@ -1154,22 +1154,19 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
         return buf, exact_in, s_in, levels
 
     def _native_read(
-        self, xp: torch.Tensor, sigma: float, gen: NoiseSource | None, step: int
-    ) -> torch.Tensor:
+        self, xp: torch.Tensor, sigma: float, gen: NoiseSource | None, step: int, y: torch.Tensor
+    ) -> None:
         """The tiled read with the compiled epilogue, ``step`` images at a time: per read,
         one tile convolution and one call that adds the read noise, runs the ADC,
         de-quantises, scales the columns and sums the tiles into the output (first-order
-        correction adds and subtracts its second and third reads there). Returns NCHW in
-        channels-last memory."""
+        correction adds and subtracts its second and third reads there), written to ``y``
+        (NCHW in channels-last memory)."""
         cfg = self.rram_config
         _, n_it, _ = self._geometry()
         t_tiles = n_it
         out_c = self.out_channels
-        b, _, h, w = xp.shape
-        kh, kw = self.kernel_size
-        (sh, sw), (dh, dw) = self.stride, self.dilation
-        hh, ww = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
-        y = torch.empty((b, out_c, hh, ww), dtype=xp.dtype, memory_format=torch.channels_last)
+        b = xp.shape[0]
+        hh, ww = y.shape[-2:]
         y_rows = y.permute(0, 2, 3, 1)  # NHWC view
         keys = self._epilogue_keys(sigma, gen)
         adc_levels = quant_levels(cfg.adc_bits)  # type: ignore[arg-type]
@@ -1223,7 +1220,6 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
                     mode=mode,
                 )
                 del u, u3, std
-        return y
 
     def _tiled_read(self, xp: torch.Tensor, sigma: float, gen: NoiseSource | None) -> torch.Tensor:
         """Images ``xp`` (spatially padded) through DAC, tile convolutions, read noise, ADC

@@ -189,7 +189,6 @@ def _build() -> ctypes.CDLL | None:
     if compiler is None or not sys.platform.startswith("linux"):
         return None
     cache = Path(os.environ.get("SEDMA_CACHE_DIR", Path.home() / ".cache" / "sedma_torch"))
-    target = None
     for openmp in (True, False):
         flags = _flags(openmp)
         key = hashlib.sha256((_SOURCE + " ".join(flags) + compiler).encode()).hexdigest()[:16]

@@ -114,14 +114,13 @@ class SeededDeviceVariation:
             raise ValueError(f"SeededDeviceVariation: {index.numel()} cells exceed 2^30")
         words = seed_words(self.seed, index.device)
         params = torch.tensor([self.sigma, self.g_min, self.g_range], dtype=dtype)
-        fn = _compiled(_variation_at) if index.numel() >= _COMPILE_MIN_CELLS else _variation_at
-        try:
-            return fn(index.to(torch.int32), words, params.to(index.device))
-        except Exception as exc:  # no compiler for this device: the eager version is exact
-            if fn is _variation_at:
-                raise
-            _compile_failed(_variation_at, exc)
-            return _variation_at(index.to(torch.int32), words, params.to(index.device))
+        return _run_fused(
+            _variation_at,
+            index.numel() >= _COMPILE_MIN_CELLS,
+            index.to(torch.int32),
+            words,
+            params.to(index.device),
+        )
 
     def materialise(self, shape: tuple[int, ...], device, dtype) -> DeviceVariation:
         """The full per-cell tensors for an array of ``shape`` (for inspection and tests)."""
@@ -234,9 +233,10 @@ def program_conductances(
         device=g.device,
     )
     fused = g.numel() >= _COMPILE_MIN_CELLS
-    step = _compiled(_write_verify_step) if fused else _write_verify_step
     # a fused step is cheap per cell, so compact (gather) only when few cells are left
-    compact_below = _COMPACT_FUSED if fused and step is not _write_verify_step else 0.6
+    compact_below = (
+        _COMPACT_FUSED if fused and _compiled(_write_verify_step) is not _write_verify_step else 0.6
+    )
     pulses = 0
     iterations = 0
     # Cells that converge are frozen (live = 0) and dropped from the working set only when
@@ -253,14 +253,7 @@ def program_conductances(
         seed = torch.randint(
             0, 2**31 - 1, (2,), generator=generator, device=generator.device, dtype=torch.int32
         ).to(g.device)
-        try:
-            counts = step(g, consts, live, index, seed, params)
-        except Exception as exc:  # e.g. no Triton for this GPU: the eager step is exact too
-            if step is _write_verify_step:
-                raise
-            _compile_failed(_write_verify_step, exc)
-            step = _write_verify_step
-            counts = step(g, consts, live, index, seed, params)
+        counts = _run_fused(_write_verify_step, fused, g, consts, live, index, seed, params)
         n_sum, n_live = (int(c) for c in counts.tolist())
         pulses += n_sum
         if 0 < n_live < compact_below * live.numel():
@@ -338,14 +331,23 @@ def _compiled(fn):
     return _COMPILED[fn]
 
 
-def _compile_failed(fn, exc: Exception) -> None:
-    """Use eager ``fn`` from now on (no C++ compiler, no Triton for this GPU, ...)."""
-    _COMPILED[fn] = fn
-    warnings.warn(
-        f"torch.compile failed for {fn.__name__} ({exc}); using eager",
-        RuntimeWarning,
-        stacklevel=3,
-    )
+def _run_fused(fn, fused: bool, *args):
+    """``fn(*args)``, through its compiled form when ``fused``. If compilation fails (no
+    C++ compiler, no Triton for this GPU, ...) this warns once and runs -- from now on --
+    the eager ``fn``, which computes the same."""
+    impl = _compiled(fn) if fused else fn
+    try:
+        return impl(*args)
+    except Exception as exc:
+        if impl is fn:
+            raise
+        _COMPILED[fn] = fn
+        warnings.warn(
+            f"torch.compile failed for {fn.__name__} ({exc}); using eager",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return fn(*args)
 
 
 def _finite_a(a: float, levels: float) -> float:
@@ -360,14 +362,7 @@ def _stats(
     if g.numel() == 0:
         return ProgrammingStats(0, iterations, pulses, 1.0, 0.0, 0.0)
     tol = torch.tensor(tol_abs * (1 + 1e-6), dtype=g.dtype, device=g.device)
-    fn = _compiled(_error_sums) if g.numel() >= _COMPILE_MIN_CELLS else _error_sums
-    try:
-        sums = fn(g, t, tol)
-    except Exception as exc:  # no compiler for this device: the eager version is exact
-        if fn is _error_sums:
-            raise
-        _compile_failed(_error_sums, exc)
-        sums = _error_sums(g, t, tol)
+    sums = _run_fused(_error_sums, g.numel() >= _COMPILE_MIN_CELLS, g, t, tol)
     within, total, largest = sums.tolist()
     return ProgrammingStats(
         cells=g.numel(),

@@ -85,7 +85,7 @@ def _native_randn(n: int, seed: int) -> torch.Tensor:
     out = torch.empty(n, dtype=torch.float32)
     halves = (out[: n // 2], out[n // 2 :])
     keys = [derive_seed(seed, "native", k) for k in (0, 1)]
-    words = [(key & 0x7FFFFFFF, (key >> 31) & 0x7FFFFFFF) for key in keys]
+    words = [seed_pair(key) for key in keys]
     # Both halves on this thread: a worker thread would compete with the OpenMP workers of
     # the surrounding matmuls, which spin after each call (measured slower on 2 cores).
     for half, (lo, hi) in zip(halves, words, strict=True):
@@ -142,11 +142,14 @@ def hash_normal_at(index: torch.Tensor, seed: torch.Tensor, dtype: torch.dtype) 
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(6.283185307179586 * u2)
 
 
+def seed_pair(seed: int) -> tuple[int, int]:
+    """Two 31-bit words of a derived seed: the key of the counter-based streams."""
+    return seed & 0x7FFFFFFF, (seed >> 31) & 0x7FFFFFFF
+
+
 def seed_words(seed: int, device) -> torch.Tensor:
-    """Two 31-bit words of a derived seed, as the int32 tensor ``hash_normal`` takes."""
-    return torch.tensor(
-        [seed & 0x7FFFFFFF, (seed >> 31) & 0x7FFFFFFF], dtype=torch.int32, device=device
-    )
+    """:func:`seed_pair` as the int32 tensor ``hash_normal`` takes."""
+    return torch.tensor(seed_pair(seed), dtype=torch.int32, device=device)
 
 
 __all__ = [
@@ -156,5 +159,6 @@ __all__ = [
     "hash_normal_at",
     "make_generator",
     "randn_split",
+    "seed_pair",
     "seed_words",
 ]
