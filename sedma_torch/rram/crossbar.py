@@ -433,11 +433,11 @@ def read_blocks(
     return ReadBlocks(step, step, cols_step)
 
 
-def chunk_rows(rows: int, stacks: int, min_rows: int = 8) -> int:
-    """Rows per chunk of a tiled read: at most ``rows / stacks`` (so that ``stacks``
-    partial-sum arrays of the chunk's rows take no more memory than the output of all
-    rows), but at least ``min_rows`` (smaller GEMMs run too far below peak speed)."""
-    return max(min(rows, min_rows), rows // max(stacks, 1))
+def chunk_rows(rows: int, stacks: int) -> int:
+    """Rows (images) per chunk of a tiled read: ``rows / stacks`` (so that ``stacks``
+    per-row arrays of the chunk take no more memory than one such array of all rows), at
+    least one."""
+    return max(1, rows // max(stacks, 1))
 
 
 def _fused_read():

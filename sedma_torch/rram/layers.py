@@ -1044,10 +1044,10 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
         if cfg.adc_bits is None and cfg.correction == "none":
             y = self._single_read(xp, sigma, gen)
         else:
-            # images in chunks: the partial sums of the T input tiles and their read noise
-            # (two stacks; first-order correction holds one more) stay within the size of
-            # the output
-            step = chunk_rows(b, t_tiles, min_rows=1)
+            # images in chunks: a chunk's partial sums of the T input tiles take about one
+            # output (the PyTorch path holds their read noise too, and first-order
+            # correction one more stack)
+            step = chunk_rows(b, t_tiles)
             kh, kw = self.kernel_size
             (sh, sw), (dh, dw) = self.stride, self.dilation
             h, w = xp.shape[-2:]  # spatially padded already
