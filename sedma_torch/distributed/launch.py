@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import multiprocessing as mp
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -44,6 +45,13 @@ def _entry(
         timeout=datetime.timedelta(seconds=pg_timeout_s),
     )
     fn(rank, world_size, *args)
+    # gloo cannot cancel a posted operation: a receive whose sender gave up (the exchange's
+    # deadline passed) keeps a waiter thread inside gloo, and interpreter finalization
+    # with such a thread can abort ("terminate called without an active exception"). The
+    # function has returned, so its work is done: flush and leave without finalization.
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(0)
 
 
 def spawn(
