@@ -155,6 +155,9 @@ def state_bytes(module: nn.Module) -> dict[str, int]:
     for name, value in vars(module).items():  # fast-path layouts cached by the RRAM layers
         if isinstance(value, torch.Tensor):
             add(name, value)
+        elif name == "_packed_cache":  # weights packed for the compiled CPU read
+            for key, (_, tensor) in value.items():
+                add(f"packed {key}", tensor)
     return {"+".join(names[ptr]): sizes[ptr] for ptr in names}
 
 

@@ -245,6 +245,7 @@ class _CrossbarMixin:
         state["_programmed_key"] = "current" if self.is_programmed else None
         for name in _MEMORY_ATTRS:  # databases and shared windows are not copied
             state[name] = None
+        state.pop("_packed_cache", None)  # a cache of w_read; rebuilt on first use
         return state
 
     def __setstate__(self, state) -> None:
@@ -398,6 +399,17 @@ class _CrossbarMixin:
             and self.col_scale.dtype == torch.float32  # type: ignore[attr-defined]
             and native_rng.available()
         )
+
+    def _packed(self, name: str, group: int) -> torch.Tensor:
+        """Buffer ``name`` (``w_read`` or ``w_exact``) packed for the compiled read, cached
+        until it changes (re-programming, loading, a device or dtype move)."""
+        weights = getattr(self, name)
+        key = (weights.data_ptr(), weights._version, tuple(weights.shape), group)
+        cache = self.__dict__.setdefault("_packed_cache", {})
+        if cache.get(name, (None,))[0] != key:
+            cache.pop(name, None)  # free the old copy first
+            cache[name] = (key, native_rng.pack_weights(weights, group))
+        return cache[name][1]
 
     def _epilogue_keys(self, sigma: float, gen: NoiseSource | None) -> list[tuple[int, int]]:
         """Noise keys (two 31-bit words) of the reads of one forward call: one, or three
@@ -598,6 +610,9 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
         if cfg.adc_bits is None and cfg.correction == "none":
             codes, s_in, levels = dac(xt, cfg, -1)
             y = self._fast_read(codes, s_in, levels, sigma, gen, batch, t, r)
+        elif self._native_ok(x2d):
+            y = x2d.new_empty(batch, self.out_features)
+            self._fused_reads(xt.contiguous(), sigma, gen, y)
         else:
             # The T partial sums of a read are T times the output's size: the read runs in
             # blocks of rows x whole physical column tiles (``read_blocks``) so that a
@@ -607,14 +622,11 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
             # streamed from memory once and reused from cache by the row chunks; otherwise
             # rows go outside and each row chunk has its own codes.
             y = x2d.new_empty(batch, self.out_features)
-            native = self._native_ok(y)
-            # the compiled epilogue accumulates every read into the output: one stack alive
-            stacks = 2 if cfg.correction == "first_order" and not native else 1
+            stacks = 2 if cfg.correction == "first_order" else 1
             plan = read_blocks(batch, t * r, self.out_features, t, cfg.tile_cols, stacks)
-            keys = self._epilogue_keys(sigma, gen) if native else None
             for start in range(0, batch, plan.codes_rows):
                 rows = slice(start, start + plan.codes_rows)
-                self._tiled_read(xt[rows], sigma, gen, plan, y[rows], keys, start, batch)
+                self._tiled_read(xt[rows], sigma, gen, plan, y[rows])
         lam = self._lambda(y, lambda rows: x2d[:rows] @ self._weight_oi().t())
         if lam is not None:
             y = denoise(y, lam)
@@ -659,20 +671,10 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
         gen: NoiseSource | None,
         plan: ReadBlocks,
         out: torch.Tensor,
-        keys: list[tuple[int, int]] | None,
-        row0: int,
-        batch: int,
     ) -> None:
-        """Rows ``xt`` (B, T, R) -- rows ``row0``.. of a forward call of ``batch`` rows --
-        through DAC, tiles, noise, ADC and the digital tile sum, written to ``out``
-        (B, out_features) block by block (columns outside, rows inside).
-
-        With ``keys`` (one noise key per read, :meth:`_epilogue_keys`) each block is one
-        batched matmul per read and one compiled epilogue call (``native_rng``) that adds
-        the read noise, runs the ADC, de-quantises, scales the columns and sums the input
-        tiles into ``out``; first-order correction adds and subtracts its second and third
-        reads there. Its noise is keyed per read and per element, so it does not depend on
-        the blocks. Without keys, each read is :meth:`_read_stack` in PyTorch."""
+        """Rows ``xt`` (B, T, R) through DAC, tiles, noise, ADC and the digital tile sum in
+        PyTorch, written to ``out`` (B, out_features) block by block (columns outside, rows
+        inside); each read of a block is :meth:`_read_stack`."""
         cfg = self.rram_config
         codes, s_in, levels = dac(xt, cfg, -1)
         codes_t = codes.transpose(0, 1)  # (T, B, R)
@@ -692,9 +694,6 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
                 (codes_t, self.w_read, std_codes, -1),
             ]
         n_rows = xt.shape[0]
-        if keys is not None:
-            self._native_blocks(reads, s_in_t, levels, plan, out, keys, row0, batch)
-            return
         col_scale = self.col_scale.unsqueeze(1).to(codes.dtype)  # (T, 1, C)
         for c0 in range(0, self.out_features, plan.cols):
             cols = slice(c0, c0 + plan.cols)
@@ -721,58 +720,51 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
                 torch.sum(u.mul_(col_scale[..., cols]), 0, out=out[rows, cols])  # type: ignore[union-attr]
                 del u  # before the next block's stack is allocated
 
-    def _native_blocks(
-        self,
-        reads: list,
-        s_in_t: torch.Tensor,
-        levels: int,
-        plan: ReadBlocks,
-        out: torch.Tensor,
-        keys: list[tuple[int, int]],
-        row0: int,
-        batch: int,
+    def _fused_reads(
+        self, xt: torch.Tensor, sigma: float, gen: NoiseSource | None, out: torch.Tensor
     ) -> None:
-        """The blocks of :meth:`_tiled_read` with the compiled epilogue."""
+        """The read of :meth:`_tiled_read` with the compiled kernel (``native_rng.fused_read_``):
+        per read, one pass that multiplies each input tile with its packed crossbar weights
+        and sends the partial sums -- a few rows x one ADC group at a time, in cache -- through
+        read noise, ADC, de-quantisation, column scale and the tile sum into ``out``.
+        First-order correction adds its second read (exact input on the programmed weights)
+        and subtracts its third. The kernel runs the DAC as it packs the input, so neither a
+        partial-sum stack nor DAC codes are ever stored: a forward pass needs little more
+        than its output. The weights are packed once per programming. Noise is keyed per
+        read and element (:meth:`_epilogue_keys`)."""
         cfg = self.rram_config
-        cols = self.out_features
-        t, n_rows = s_in_t.shape[:2]
-        adc_levels = quant_levels(cfg.adc_bits)  # type: ignore[arg-type]
-        group = cfg.tile_cols if cols > cfg.tile_cols else cols
-        fixed = None if cfg.adc_range is None else cfg.adc_range * levels
-        col_scale = self.col_scale.contiguous()
-        s_in_2d = s_in_t.squeeze(-1).contiguous()  # (T, B)
-        reads = [
-            (inputs, weights, None if std is None else std.squeeze(-1).contiguous(), sign, key)
-            for (inputs, weights, std, sign), key in zip(reads, keys, strict=True)
-        ]
-        buffers: dict[tuple[int, int], torch.Tensor] = {}
-        for c0 in range(0, cols, plan.cols):
-            c1 = min(c0 + plan.cols, cols)
-            for r0 in range(0, n_rows, plan.rows):
-                r1 = min(r0 + plan.rows, n_rows)
-                shape = (r1 - r0, c1 - c0)
-                if shape not in buffers:
-                    buffers[shape] = out.new_empty((t, *shape))
-                for inputs, weights, std, sign, key in reads:
-                    u = torch.bmm(inputs[:, r0:r1], weights[..., c0:c1], out=buffers[shape])
-                    native_rng.read_epilogue_(
-                        u,
-                        std,
-                        s_in_2d,
-                        r0,
-                        col_scale,
-                        c0,
-                        out[r0:r1, c0:c1],
-                        group=group,
-                        levels=adc_levels,
-                        dac_levels=levels,
-                        fixed_full=fixed,
-                        key=key,
-                        noise_rows=batch,
-                        noise_row0=row0 + r0,
-                        noise_col0=c0,
-                        mode=sign,
-                    )
+        batch, t = xt.shape[:2]
+        # the kernel runs the DAC itself (input mode 2); here only its ranges, (T, B)
+        if cfg.dac_bits is None:
+            levels, quantised = 1, 1  # full precision: scale 1, no rounding
+            s_in = xt.new_ones(t, batch)
+        else:
+            levels, quantised = quant_levels(cfg.dac_bits), 2
+            if cfg.dac_range is None:
+                s_in = positive_or_one(absmax(xt, -1, keepdim=False)).t().contiguous()
+            else:
+                s_in = xt.new_full((t, batch), cfg.dac_range)
+        group = cfg.tile_cols if self.out_features > cfg.tile_cols else self.out_features
+        # (buffer of the weights, input mode: 2 through the DAC, 1 exact; sign of the read)
+        reads = [("w_read", quantised, 0)]
+        if cfg.correction == "first_order":
+            reads = [("w_exact", quantised, 0), ("w_read", 1, 1), ("w_read", quantised, -1)]
+        keys = self._epilogue_keys(sigma, gen)
+        for (weights, input_mode, mode), key in zip(reads, keys, strict=True):
+            spec = native_rng.ReadSpec(
+                group=group,
+                input_mode=input_mode,
+                noise_std=2**0.5 * sigma,
+                levels=quant_levels(cfg.adc_bits),  # type: ignore[arg-type]
+                dac_levels=levels,
+                fixed_full=None if cfg.adc_range is None else cfg.adc_range * levels,
+                key=key,
+                noise_rows=batch,
+                mode=mode,
+            )
+            native_rng.fused_read_(
+                xt, s_in, self._packed(weights, group), self.col_scale, out, spec
+            )
 
     def extra_repr(self) -> str:
         cfg = self.rram_config
@@ -1060,7 +1052,7 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
                 memory_format=torch.channels_last,
             )
             if self.groups == 1 and self._native_ok(xp):  # grouped: the PyTorch path
-                self._native_read(xp, sigma, gen, step, y)
+                self._fused_reads(xp, sigma, gen, y)
             else:
                 for start in range(0, b, step):
                     part = self._tiled_read(xp[start : start + step], sigma, gen)  # NHWC
@@ -1153,73 +1145,70 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
         _, s_in, levels = dac(xt, cfg, (2, 3, 4), out=xt)
         return buf, exact_in, s_in, levels
 
-    def _native_read(
-        self, xp: torch.Tensor, sigma: float, gen: NoiseSource | None, step: int, y: torch.Tensor
+    def _fused_reads(
+        self, xp: torch.Tensor, sigma: float, gen: NoiseSource | None, y: torch.Tensor
     ) -> None:
-        """The tiled read with the compiled epilogue, ``step`` images at a time: per read,
-        one tile convolution and one call that adds the read noise, runs the ADC,
-        de-quantises, scales the columns and sums the tiles into the output (first-order
-        correction adds and subtracts its second and third reads there), written to ``y``
-        (NCHW in channels-last memory)."""
+        """The read of :meth:`_tiled_read` with the compiled kernel
+        (``native_rng.fused_conv_read_``), written to ``y`` (NCHW in channels-last memory):
+        per read, one pass that gathers each output pixel's kernel window per input tile
+        (implicit im2col), runs the DAC on it, multiplies it with the tile's packed weights
+        and sends the partial sums through read noise, ADC, de-quantisation, column scale
+        and the tile sum. First-order correction adds its second read (exact input) and
+        subtracts its third. The only copy is one channels-last image buffer (channels
+        padded to whole tiles); no patch matrix, codes or partial sums are stored."""
         cfg = self.rram_config
-        _, n_it, _ = self._geometry()
-        t_tiles = n_it
+        cpt, t_tiles, _ = self._geometry()
+        b, c_in, h, w = xp.shape
         out_c = self.out_channels
-        b = xp.shape[0]
-        hh, ww = y.shape[-2:]
-        y_rows = y.permute(0, 2, 3, 1)  # NHWC view
-        keys = self._epilogue_keys(sigma, gen)
-        adc_levels = quant_levels(cfg.adc_bits)  # type: ignore[arg-type]
-        group = cfg.tile_cols if out_c > cfg.tile_cols else out_c
-        col_scale = self.col_scale.reshape(t_tiles, out_c).contiguous()
-        cl = torch.channels_last
-        for start in range(0, b, step):
-            xc = xp[start : start + step]
-            n_img = xc.shape[0]
-            rows = n_img * hh * ww
-            buf, exact_in, s_in, levels = self._dac_images(xc)
-            s_rows = (
-                (s_in.view(n_img, t_tiles, 1).expand(n_img, t_tiles, hh * ww).permute(1, 0, 2))
-                .reshape(t_tiles, rows)
-                .contiguous()
+        if t_tiles * cpt == c_in:
+            buf = xp.contiguous(memory_format=torch.channels_last)
+        else:
+            buf = xp.new_zeros((b, t_tiles * cpt, h, w)).contiguous(
+                memory_format=torch.channels_last
             )
-            out = y_rows[start : start + n_img].reshape(rows, out_c)
-            fixed = None if cfg.adc_range is None else cfg.adc_range * levels
-            reads = [(buf, self._w_conv, keys[0], 0)]
-            if exact_in is not None:
-                reads = [
-                    (buf, self._w_conv_exact, keys[0], 0),
-                    (exact_in, self._w_conv, keys[1], 1),
-                    (buf, self._w_conv, keys[2], -1),
-                ]
-            for inp, weight, key, mode in reads:
-                u = F.conv2d(
-                    inp.contiguous(memory_format=cl), weight, groups=t_tiles, **self._conv_args()
-                )
-                u3 = u.permute(0, 2, 3, 1).reshape(rows, t_tiles, out_c)  # NHWC: no copy
-                std = None
-                if sigma > 0:
-                    std = self._patch_norm2(inp).sqrt_().mul_(2**0.5 * sigma)  # (B, T, H', W')
-                    std = std.permute(1, 0, 2, 3).reshape(t_tiles, rows).contiguous()
-                native_rng.read_epilogue_(
-                    u3,
-                    std,
-                    s_rows,
-                    0,
-                    col_scale,
-                    0,
-                    out,
-                    group=group,
-                    levels=adc_levels,
-                    dac_levels=levels,
-                    fixed_full=fixed,
-                    key=key,
-                    noise_rows=b * hh * ww,
-                    noise_row0=start * hh * ww,
-                    noise_col0=0,
-                    mode=mode,
-                )
-                del u, u3, std
+            buf[:, :c_in] = xp
+        if cfg.dac_bits is None:
+            levels, quantised = 1, 1  # full precision: scale 1, no rounding
+            s_in = xp.new_ones(t_tiles, b)
+        else:
+            levels, quantised = quant_levels(cfg.dac_bits), 2
+            if cfg.dac_range is None:  # one range per image and input tile
+                per_tile = buf.view(b, t_tiles, cpt, h, w)
+                s_in = positive_or_one(absmax(per_tile, (2, 3, 4), keepdim=False))
+                s_in = s_in.t().contiguous()
+            else:
+                s_in = xp.new_full((t_tiles, b), cfg.dac_range)
+        group = cfg.tile_cols if out_c > cfg.tile_cols else out_c
+        reads = [("w_read", quantised, 0)]
+        if cfg.correction == "first_order":
+            reads = [("w_exact", quantised, 0), ("w_read", 1, 1), ("w_read", quantised, -1)]
+        hh, ww = y.shape[-2:]
+        out = y.permute(0, 2, 3, 1).view(b * hh * ww, out_c)
+        images = buf.permute(0, 2, 3, 1)  # NHWC, contiguous
+        keys = self._epilogue_keys(sigma, gen)
+        for (weights, input_mode, mode), key in zip(reads, keys, strict=True):
+            spec = native_rng.ReadSpec(
+                group=group,
+                input_mode=input_mode,
+                noise_std=2**0.5 * sigma,
+                levels=quant_levels(cfg.adc_bits),  # type: ignore[arg-type]
+                dac_levels=levels,
+                fixed_full=None if cfg.adc_range is None else cfg.adc_range * levels,
+                key=key,
+                noise_rows=b * hh * ww,
+                mode=mode,
+            )
+            native_rng.fused_conv_read_(
+                images,
+                s_in,
+                self._packed(weights, group),
+                self.col_scale,  # type: ignore[arg-type]
+                out,
+                spec,
+                kernel_size=self.kernel_size,  # type: ignore[arg-type]
+                stride=self.stride,  # type: ignore[arg-type]
+                dilation=self.dilation,  # type: ignore[arg-type]
+            )
 
     def _tiled_read(self, xp: torch.Tensor, sigma: float, gen: NoiseSource | None) -> torch.Tensor:
         """Images ``xp`` (spatially padded) through DAC, tile convolutions, read noise, ADC

@@ -293,6 +293,33 @@ def test_optimizer_step_triggers_reprogramming_on_next_forward(kind):
     assert layer.rram_stats.programming_events == 2  # no change, no re-programming
 
 
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_float32_read_follows_the_weights_after_an_optimizer_step(kind):
+    # float32 with an ADC runs the compiled read, which packs the programmed weights once:
+    # the packed copy must follow re-programming (fine ADC, so the output ~ the digital one)
+    torch.manual_seed(52)
+    cfg = IDEAL.replace(adc_bits=16, tile_rows=18, tile_cols=4)
+    if kind == "linear":
+        ref: nn.Module = nn.Linear(40, 9)
+        layer: nn.Module = RRAMLinear.from_linear(ref, cfg)
+        x = torch.randn(7, 40, generator=seeded(53))
+    else:
+        ref = nn.Conv2d(5, 6, 3, padding=1)
+        layer = RRAMConv2d.from_conv(ref, cfg)
+        x = torch.randn(2, 5, 6, 7, generator=seeded(53))
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    for _ in range(2):
+        y = layer(x)
+        with torch.no_grad():
+            copy_weights(ref, layer)
+            want = ref(x)
+        torch.testing.assert_close(y.detach(), want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
+        y.square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    assert layer.rram_stats.programming_events == 2
+
+
 def _roundtrip(state: dict) -> dict:
     buffer = io.BytesIO()
     torch.save(state, buffer)

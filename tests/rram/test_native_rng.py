@@ -28,11 +28,12 @@ def _np_h32(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint32(16))
 
 
-def np_stream(n: int, lo: int, hi: int) -> np.ndarray:
-    """The documented stream in float64 NumPy: Box-Muller on hashed pair counters."""
+def np_stream(n: int, lo: int, hi: int, offset: int = 0) -> np.ndarray:
+    """The documented stream in float64 NumPy: Box-Muller on hashed pair counters (pair p
+    hashes the counters 2 (p + offset) and 2 (p + offset) + 1)."""
     npairs = (n + 1) // 2
     with np.errstate(over="ignore"):
-        i2 = np.arange(npairs, dtype=np.uint32) * np.uint32(2)
+        i2 = (np.arange(npairs, dtype=np.uint32) + np.uint32(offset)) * np.uint32(2)
         a = _np_h32(_np_h32(i2 + np.uint32(lo)) ^ np.uint32(hi))
         b = _np_h32(_np_h32(i2 + np.uint32(1) + np.uint32(lo)) ^ np.uint32(hi))
     u1 = ((a >> np.uint32(8)).astype(np.float64) + 0.5) / 2**24
@@ -102,3 +103,226 @@ def test_switching_it_off_or_a_failing_compiler_falls_back_to_torch(env, tmp_pat
     )
     env = {**os.environ, **env, "SEDMA_CACHE_DIR": str(tmp_path)}  # nothing built yet
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+# ----- the fused crossbar read ------------------------------------------------------------
+
+
+def np_fused_read(a, s_in, w, col_scale, *, group, levels, dac_levels, fixed, noise_std, key, rows):
+    """Float64 NumPy reference of one fused read of code-unit inputs ``a`` (B, T, K):
+    per tile t, ADC group and row, the partial sums plus keyed read noise, the ADC, the
+    de-quantisation and column scale, summed over t. Also returns, per output, the sum
+    over t of one ADC step (float32 rounding may move a sum across one decision)."""
+    b, t_tiles, _ = a.shape
+    c = w.shape[-1]
+    out, steps = np.zeros((b, c)), np.zeros((b, c))
+    for t in range(t_tiles):
+        u = a[:, t] @ w[t]
+        sd = noise_std * np.linalg.norm(a[:, t], axis=1)
+        for g0 in range(0, c, group):
+            g1 = min(g0 + group, c)
+            for r in range(b):
+                v = u[r, g0:g1].copy()
+                if noise_std > 0:
+                    counter = (t * rows + r) * c + g0
+                    v += sd[r] * np_stream(g1 - g0, *key, offset=counter)
+                full = fixed if fixed is not None else (np.abs(v).max() or 1.0)
+                q = np.round(v * levels / full)
+                if fixed is not None:
+                    q = np.clip(q, -levels, levels)
+                unit = full * s_in[t, r] / (levels * dac_levels) * col_scale[t, g0:g1]
+                out[r, g0:g1] += q * unit
+                steps[r, g0:g1] += np.abs(unit)
+    return out, steps
+
+
+def _read_case(seed, b=13, t=3, k=37, c=50):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((b, t, k)) * rng.uniform(0.2, 3.0, (b, t, 1))).astype(np.float32)
+    w = (rng.standard_normal((t, k, c)) * 0.1).astype(np.float32)
+    col_scale = rng.uniform(0.5, 2.0, (t, c)).astype(np.float32)
+    s_in = np.abs(x).max(-1).T.copy()  # (T, B): one DAC range per row and tile
+    return x, w, col_scale, s_in
+
+
+@pytest.mark.parametrize(
+    ("group", "fixed", "noise_std"), [(50, None, 0.0), (24, None, 0.02), (16, 3000.0, 0.02)]
+)
+def test_fused_read_equals_numpy_reference_within_one_adc_step(group, fixed, noise_std):
+    x, w, col_scale, s_in = _read_case(30 + group)
+    dac_levels, levels, key = 31, 15, (12345, 6789)
+    codes = np.clip(np.round(x * (np.float32(dac_levels) / s_in.T[..., None])), -31, 31)
+    want, steps = np_fused_read(
+        codes.astype(np.float64),
+        s_in,
+        w,
+        col_scale,
+        group=group,
+        levels=levels,
+        dac_levels=dac_levels,
+        fixed=fixed,
+        noise_std=noise_std,
+        key=key,
+        rows=x.shape[0],
+    )
+    packed = native_rng.pack_weights(torch.from_numpy(w), group)
+    for input_mode, inputs in ((0, codes), (2, x)):  # codes given / the DAC in the kernel
+        out = torch.empty(x.shape[0], w.shape[-1])
+        spec = native_rng.ReadSpec(
+            group=group,
+            input_mode=input_mode,
+            noise_std=noise_std,
+            levels=levels,
+            dac_levels=dac_levels,
+            fixed_full=fixed,
+            key=key,
+            noise_rows=x.shape[0],
+        )
+        native_rng.fused_read_(
+            torch.from_numpy(inputs.astype(np.float32)),
+            torch.from_numpy(s_in),
+            packed,
+            torch.from_numpy(col_scale),
+            out,
+            spec,
+        )
+        err = np.abs(out.numpy() - want)
+        assert np.all(err <= steps + 1e-4 * np.abs(want) + 1e-5)
+        assert np.mean(err > 1e-4 * (np.abs(want) + 1)) < 0.02  # decisions rarely move
+
+
+def test_fused_read_modes_accumulate_and_exact_input_skips_rounding():
+    # first-order correction: write one read, add the exact-input read, subtract a third
+    x, w, col_scale, s_in = _read_case(77)
+    group, levels, dac_levels = 25, 127, 63
+    packed = native_rng.pack_weights(torch.from_numpy(w), group)
+    base = dict(
+        group=group,
+        noise_std=0.0,
+        levels=levels,
+        dac_levels=dac_levels,
+        fixed_full=None,
+        key=(1, 2),
+        noise_rows=x.shape[0],
+    )
+    args = (torch.from_numpy(x), torch.from_numpy(s_in), packed, torch.from_numpy(col_scale))
+    out = torch.empty(x.shape[0], w.shape[-1])
+    native_rng.fused_read_(*args, out, native_rng.ReadSpec(input_mode=2, mode=0, **base))
+    native_rng.fused_read_(*args, out, native_rng.ReadSpec(input_mode=1, mode=1, **base))
+    native_rng.fused_read_(*args, out, native_rng.ReadSpec(input_mode=2, mode=-1, **base))
+    exact = x.astype(np.float64) * (dac_levels / s_in.T[..., None])
+    want, steps = np_fused_read(
+        exact,
+        s_in,
+        w,
+        col_scale,
+        group=group,
+        levels=levels,
+        dac_levels=dac_levels,
+        fixed=None,
+        noise_std=0.0,
+        key=(1, 2),
+        rows=x.shape[0],
+    )
+    # the first and third reads cancel up to float rounding
+    np.testing.assert_allclose(out.numpy(), want, rtol=1e-4, atol=float(steps.max()) * 1e-3)
+
+
+@pytest.mark.parametrize(
+    ("kernel", "stride", "dilation"), [((3, 3), (1, 1), (1, 1)), ((3, 2), (2, 1), (1, 2))]
+)
+def test_fused_conv_read_equals_the_dense_read_of_explicit_patches(kernel, stride, dilation):
+    rng = np.random.default_rng(sum(kernel) + stride[0])
+    n, h, wd, cpt, t, c = 2, 9, 8, 5, 3, 20
+    kh, kw = kernel
+    images = rng.standard_normal((n, h, wd, t * cpt)).astype(np.float32)
+    w = (rng.standard_normal((t, cpt * kh * kw, c)) * 0.1).astype(np.float32)
+    col_scale = rng.uniform(0.5, 2.0, (t, c)).astype(np.float32)
+    s_in = np.abs(images.reshape(n, h * wd, t, cpt)).max(axis=(1, 3)).T.copy()  # (T, N)
+    oh = (h - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (wd - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    # explicit patches: row (n, oh, ow), tile t, K ordered (channel, i, j)
+    patches = np.empty((n, oh, ow, t, cpt, kh, kw), dtype=np.float32)
+    for i in range(kh):
+        for j in range(kw):
+            y0, x0 = i * dilation[0], j * dilation[1]
+            window = images[
+                :, y0 : y0 + stride[0] * oh : stride[0], x0 : x0 + stride[1] * ow : stride[1]
+            ]
+            patches[..., i, j] = window.reshape(n, oh, ow, t, cpt)
+    dense = patches.reshape(n * oh * ow, t, cpt * kh * kw)
+    s_rows = np.repeat(s_in, oh * ow, axis=1)  # (T, rows): each image's range
+    packed = native_rng.pack_weights(torch.from_numpy(w), 16)
+    spec = native_rng.ReadSpec(
+        group=16,
+        input_mode=2,
+        noise_std=0.01,
+        levels=31,
+        dac_levels=15,
+        fixed_full=None,
+        key=(4, 5),
+        noise_rows=n * oh * ow,
+    )
+    want = torch.empty(n * oh * ow, c)
+    native_rng.fused_read_(
+        torch.from_numpy(dense),
+        torch.from_numpy(s_rows),
+        packed,
+        torch.from_numpy(col_scale),
+        want,
+        spec,
+    )
+    got = torch.empty(n * oh * ow, c)
+    native_rng.fused_conv_read_(
+        torch.from_numpy(images),
+        torch.from_numpy(s_in),
+        packed,
+        torch.from_numpy(col_scale),
+        got,
+        spec,
+        kernel_size=kernel,
+        stride=stride,
+        dilation=dilation,
+    )
+    torch.testing.assert_close(got, want, rtol=0, atol=0)  # same sums in the same order
+
+
+def test_fused_read_rejects_operands_it_cannot_use():
+    x, w, col_scale, s_in = _read_case(5)
+    packed = native_rng.pack_weights(torch.from_numpy(w), 16)
+    spec = native_rng.ReadSpec(
+        group=16,
+        input_mode=2,
+        noise_std=0.0,
+        levels=7,
+        dac_levels=7,
+        fixed_full=None,
+        key=(0, 0),
+        noise_rows=x.shape[0],
+    )
+    args = [torch.from_numpy(x), torch.from_numpy(s_in), packed, torch.from_numpy(col_scale)]
+    out = torch.empty(x.shape[0], w.shape[-1])
+    with pytest.raises(ValueError, match="out must be"):
+        native_rng.fused_read_(*args, out[:, :-1], spec)
+    with pytest.raises(ValueError, match="packed must be"):
+        native_rng.fused_read_(*args, out, native_rng.ReadSpec(**{**spec.__dict__, "group": 24}))
+    with pytest.raises(ValueError, match="input_mode"):
+        native_rng.fused_read_(
+            *args, out, native_rng.ReadSpec(**{**spec.__dict__, "input_mode": 3})
+        )
+    with pytest.raises(ValueError, match="s_in"):
+        native_rng.fused_read_(args[0], args[1][:, :-1], *args[2:], out, spec)
+    with pytest.raises(ValueError, match="a must be"):
+        native_rng.fused_read_(args[0].double(), *args[1:], out, spec)
+    with pytest.raises(ValueError, match="whole tiles"):
+        native_rng.fused_conv_read_(
+            torch.zeros(1, 4, 4, 7),
+            torch.ones(3, 1),
+            packed,
+            args[3],
+            out,
+            spec,
+            kernel_size=(1, 1),
+            stride=(1, 1),
+            dilation=(1, 1),
+        )
