@@ -389,7 +389,7 @@ class _CrossbarMixin:
             ltm.record_lambda(material, self.workload_type, lam_t, err_t)
 
     def _native_ok(self, x: torch.Tensor) -> bool:
-        """True when the compiled read epilogue (``native_rng.read_epilogue_``) applies:
+        """True when the compiled fused read (``native_rng.fused_read_``) applies:
         float32 on CPU, with an ADC, outside the opt-in fused read."""
         return (
             x.dtype == torch.float32
