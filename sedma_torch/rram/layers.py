@@ -400,6 +400,46 @@ class _CrossbarMixin:
             and native_rng.available()
         )
 
+    def _dac_ranges(self, x: torch.Tensor, cpt: int, tiles: int) -> torch.Tensor:
+        """DAC full scale of each input tile of each row (linear) or image (conv), (T, N),
+        for the compiled read: the configured range, or auto-ranged (``dac``'s rule); 1
+        without a DAC."""
+        cfg = self.rram_config
+        if cfg.dac_bits is None:
+            return x.new_ones(tiles, x.shape[0])
+        if cfg.dac_range is not None:
+            return x.new_full((tiles, x.shape[0]), cfg.dac_range)
+        return native_rng.tile_absmax(x, cpt, tiles)
+
+    def _run_fused_reads(self, sigma: float, gen: NoiseSource | None, read, rows: int) -> None:
+        """The reads of one forward call with the compiled kernel: ``read(spec, packed)``
+        once, or three times with first-order correction (``A x~ + A~ x - A~ x~``: codes
+        on the exact weights, the exact input on the programmed ones, codes on the
+        programmed ones)."""
+        cfg = self.rram_config
+        out_c = self.col_scale.shape[-1]  # type: ignore[attr-defined]
+        group = cfg.tile_cols if out_c > cfg.tile_cols else out_c
+        dac_levels = 1 if cfg.dac_bits is None else quant_levels(cfg.dac_bits)
+        quantise = cfg.dac_bits is not None
+        # (buffer of the weights, DAC rounding, sign of the read)
+        reads = [("w_read", quantise, 0)]
+        if cfg.correction == "first_order":
+            reads = [("w_exact", quantise, 0), ("w_read", False, 1), ("w_read", quantise, -1)]
+        keys = self._epilogue_keys(sigma, gen)
+        for (weights, rounding, mode), key in zip(reads, keys, strict=True):
+            spec = native_rng.ReadSpec(
+                group=group,
+                quantise=rounding,
+                noise_std=2**0.5 * sigma,
+                levels=quant_levels(cfg.adc_bits),  # type: ignore[arg-type]
+                dac_levels=dac_levels,
+                fixed_full=None if cfg.adc_range is None else cfg.adc_range * dac_levels,
+                key=key,
+                noise_rows=rows,
+                mode=mode,
+            )
+            read(spec, self._packed(weights, group))
+
     def _packed(self, name: str, group: int) -> torch.Tensor:
         """Buffer ``name`` (``w_read`` or ``w_exact``) packed for the compiled read, cached
         until it changes (re-programming, loading, a device or dtype move)."""
@@ -612,7 +652,7 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
             y = self._fast_read(codes, s_in, levels, sigma, gen, batch, t, r)
         elif self._native_ok(x2d):
             y = x2d.new_empty(batch, self.out_features)
-            self._fused_reads(xt.contiguous(), sigma, gen, y)
+            self._fused_reads(x2d.contiguous(), sigma, gen, y)
         else:
             # The T partial sums of a read are T times the output's size: the read runs in
             # blocks of rows x whole physical column tiles (``read_blocks``) so that a
@@ -721,50 +761,33 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
                 del u  # before the next block's stack is allocated
 
     def _fused_reads(
-        self, xt: torch.Tensor, sigma: float, gen: NoiseSource | None, out: torch.Tensor
+        self, x2d: torch.Tensor, sigma: float, gen: NoiseSource | None, out: torch.Tensor
     ) -> None:
         """The read of :meth:`_tiled_read` with the compiled kernel (``native_rng.fused_read_``):
-        per read, one pass that multiplies each input tile with its packed crossbar weights
-        and sends the partial sums -- a few rows x one ADC group at a time, in cache -- through
-        read noise, ADC, de-quantisation, column scale and the tile sum into ``out``.
-        First-order correction adds its second read (exact input on the programmed weights)
-        and subtracts its third. The kernel runs the DAC as it packs the input, so neither a
-        partial-sum stack nor DAC codes are ever stored: a forward pass needs little more
-        than its output. The weights are packed once per programming. Noise is keyed per
-        read and element (:meth:`_epilogue_keys`)."""
-        cfg = self.rram_config
-        batch, t = xt.shape[:2]
-        # the kernel runs the DAC itself (input mode 2); here only its ranges, (T, B)
-        if cfg.dac_bits is None:
-            levels, quantised = 1, 1  # full precision: scale 1, no rounding
-            s_in = xt.new_ones(t, batch)
-        else:
-            levels, quantised = quant_levels(cfg.dac_bits), 2
-            if cfg.dac_range is None:
-                s_in = positive_or_one(absmax(xt, -1, keepdim=False)).t().contiguous()
-            else:
-                s_in = xt.new_full((t, batch), cfg.dac_range)
-        group = cfg.tile_cols if self.out_features > cfg.tile_cols else self.out_features
-        # (buffer of the weights, input mode: 2 through the DAC, 1 exact; sign of the read)
-        reads = [("w_read", quantised, 0)]
-        if cfg.correction == "first_order":
-            reads = [("w_exact", quantised, 0), ("w_read", 1, 1), ("w_read", quantised, -1)]
-        keys = self._epilogue_keys(sigma, gen)
-        for (weights, input_mode, mode), key in zip(reads, keys, strict=True):
-            spec = native_rng.ReadSpec(
-                group=group,
-                input_mode=input_mode,
-                noise_std=2**0.5 * sigma,
-                levels=quant_levels(cfg.adc_bits),  # type: ignore[arg-type]
-                dac_levels=levels,
-                fixed_full=None if cfg.adc_range is None else cfg.adc_range * levels,
-                key=key,
-                noise_rows=batch,
-                mode=mode,
-            )
-            native_rng.fused_read_(
-                xt, s_in, self._packed(weights, group), self.col_scale, out, spec
-            )
+        per read, one pass that runs the DAC on the rows ``x2d`` (B, in_features) as it
+        packs them, multiplies each input tile with its packed crossbar weights and sends
+        the partial sums -- a few rows x one ADC group at a time, in cache -- through read
+        noise, ADC, de-quantisation, column scale and the tile sum into ``out``. First-order
+        correction adds its second read (exact input on the programmed weights) and
+        subtracts its third. Neither DAC codes nor a partial-sum stack are ever stored: a
+        forward pass needs little more than its output. The weights are packed once per
+        programming. Noise is keyed per read and element (:meth:`_epilogue_keys`)."""
+        t, r = self._geometry()
+        s_in = self._dac_ranges(x2d, r, t)  # (T, B)
+        self._run_fused_reads(
+            sigma,
+            gen,
+            lambda spec, packed: native_rng.fused_read_(
+                x2d,
+                s_in,
+                packed,
+                self.col_scale,  # type: ignore[arg-type]
+                out,
+                spec,
+                tile_rows=r,
+            ),
+            x2d.shape[0],
+        )
 
     def extra_repr(self) -> str:
         cfg = self.rram_config
@@ -1151,64 +1174,35 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
         """The read of :meth:`_tiled_read` with the compiled kernel
         (``native_rng.fused_conv_read_``), written to ``y`` (NCHW in channels-last memory):
         per read, one pass that gathers each output pixel's kernel window per input tile
-        (implicit im2col), runs the DAC on it, multiplies it with the tile's packed weights
-        and sends the partial sums through read noise, ADC, de-quantisation, column scale
-        and the tile sum. First-order correction adds its second read (exact input) and
-        subtracts its third. The only copy is one channels-last image buffer (channels
-        padded to whole tiles); no patch matrix, codes or partial sums are stored."""
-        cfg = self.rram_config
+        straight from the (spatially padded) NCHW images -- implicit im2col, channels past
+        the input's zero --, runs the DAC on it, multiplies it with the tile's packed
+        weights and sends the partial sums through read noise, ADC, de-quantisation, column
+        scale and the tile sum. First-order correction adds its second read (exact input)
+        and subtracts its third. No copy of the images, patch matrix, codes or partial sums
+        is stored."""
         cpt, t_tiles, _ = self._geometry()
-        b, c_in, h, w = xp.shape
-        out_c = self.out_channels
-        if t_tiles * cpt == c_in:
-            buf = xp.contiguous(memory_format=torch.channels_last)
-        else:
-            buf = xp.new_zeros((b, t_tiles * cpt, h, w)).contiguous(
-                memory_format=torch.channels_last
-            )
-            buf[:, :c_in] = xp
-        if cfg.dac_bits is None:
-            levels, quantised = 1, 1  # full precision: scale 1, no rounding
-            s_in = xp.new_ones(t_tiles, b)
-        else:
-            levels, quantised = quant_levels(cfg.dac_bits), 2
-            if cfg.dac_range is None:  # one range per image and input tile
-                per_tile = buf.view(b, t_tiles, cpt, h, w)
-                s_in = positive_or_one(absmax(per_tile, (2, 3, 4), keepdim=False))
-                s_in = s_in.t().contiguous()
-            else:
-                s_in = xp.new_full((t_tiles, b), cfg.dac_range)
-        group = cfg.tile_cols if out_c > cfg.tile_cols else out_c
-        reads = [("w_read", quantised, 0)]
-        if cfg.correction == "first_order":
-            reads = [("w_exact", quantised, 0), ("w_read", 1, 1), ("w_read", quantised, -1)]
+        xp = xp.contiguous()
+        b = xp.shape[0]
         hh, ww = y.shape[-2:]
-        out = y.permute(0, 2, 3, 1).view(b * hh * ww, out_c)
-        images = buf.permute(0, 2, 3, 1)  # NHWC, contiguous
-        keys = self._epilogue_keys(sigma, gen)
-        for (weights, input_mode, mode), key in zip(reads, keys, strict=True):
-            spec = native_rng.ReadSpec(
-                group=group,
-                input_mode=input_mode,
-                noise_std=2**0.5 * sigma,
-                levels=quant_levels(cfg.adc_bits),  # type: ignore[arg-type]
-                dac_levels=levels,
-                fixed_full=None if cfg.adc_range is None else cfg.adc_range * levels,
-                key=key,
-                noise_rows=b * hh * ww,
-                mode=mode,
-            )
-            native_rng.fused_conv_read_(
-                images,
+        s_in = self._dac_ranges(xp, cpt, t_tiles)  # one range per image and input tile
+        out = y.permute(0, 2, 3, 1).view(b * hh * ww, self.out_channels)
+        self._run_fused_reads(
+            sigma,
+            gen,
+            lambda spec, packed: native_rng.fused_conv_read_(
+                xp,
                 s_in,
-                self._packed(weights, group),
+                packed,
                 self.col_scale,  # type: ignore[arg-type]
                 out,
                 spec,
+                cpt=cpt,
                 kernel_size=self.kernel_size,  # type: ignore[arg-type]
                 stride=self.stride,  # type: ignore[arg-type]
                 dilation=self.dilation,  # type: ignore[arg-type]
-            )
+            ),
+            b * hh * ww,
+        )
 
     def _tiled_read(self, xp: torch.Tensor, sigma: float, gen: NoiseSource | None) -> torch.Tensor:
         """Images ``xp`` (spatially padded) through DAC, tile convolutions, read noise, ADC

@@ -174,55 +174,105 @@ void sedma_pack_weights_f32(const float *restrict w, int64_t T, int64_t K, int64
     }
 }
 
-/* Where the K inputs of row r of tile t come from: a dense (B, T, K) array (row stride
-   a_stride), or, for a convolution, the kernel window of output pixel r = (n, oh, ow) in
-   an NHWC image buffer (n, h, w, channel) of `channels` channels, tile t holding channels
-   [t * cpt, (t + 1) * cpt) and its K = cpt * kh * kw rows ordered (channel, i, j). */
+/* The input of a read: NCHW images x (n, c_in, h, w), already padded spatially, read
+   through kh x kw windows (stride, dilation) at oh x ow output pixels. Row r of the read is
+   output pixel (image r / (oh ow), pixel r % (oh ow)); tile t holds channels
+   [t cpt, (t + 1) cpt) (channels >= c_in are zero: padding to whole tiles) and its K =
+   cpt kh kw inputs are ordered (channel, i, j). A linear layer's (n, c_in) rows are the
+   case h = w = kh = kw = 1. */
 struct source {
-  const float *a;
-  int64_t a_stride;
-  int conv;
-  int64_t h, w, channels, oh, ow, cpt, kh, kw, sh, sw, dh, dw;
-  int64_t rows_per_scale;  /* rows sharing one DAC range: 1, or a conv's oh * ow */
+  const float *x;
+  int64_t n, c_in, h, w, oh, ow, cpt, kh, kw, sh, sw, dh, dw;
 };
 
-/* Input row r of tile t into tmp (K floats); returns a pointer to the K values. */
-static inline const float *source_row(const struct source *src, int64_t r, int64_t t,
-                                      int64_t K, float *tmp) {
-  if (!src->conv) return src->a + r * src->a_stride + t * K;
-  int64_t n = r / (src->oh * src->ow), p = r % (src->oh * src->ow);
-  int64_t y0 = (p / src->ow) * src->sh, x0 = (p % src->ow) * src->sw;
-  int64_t window = src->kh * src->kw;
-  for (int64_t i = 0; i < src->kh; ++i)
-    for (int64_t j = 0; j < src->kw; ++j) {
-      const float *px = src->a + ((n * src->h + y0 + i * src->dh) * src->w + x0 + j * src->dw)
-                                     * src->channels + t * src->cpt;
-      float *d = tmp + i * src->kw + j;
-      for (int64_t c = 0; c < src->cpt; ++c) d[c * window] = px[c];
-    }
-  return tmp;
+static inline float dac_convert(float v, float mult, int quantise, float dac_levels) {
+  float c = v * mult;
+  return quantise ? fminf(fmaxf(rintf(c), -dac_levels), dac_levels) : c;
 }
 
-/* One read of the crossbar for rows [0, B) of the source against packed weights wp,
-   accumulated into out (B, C; row stride out_stride): mode 0 writes, +1 adds, -1
-   subtracts.
+/* Pack rows [r0, r0 + valid) of tile t (valid <= MR; missing rows are zero) into dst, k-major
+   (dst[k MR + m]), converted to DAC code units with each row's multiplier, and add each
+   row's sum of squares (code units) to ss. */
+static void pack_block(const struct source *s, int64_t r0, int64_t valid, int64_t t, int64_t K,
+                       const float *mult, int quantise, float dac_levels, float *restrict dst,
+                       float *restrict ss) {
+  int64_t pix = s->oh * s->ow, window = s->kh * s->kw, c_first = t * s->cpt;
+  int64_t c_valid = s->c_in - c_first < s->cpt ? s->c_in - c_first : s->cpt;
+  for (int64_t k = 0; k < K * MR; ++k) dst[k] = 0.0f;
+  if (s->h == 1 && s->w == 1 && window == 1) {  /* dense rows */
+    for (int64_t m = 0; m < valid; ++m) {
+      const float *row = s->x + (r0 + m) * s->c_in + c_first;
+      float acc = 0.0f;
+      for (int64_t k = 0; k < c_valid; ++k) {
+        float v = dac_convert(row[k], mult[m], quantise, dac_levels);
+        dst[k * MR + m] = v;
+        acc += v * v;
+      }
+      ss[m] += acc;
+    }
+    return;
+  }
+  int64_t n0 = r0 / pix, p0 = r0 % pix, oy0 = p0 / s->ow, ox0 = p0 % s->ow;
+  if (valid == MR && ox0 + MR <= s->ow && s->sw == 1) {
+    /* six neighbours on one output row: each input is a run of six floats */
+    float acc[MR] = {0};
+    for (int64_t c = 0; c < c_valid; ++c)
+      for (int64_t i = 0; i < s->kh; ++i) {
+        const float *line = s->x + ((n0 * s->c_in + c_first + c) * s->h + oy0 * s->sh
+                                    + i * s->dh) * s->w + ox0;
+        for (int64_t j = 0; j < s->kw; ++j) {
+          const float *px = line + j * s->dw;
+          float *d = dst + (c * window + i * s->kw + j) * MR;
+          for (int m = 0; m < MR; ++m) {
+            float v = dac_convert(px[m], mult[0], quantise, dac_levels);
+            d[m] = v;
+            acc[m] += v * v;
+          }
+        }
+      }
+    for (int m = 0; m < MR; ++m) ss[m] += acc[m];
+    return;
+  }
+  for (int64_t m = 0; m < valid; ++m) {
+    int64_t r = r0 + m, n = r / pix, p = r % pix, oy = p / s->ow, ox = p % s->ow;
+    float acc = 0.0f;
+    for (int64_t c = 0; c < c_valid; ++c)
+      for (int64_t i = 0; i < s->kh; ++i)
+        for (int64_t j = 0; j < s->kw; ++j) {
+          float v = s->x[((n * s->c_in + c_first + c) * s->h + oy * s->sh + i * s->dh) * s->w
+                         + ox * s->sw + j * s->dw];
+          v = dac_convert(v, mult[m], quantise, dac_levels);
+          dst[(c * window + i * s->kw + j) * MR + m] = v;
+          acc += v * v;
+        }
+    ss[m] += acc;
+  }
+}
 
-   input_mode 0: the input is in DAC code units; 1: in input units, converted as
-   a * (dac_levels / s_in) without rounding (an exact, unquantised input); 2: in input
-   units, converted by the DAC: round(a * (dac_levels / s_in)) clipped to +-dac_levels.
-   s_in is (T, ld): the DAC full scale of tile t for row r at s_in[t * ld + r /
-   rows_per_scale]. noise_std > 0 adds read noise of standard deviation
-   noise_std * ||a_t[r]|| (code units) to each partial sum; the noise of (t, r, c) is
-   drawn per ADC group, keyed by the counter (t * noise_rows + noise_row0 + r) * C + c.
-   Then the column ADC (`levels`, groups of `group` columns, fixed full scale
-   fixed_full > 0 or auto-range), de-quantisation (s_in / (levels * dac_levels)), the
-   column scale col_scale (T, C) and the sum over t. Returns 0, or -1 when out of memory. */
-static int fused_read(const struct source *src, int64_t B, int64_t T, int64_t K, int64_t C,
-                      const float *restrict wp, int64_t group, int input_mode,
-                      const float *s_in, int64_t ld, float noise_std, const float *col_scale,
-                      float levels, float dac_levels, float fixed_full, uint32_t lo,
-                      uint32_t hi, int64_t noise_rows, int64_t noise_row0,
-                      float *restrict out, int64_t out_stride, int mode) {
+/* One read of the crossbar for all rows (output pixels) of the source against packed
+   weights wp, accumulated into out (rows, C; row stride out_stride): mode 0 writes, +1
+   adds, -1 subtracts.
+
+   The DAC converts input v of image n and tile t to code units as v * (dac_levels /
+   s_in[t, n]), rounded and clipped to +-dac_levels when `quantise` (else exact: first-order
+   correction's full-precision input). s_in is (T, n). noise_std > 0 adds read noise of
+   standard deviation noise_std * ||codes of the row's tile input|| to each partial sum; the
+   noise of (t, r, c) is drawn per ADC group, keyed by the counter
+   (t * noise_rows + noise_row0 + r) * C + c. Then the column ADC (`levels`, groups of
+   `group` columns, fixed full scale fixed_full > 0 or auto-range), de-quantisation
+   (s_in / (levels * dac_levels)), the column scale col_scale (T, C) and the sum over t.
+   geometry = {n, c_in, h, w, oh, ow, cpt, kh, kw, sh, sw, dh, dw} (struct source).
+   Returns 0, or -1 when out of memory. */
+int sedma_fused_read_f32(const float *x, const int64_t *geometry, int64_t T, int64_t C,
+                         const float *restrict wp, int64_t group, int quantise,
+                         const float *s_in, float noise_std, const float *col_scale,
+                         float levels, float dac_levels, float fixed_full, uint32_t lo,
+                         uint32_t hi, int64_t noise_rows, int64_t noise_row0,
+                         float *restrict out, int64_t out_stride, int mode) {
+  const int64_t *q = geometry;
+  struct source src = {x, q[0], q[1], q[2], q[3], q[4], q[5], q[6], q[7], q[8], q[9],
+                       q[10], q[11], q[12]};
+  int64_t pix = src.oh * src.ow, B = src.n * pix, K = src.cpt * src.kh * src.kw;
   int64_t G = ceil_div(C, group), gs = ceil_div(group, NR), ldc = gs * NR;
   int64_t per_t = sedma_packed_size(1, K, C, group);
   int threads = 1;
@@ -245,9 +295,8 @@ static int fused_read(const struct source *src, int64_t B, int64_t T, int64_t K,
   float *apack = alloc64(chunk_blocks * MR * K);
   float *cbuf = alloc64(MR * ldc);
   float *noise = alloc64(ldc);
-  float *tmp = alloc64(K);
   float sd[MR * 32], si[MR * 32];
-  int ok = apack && cbuf && noise && tmp;
+  int ok = apack && cbuf && noise;
   if (!ok) {
     #pragma omp atomic write
     status = -1;
@@ -262,32 +311,15 @@ static int fused_read(const struct source *src, int64_t B, int64_t T, int64_t K,
     int64_t nb = ceil_div(r1 - r0, MR), strips = ceil_div(width, NR);
     for (int64_t t = 0; t < T; ++t) {
       /* pack this chunk's rows of tile t, k-major in blocks of MR, with their noise std */
-      for (int64_t i = 0; i < nb * MR; ++i) {
-        int64_t r = r0 + i;
-        float *dst = apack + (i / MR) * MR * K + (i % MR);
-        if (r >= r1) {
-          for (int64_t k = 0; k < K; ++k) dst[MR * k] = 0.0f;
-          sd[i] = 0.0f;
-          continue;
+      for (int64_t b = 0; b < nb; ++b) {
+        int64_t rb = r0 + b * MR, valid = r1 - rb < MR ? r1 - rb : MR;
+        float mult[MR], ss[MR] = {0};
+        for (int64_t m = 0; m < MR; ++m) {
+          si[b * MR + m] = m < valid ? s_in[t * src.n + (rb + m) / pix] : 1.0f;
+          mult[m] = dac_levels / si[b * MR + m];
         }
-        const float *row = source_row(src, r, t, K, tmp);
-        si[i] = s_in[t * ld + r / src->rows_per_scale];
-        float mult = input_mode ? dac_levels / si[i] : 1.0f;
-        float ss = 0.0f;
-        if (input_mode == 2) {
-          for (int64_t k = 0; k < K; ++k) {
-            float v = fminf(fmaxf(rintf(row[k] * mult), -dac_levels), dac_levels);
-            dst[MR * k] = v;
-            ss += v * v;
-          }
-        } else {
-          for (int64_t k = 0; k < K; ++k) {
-            float v = row[k] * mult;
-            dst[MR * k] = v;
-            ss += v * v;
-          }
-        }
-        sd[i] = noise_std * sqrtf(ss);
+        pack_block(&src, rb, valid, t, K, mult, quantise, dac_levels, apack + b * MR * K, ss);
+        for (int64_t m = 0; m < MR; ++m) sd[b * MR + m] = noise_std * sqrtf(ss[m]);
       }
       const float *wt = wp + t * per_t + g * gs * K * NR;
       const float *cs = col_scale + t * C + c0;
@@ -318,9 +350,9 @@ static int fused_read(const struct source *src, int64_t B, int64_t T, int64_t K,
           float *o = out + r * out_stride + c0;
           #pragma omp simd
           for (int64_t c = 0; c < width; ++c) {
-            float q = rintf(v[c] * inv);
-            if (saturate) q = fminf(fmaxf(q, -levels), levels);
-            float val = sign * (q * scale * cs[c]);
+            float qv = rintf(v[c] * inv);
+            if (saturate) qv = fminf(fmaxf(qv, -levels), levels);
+            float val = sign * (qv * scale * cs[c]);
             o[c] = first ? val : o[c] + val;
           }
         }
@@ -330,40 +362,25 @@ static int fused_read(const struct source *src, int64_t B, int64_t T, int64_t K,
   free(apack);
   free(cbuf);
   free(noise);
-  free(tmp);
   }
   return status;
 }
 
-/* fused_read of a dense (B, T, K) input (row stride a_stride; s_in (T, ld) per row). */
-int sedma_fused_read_f32(const float *a, int64_t B, int64_t a_stride, int64_t T, int64_t K,
-                         int64_t C, const float *wp, int64_t group, int input_mode,
-                         const float *s_in, int64_t ld, float noise_std,
-                         const float *col_scale, float levels, float dac_levels,
-                         float fixed_full, uint32_t lo, uint32_t hi, int64_t noise_rows,
-                         int64_t noise_row0, float *out, int64_t out_stride, int mode) {
-  struct source src = {a, a_stride, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1};
-  return fused_read(&src, B, T, K, C, wp, group, input_mode, s_in, ld, noise_std, col_scale,
-                    levels, dac_levels, fixed_full, lo, hi, noise_rows, noise_row0, out,
-                    out_stride, mode);
-}
-
-/* fused_read of a convolution: images (n, h, w, T * cpt) NHWC, already padded; the output
-   rows are the n * oh * ow pixels (out is NHWC); s_in (T, n) holds one range per image
-   and tile. geometry = {n, h, w, oh, ow, cpt, kh, kw, sh, sw, dh, dw}. */
-int sedma_fused_conv_f32(const float *a, const int64_t *geometry, int64_t T, int64_t C,
-                         const float *wp, int64_t group, int input_mode, const float *s_in,
-                         float noise_std, const float *col_scale, float levels,
-                         float dac_levels, float fixed_full, uint32_t lo, uint32_t hi,
-                         int64_t noise_rows, int64_t noise_row0, float *out,
-                         int64_t out_stride, int mode) {
-  const int64_t *q = geometry;
-  struct source src = {a, 0, 1, q[1], q[2], T * q[5], q[3], q[4], q[5], q[6], q[7],
-                       q[8], q[9], q[10], q[11], q[3] * q[4]};
-  int64_t K = q[5] * q[6] * q[7];
-  return fused_read(&src, q[0] * q[3] * q[4], T, K, C, wp, group, input_mode, s_in, q[0],
-                    noise_std, col_scale, levels, dac_levels, fixed_full, lo, hi, noise_rows,
-                    noise_row0, out, out_stride, mode);
+/* DAC ranges: out[t * n + i] = max |x| over the channels [t cpt, (t + 1) cpt) (those below
+   c_in) of image i of NCHW x (n, c_in, hw), or 1 where that is 0 (an all-zero input). */
+void sedma_tile_absmax_f32(const float *x, int64_t n, int64_t c_in, int64_t hw, int64_t cpt,
+                           int64_t T, float *out) {
+  #pragma omp parallel for collapse(2) schedule(static) if (n * c_in * hw >= 65536)
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t t = 0; t < T; ++t) {
+      int64_t c1 = (t + 1) * cpt < c_in ? (t + 1) * cpt : c_in;
+      const float *p = x + (i * c_in + t * cpt) * hw;
+      int64_t len = (c1 - t * cpt) * hw;
+      float m = 0.0f;
+      #pragma omp simd reduction(max:m)
+      for (int64_t k = 0; k < len; ++k) m = fmaxf(m, fabsf(p[k]));
+      out[t * n + i] = m > 0.0f ? m : 1.0f;
+    }
 }
 """
 
@@ -437,13 +454,11 @@ def _build() -> ctypes.CDLL | None:
     lib.sedma_pack_weights_f32.argtypes = [ptr, i64, i64, i64, i64, ptr]
     lib.sedma_pack_weights_f32.restype = None
     fused = lib.sedma_fused_read_f32
-    fused.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, i64, ctypes.c_int, ptr, i64, f32]
-    fused.argtypes += [ptr, f32, f32, f32, u32, u32, i64, i64, ptr, i64, ctypes.c_int]
+    fused.argtypes = [ptr, ptr, i64, i64, ptr, i64, ctypes.c_int, ptr, f32, ptr, f32, f32, f32]
+    fused.argtypes += [u32, u32, i64, i64, ptr, i64, ctypes.c_int]
     fused.restype = ctypes.c_int
-    conv = lib.sedma_fused_conv_f32
-    conv.argtypes = [ptr, ptr, i64, i64, ptr, i64, ctypes.c_int, ptr, f32, ptr, f32, f32, f32]
-    conv.argtypes += [u32, u32, i64, i64, ptr, i64, ctypes.c_int]
-    conv.restype = ctypes.c_int
+    lib.sedma_tile_absmax_f32.argtypes = [ptr, i64, i64, i64, i64, i64, ptr]
+    lib.sedma_tile_absmax_f32.restype = None
     return lib
 
 
@@ -507,22 +522,21 @@ def pack_weights(w: torch.Tensor, group: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class ReadSpec:
-    """What one fused crossbar read does after the matmul (see :func:`fused_read_`)."""
+    """What one fused crossbar read does besides the matmul (see :func:`fused_read_`)."""
 
     group: int
     """Columns sharing one ADC range (a physical column tile)."""
-    input_mode: int
-    """0: the input holds DAC codes; 1: the raw input, converted to code units without
-    rounding (``x * (dac_levels / s_in)``: first-order correction's exact input); 2: the
-    raw input, converted by the DAC (that, rounded and clipped to ``+-dac_levels``, as
-    :func:`~sedma_torch.rram.crossbar.dac`), so no code tensor is ever stored."""
+    quantise: bool
+    """True: the DAC rounds the input to codes and clips at ``+-dac_levels``, as
+    :func:`~sedma_torch.rram.crossbar.dac`. False: the input enters in code units at full
+    precision (first-order correction's exact input)."""
     noise_std: float
     """Read-noise standard deviation per unit norm of a tile's input row (code units);
     0 = no noise."""
     levels: int
     """ADC levels (``quant_levels(adc_bits)``)."""
     dac_levels: int
-    """DAC levels (1 without a DAC)."""
+    """DAC levels (1 without a DAC, with ranges of 1)."""
     fixed_full: float | None
     """Fixed ADC full scale in code units (saturating), or None (each group auto-ranges)."""
     key: tuple[int, int]
@@ -535,26 +549,44 @@ class ReadSpec:
     """0 writes the output, +1 adds to it, -1 subtracts from it."""
 
 
-def _check_read(
-    name: str,
-    rows: int,
-    t: int,
-    k: int,
-    s_in: torch.Tensor,
-    s_in_cols: int,
-    packed: torch.Tensor,
-    col_scale: torch.Tensor,
-    out: torch.Tensor,
-    spec: ReadSpec,
-) -> list:
-    """Validate the operands shared by the fused reads; the C arguments from ``packed`` on."""
+def _check_input(name: str, x: torch.Tensor, ndim: int) -> None:
+    if x.ndim != ndim or x.dtype != torch.float32 or x.device.type != "cpu":
+        raise ValueError(
+            f"{name}: x must be a {ndim}-d CPU float32 tensor, got {tuple(x.shape)} "
+            f"{x.dtype} on {x.device}"
+        )
+    if not x.is_contiguous():
+        raise ValueError(f"{name}: x must be contiguous")
+
+
+def tile_absmax(x: torch.Tensor, cpt: int, tiles: int) -> torch.Tensor:
+    """DAC ranges of an input: (tiles, N), the largest ``|x|`` over each image's (or row's)
+    channels ``[t cpt, (t + 1) cpt)``, or 1 where they are all zero. ``x`` is (N, C) or
+    NCHW (N, C, H, W), contiguous float32 on CPU."""
     if not available():
         raise RuntimeError("native kernels unavailable")
-    c = col_scale.shape[-1]
-    for label, tensor, shape in (("s_in", s_in, (t, s_in_cols)), ("col_scale", col_scale, (t, c))):
+    _check_input("tile_absmax", x, x.ndim if x.ndim in (2, 4) else 2)
+    n, c_in = x.shape[:2]
+    if cpt < 1 or tiles * cpt < c_in or (tiles - 1) * cpt >= c_in:
+        raise ValueError(f"tile_absmax: {tiles} tiles of {cpt} channels do not cover {c_in}")
+    out = torch.empty(tiles, n, dtype=torch.float32)
+    hw = x[0, 0].numel()
+    _LIB.sedma_tile_absmax_f32(x.data_ptr(), n, c_in, hw, cpt, tiles, out.data_ptr())  # type: ignore[union-attr]
+    return out
+
+
+def _read(name, x, geometry, s_in, packed, col_scale, out, spec: ReadSpec) -> None:
+    """Validate the operands of a fused read and run it; ``geometry`` as in the C source."""
+    if not available():
+        raise RuntimeError("native kernels unavailable")
+    n, _, _, _, oh, ow, cpt, kh, kw = geometry[:9]
+    t, c = col_scale.shape
+    rows, k = n * oh * ow, cpt * kh * kw
+    for label, tensor, shape in (("s_in", s_in, (t, n)), ("col_scale", col_scale, (t, c))):
         if tuple(tensor.shape) != shape or tensor.dtype != torch.float32:
             raise ValueError(
-                f"{name}: {label} must be float32 {shape}, got {tuple(tensor.shape)} {tensor.dtype}"
+                f"{name}: {label} must be float32 {shape}, got {tuple(tensor.shape)} "
+                f"{tensor.dtype}"
             )
         if not tensor.is_contiguous() or tensor.device.type != "cpu":
             raise ValueError(f"{name}: {label} must be a contiguous CPU tensor")
@@ -573,15 +605,19 @@ def _check_read(
         )
     if t * spec.noise_rows * c >= 2**32:
         raise ValueError(f"{name}: noise counters exceed 32 bits")
-    if spec.input_mode not in (0, 1, 2):
-        raise ValueError(f"{name}: input_mode must be 0, 1 or 2, got {spec.input_mode}")
     if spec.mode not in (-1, 0, 1):
         raise ValueError(f"{name}: mode must be -1, 0 or 1, got {spec.mode}")
-    return [packed.data_ptr(), spec.group, spec.input_mode, s_in.data_ptr()]
-
-
-def _epilogue_args(col_scale: torch.Tensor, out: torch.Tensor, spec: ReadSpec) -> list:
-    return [
+    geo = torch.tensor(geometry, dtype=torch.int64)
+    status = _LIB.sedma_fused_read_f32(  # type: ignore[union-attr]
+        x.data_ptr(),
+        geo.data_ptr(),
+        t,
+        c,
+        packed.data_ptr(),
+        spec.group,
+        int(spec.quantise),
+        s_in.data_ptr(),
+        float(spec.noise_std),
         col_scale.data_ptr(),
         float(spec.levels),
         float(spec.dac_levels),
@@ -593,111 +629,77 @@ def _epilogue_args(col_scale: torch.Tensor, out: torch.Tensor, spec: ReadSpec) -
         out.data_ptr(),
         out.stride(0),
         spec.mode,
-    ]
+    )
+    if status != 0:
+        raise MemoryError(f"{name}: out of memory")
 
 
 def fused_read_(
-    a: torch.Tensor,
-    s_in: torch.Tensor,
-    packed: torch.Tensor,
-    col_scale: torch.Tensor,
-    out: torch.Tensor,
-    spec: ReadSpec,
-) -> None:
-    """One crossbar read of the rows of ``a`` (B, T, K) through the packed weights
-    (:func:`pack_weights` of a (T, K, C) stack) into ``out`` (B, C): the input DAC, the
-    matmul of each input tile with its read noise, column ADC, de-quantisation, column
-    scale and the digital sum over the tiles, in one pass.
-
-    ``s_in`` (T, B) is the DAC full scale of each tile row; ``col_scale`` (T, C). The
-    read-noise standard deviation is ``spec.noise_std`` times the norm of the tile row
-    (code units); the noise of (tile t, row r, column c) is keyed by ``spec.key`` and the
-    counter ``(t * noise_rows + noise_row0 + r) * C + c``, drawn per ADC group, so it does
-    not depend on how a forward call is cut into row chunks. Same arithmetic as the
-    eager path (a batched matmul, then ``crossbar.adc_dequantise_``) up to float rounding.
-    """
-    if a.ndim != 3 or a.dtype != torch.float32 or a.device.type != "cpu" or a.stride(2) != 1:
-        raise ValueError(
-            f"fused_read_: a must be a (B, T, K) CPU float32 tensor with unit stride in K, "
-            f"got {tuple(a.shape)} {a.dtype} on {a.device}"
-        )
-    b, t, k = a.shape
-    if a.stride(1) != k:
-        raise ValueError("fused_read_: the tiles of a row of a must be contiguous")
-    args = _check_read("fused_read_", b, t, k, s_in, b, packed, col_scale, out, spec)
-    status = _LIB.sedma_fused_read_f32(  # type: ignore[union-attr]
-        a.data_ptr(),
-        b,
-        a.stride(0),
-        t,
-        k,
-        col_scale.shape[-1],
-        *args,
-        b,
-        float(spec.noise_std),
-        *_epilogue_args(col_scale, out, spec),
-    )
-    if status != 0:
-        raise MemoryError("fused_read_: out of memory")
-
-
-def fused_conv_read_(
-    images: torch.Tensor,
+    x: torch.Tensor,
     s_in: torch.Tensor,
     packed: torch.Tensor,
     col_scale: torch.Tensor,
     out: torch.Tensor,
     spec: ReadSpec,
     *,
+    tile_rows: int,
+) -> None:
+    """One crossbar read of the rows of ``x`` (B, in_features) through the packed weights
+    (:func:`pack_weights` of a (T, tile_rows, C) stack) into ``out`` (B, C): the input DAC,
+    the matmul of each input tile with its read noise, column ADC, de-quantisation, column
+    scale and the digital sum over the tiles, in one pass. Inputs past ``in_features`` in
+    the last tile are zero.
+
+    ``s_in`` (T, B) is the DAC full scale of each row and tile (:func:`tile_absmax`);
+    ``col_scale`` (T, C). The read-noise standard deviation is ``spec.noise_std`` times the
+    norm of the tile's input row in code units; the noise of (tile t, row r, column c) is
+    keyed by ``spec.key`` and the counter ``(t * noise_rows + noise_row0 + r) * C + c``,
+    drawn per ADC group, so it does not depend on how a forward call is cut into row
+    chunks. Same arithmetic as the eager path (a batched matmul, then
+    ``crossbar.adc_dequantise_``) up to float rounding.
+    """
+    _check_input("fused_read_", x, 2)
+    b, c_in = x.shape
+    t = col_scale.shape[0]
+    if tile_rows < 1 or t * tile_rows < c_in or (t - 1) * tile_rows >= c_in:
+        raise ValueError(f"fused_read_: {t} tiles of {tile_rows} rows do not cover {c_in} inputs")
+    geometry = [b, c_in, 1, 1, 1, 1, tile_rows, 1, 1, 1, 1, 1, 1]
+    _read("fused_read_", x, geometry, s_in, packed, col_scale, out, spec)
+
+
+def fused_conv_read_(
+    x: torch.Tensor,
+    s_in: torch.Tensor,
+    packed: torch.Tensor,
+    col_scale: torch.Tensor,
+    out: torch.Tensor,
+    spec: ReadSpec,
+    *,
+    cpt: int,
     kernel_size: tuple[int, int],
     stride: tuple[int, int],
     dilation: tuple[int, int],
 ) -> None:
-    """:func:`fused_read_` of a convolution (implicit im2col: the kernel gathers each
-    output pixel's window as it packs the input, so no patch matrix is stored).
+    """:func:`fused_read_` of a convolution (implicit im2col: each output pixel's window is
+    gathered while the input is packed, so no patch matrix is stored).
 
-    ``images`` (N, H, W, T * cpt) is NHWC, contiguous and already padded (spatially and
-    to whole tiles of ``cpt`` channels); tile t holds channels ``[t * cpt, (t + 1) * cpt)``
-    and its ``K = cpt * kh * kw`` weight rows are ordered (channel, i, j). The output rows
-    are the ``N * H' * W'`` output pixels: ``out`` is (N * H' * W', C), NHWC. ``s_in`` (T, N)
-    holds one DAC range per image and tile.
+    ``x`` (N, C_in, H, W) is NCHW, contiguous and already padded spatially. Tile t holds
+    channels ``[t cpt, (t + 1) cpt)`` (those past C_in are zero) and its ``cpt * kh * kw``
+    weight rows are ordered (channel, i, j). The output rows are the ``N * H' * W'`` output
+    pixels: ``out`` is (N * H' * W', C), NHWC. ``s_in`` (T, N) holds one DAC range per image
+    and tile (:func:`tile_absmax`).
     """
-    if (
-        images.ndim != 4
-        or images.dtype != torch.float32
-        or images.device.type != "cpu"
-        or not images.is_contiguous()
-    ):
-        raise ValueError(
-            f"fused_conv_read_: images must be a contiguous (N, H, W, C) CPU float32 tensor, "
-            f"got {tuple(images.shape)} {images.dtype} on {images.device}"
-        )
-    n, h, w, channels = images.shape
+    _check_input("fused_conv_read_", x, 4)
+    n, c_in, h, w = x.shape
     t = col_scale.shape[0]
     (kh, kw), (sh, sw), (dh, dw) = kernel_size, stride, dilation
-    if channels % t:
-        raise ValueError(f"fused_conv_read_: {channels} channels are not {t} whole tiles")
-    cpt = channels // t
+    if cpt < 1 or t * cpt < c_in or (t - 1) * cpt >= c_in:
+        raise ValueError(f"fused_conv_read_: {t} tiles of {cpt} channels do not cover {c_in}")
     oh, ow = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
     if oh < 1 or ow < 1:
         raise ValueError(f"fused_conv_read_: images {h}x{w} are smaller than the kernel")
-    rows = n * oh * ow
-    args = _check_read(
-        "fused_conv_read_", rows, t, cpt * kh * kw, s_in, n, packed, col_scale, out, spec
-    )
-    geometry = torch.tensor([n, h, w, oh, ow, cpt, kh, kw, sh, sw, dh, dw], dtype=torch.int64)
-    status = _LIB.sedma_fused_conv_f32(  # type: ignore[union-attr]
-        images.data_ptr(),
-        geometry.data_ptr(),
-        t,
-        col_scale.shape[-1],
-        *args,
-        float(spec.noise_std),
-        *_epilogue_args(col_scale, out, spec),
-    )
-    if status != 0:
-        raise MemoryError("fused_conv_read_: out of memory")
-
+    geometry = [n, c_in, h, w, oh, ow, cpt, kh, kw, sh, sw, dh, dw]
+    _read("fused_conv_read_", x, geometry, s_in, packed, col_scale, out, spec)
 
 __all__ = [
     "MAX_ELEMENTS",
@@ -708,4 +710,5 @@ __all__ = [
     "fused_conv_read_",
     "fused_read_",
     "pack_weights",
+    "tile_absmax",
 ]

@@ -136,22 +136,51 @@ def np_fused_read(a, s_in, w, col_scale, *, group, levels, dac_levels, fixed, no
     return out, steps
 
 
-def _read_case(seed, b=13, t=3, k=37, c=50):
+def _read_case(seed, b=13, t=3, k=37, c=50, c_in=100):
+    # c_in = 100 inputs on 3 tiles of 37 rows: the last tile is zero padded
     rng = np.random.default_rng(seed)
-    x = (rng.standard_normal((b, t, k)) * rng.uniform(0.2, 3.0, (b, t, 1))).astype(np.float32)
+    x = (rng.standard_normal((b, c_in)) * rng.uniform(0.2, 3.0, (b, 1))).astype(np.float32)
     w = (rng.standard_normal((t, k, c)) * 0.1).astype(np.float32)
     col_scale = rng.uniform(0.5, 2.0, (t, c)).astype(np.float32)
-    s_in = np.abs(x).max(-1).T.copy()  # (T, B): one DAC range per row and tile
-    return x, w, col_scale, s_in
+    xt = np.pad(x, ((0, 0), (0, t * k - c_in))).reshape(b, t, k)
+    s_in = np.abs(xt).max(-1).T.copy()  # (T, B): one DAC range per row and tile
+    return x, xt, w, col_scale, s_in
+
+
+def _spec(**changes):
+    base = dict(
+        group=16,
+        quantise=True,
+        noise_std=0.0,
+        levels=7,
+        dac_levels=7,
+        fixed_full=None,
+        key=(0, 0),
+        noise_rows=13,
+    )
+    return native_rng.ReadSpec(**{**base, **changes})
+
+
+def test_tile_absmax_equals_numpy_and_maps_zero_inputs_to_one():
+    x = _read_case(3)[0]
+    x[4] = 0.0
+    got = native_rng.tile_absmax(torch.from_numpy(x), 37, 3).numpy()
+    want = np.abs(np.pad(x, ((0, 0), (0, 11))).reshape(13, 3, 37)).max(-1).T
+    want[want == 0] = 1.0
+    np.testing.assert_array_equal(got, want)
+    images = np.random.default_rng(4).standard_normal((2, 7, 3, 5)).astype(np.float32)
+    got = native_rng.tile_absmax(torch.from_numpy(images), 3, 3).numpy()
+    padded = np.pad(images, ((0, 0), (0, 2), (0, 0), (0, 0))).reshape(2, 3, 3 * 15)
+    np.testing.assert_array_equal(got, np.abs(padded).max(-1).T)
 
 
 @pytest.mark.parametrize(
     ("group", "fixed", "noise_std"), [(50, None, 0.0), (24, None, 0.02), (16, 3000.0, 0.02)]
 )
 def test_fused_read_equals_numpy_reference_within_one_adc_step(group, fixed, noise_std):
-    x, w, col_scale, s_in = _read_case(30 + group)
+    x, xt, w, col_scale, s_in = _read_case(30 + group)
     dac_levels, levels, key = 31, 15, (12345, 6789)
-    codes = np.clip(np.round(x * (np.float32(dac_levels) / s_in.T[..., None])), -31, 31)
+    codes = np.clip(np.round(xt * (np.float32(dac_levels) / s_in.T[..., None])), -31, 31)
     want, steps = np_fused_read(
         codes.astype(np.float64),
         s_in,
@@ -166,51 +195,41 @@ def test_fused_read_equals_numpy_reference_within_one_adc_step(group, fixed, noi
         rows=x.shape[0],
     )
     packed = native_rng.pack_weights(torch.from_numpy(w), group)
-    for input_mode, inputs in ((0, codes), (2, x)):  # codes given / the DAC in the kernel
-        out = torch.empty(x.shape[0], w.shape[-1])
-        spec = native_rng.ReadSpec(
-            group=group,
-            input_mode=input_mode,
-            noise_std=noise_std,
-            levels=levels,
-            dac_levels=dac_levels,
-            fixed_full=fixed,
-            key=key,
-            noise_rows=x.shape[0],
-        )
-        native_rng.fused_read_(
-            torch.from_numpy(inputs.astype(np.float32)),
-            torch.from_numpy(s_in),
-            packed,
-            torch.from_numpy(col_scale),
-            out,
-            spec,
-        )
-        err = np.abs(out.numpy() - want)
-        assert np.all(err <= steps + 1e-4 * np.abs(want) + 1e-5)
-        assert np.mean(err > 1e-4 * (np.abs(want) + 1)) < 0.02  # decisions rarely move
+    out = torch.empty(x.shape[0], w.shape[-1])
+    spec = _spec(
+        group=group,
+        noise_std=noise_std,
+        levels=levels,
+        dac_levels=dac_levels,
+        fixed_full=fixed,
+        key=key,
+    )
+    native_rng.fused_read_(
+        torch.from_numpy(x),
+        torch.from_numpy(s_in),
+        packed,
+        torch.from_numpy(col_scale),
+        out,
+        spec,
+        tile_rows=37,
+    )
+    err = np.abs(out.numpy() - want)
+    assert np.all(err <= steps + 1e-4 * np.abs(want) + 1e-5)
+    assert np.mean(err > 1e-4 * (np.abs(want) + 1)) < 0.02  # decisions rarely move
 
 
 def test_fused_read_modes_accumulate_and_exact_input_skips_rounding():
     # first-order correction: write one read, add the exact-input read, subtract a third
-    x, w, col_scale, s_in = _read_case(77)
+    x, xt, w, col_scale, s_in = _read_case(77)
     group, levels, dac_levels = 25, 127, 63
     packed = native_rng.pack_weights(torch.from_numpy(w), group)
-    base = dict(
-        group=group,
-        noise_std=0.0,
-        levels=levels,
-        dac_levels=dac_levels,
-        fixed_full=None,
-        key=(1, 2),
-        noise_rows=x.shape[0],
-    )
+    base = dict(group=group, levels=levels, dac_levels=dac_levels)
     args = (torch.from_numpy(x), torch.from_numpy(s_in), packed, torch.from_numpy(col_scale))
     out = torch.empty(x.shape[0], w.shape[-1])
-    native_rng.fused_read_(*args, out, native_rng.ReadSpec(input_mode=2, mode=0, **base))
-    native_rng.fused_read_(*args, out, native_rng.ReadSpec(input_mode=1, mode=1, **base))
-    native_rng.fused_read_(*args, out, native_rng.ReadSpec(input_mode=2, mode=-1, **base))
-    exact = x.astype(np.float64) * (dac_levels / s_in.T[..., None])
+    for quantise, mode in ((True, 0), (False, 1), (True, -1)):
+        spec = _spec(quantise=quantise, mode=mode, **base)
+        native_rng.fused_read_(*args, out, spec, tile_rows=37)
+    exact = xt.astype(np.float64) * (dac_levels / s_in.T[..., None])
     want, steps = np_fused_read(
         exact,
         s_in,
@@ -221,7 +240,7 @@ def test_fused_read_modes_accumulate_and_exact_input_skips_rounding():
         dac_levels=dac_levels,
         fixed=None,
         noise_std=0.0,
-        key=(1, 2),
+        key=(0, 0),
         rows=x.shape[0],
     )
     # the first and third reads cancel up to float rounding
@@ -229,40 +248,35 @@ def test_fused_read_modes_accumulate_and_exact_input_skips_rounding():
 
 
 @pytest.mark.parametrize(
-    ("kernel", "stride", "dilation"), [((3, 3), (1, 1), (1, 1)), ((3, 2), (2, 1), (1, 2))]
+    ("kernel", "stride", "dilation", "width"),
+    [((3, 3), (1, 1), (1, 1), 14), ((3, 3), (1, 1), (1, 1), 5), ((3, 2), (2, 1), (1, 2), 8)],
 )
-def test_fused_conv_read_equals_the_dense_read_of_explicit_patches(kernel, stride, dilation):
-    rng = np.random.default_rng(sum(kernel) + stride[0])
-    n, h, wd, cpt, t, c = 2, 9, 8, 5, 3, 20
+def test_fused_conv_read_equals_the_dense_read_of_explicit_patches(kernel, stride, dilation, width):
+    # wide rows take the kernel's six-neighbour fast path, narrow ones and strides the
+    # general gather; both must give the dense read of the same patches exactly
+    rng = np.random.default_rng(sum(kernel) + stride[0] + width)
+    n, h, c_in, cpt, t, c = 2, 9, 13, 5, 3, 20
     kh, kw = kernel
-    images = rng.standard_normal((n, h, wd, t * cpt)).astype(np.float32)
+    images = rng.standard_normal((n, c_in, h, width)).astype(np.float32)
     w = (rng.standard_normal((t, cpt * kh * kw, c)) * 0.1).astype(np.float32)
     col_scale = rng.uniform(0.5, 2.0, (t, c)).astype(np.float32)
-    s_in = np.abs(images.reshape(n, h * wd, t, cpt)).max(axis=(1, 3)).T.copy()  # (T, N)
+    s_in = native_rng.tile_absmax(torch.from_numpy(images), cpt, t)  # (T, N)
     oh = (h - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    ow = (wd - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    # explicit patches: row (n, oh, ow), tile t, K ordered (channel, i, j)
-    patches = np.empty((n, oh, ow, t, cpt, kh, kw), dtype=np.float32)
+    ow = (width - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    # explicit patches: row (n, oh, ow), K ordered (tile, channel, i, j), channels padded
+    padded = np.pad(images, ((0, 0), (0, t * cpt - c_in), (0, 0), (0, 0)))
+    patches = np.empty((n, oh, ow, t * cpt, kh, kw), dtype=np.float32)
     for i in range(kh):
         for j in range(kw):
             y0, x0 = i * dilation[0], j * dilation[1]
-            window = images[
-                :, y0 : y0 + stride[0] * oh : stride[0], x0 : x0 + stride[1] * ow : stride[1]
+            win = padded[
+                :, :, y0 : y0 + stride[0] * oh : stride[0], x0 : x0 + stride[1] * ow : stride[1]
             ]
-            patches[..., i, j] = window.reshape(n, oh, ow, t, cpt)
-    dense = patches.reshape(n * oh * ow, t, cpt * kh * kw)
-    s_rows = np.repeat(s_in, oh * ow, axis=1)  # (T, rows): each image's range
+            patches[..., i, j] = win.transpose(0, 2, 3, 1)
+    dense = np.ascontiguousarray(patches.reshape(n * oh * ow, t * cpt * kh * kw))
+    s_rows = np.repeat(s_in.numpy(), oh * ow, axis=1)  # (T, rows): each image's range
     packed = native_rng.pack_weights(torch.from_numpy(w), 16)
-    spec = native_rng.ReadSpec(
-        group=16,
-        input_mode=2,
-        noise_std=0.01,
-        levels=31,
-        dac_levels=15,
-        fixed_full=None,
-        key=(4, 5),
-        noise_rows=n * oh * ow,
-    )
+    spec = _spec(levels=31, dac_levels=15, noise_std=0.01, key=(4, 5), noise_rows=n * oh * ow)
     want = torch.empty(n * oh * ow, c)
     native_rng.fused_read_(
         torch.from_numpy(dense),
@@ -271,15 +285,17 @@ def test_fused_conv_read_equals_the_dense_read_of_explicit_patches(kernel, strid
         torch.from_numpy(col_scale),
         want,
         spec,
+        tile_rows=cpt * kh * kw,
     )
     got = torch.empty(n * oh * ow, c)
     native_rng.fused_conv_read_(
         torch.from_numpy(images),
-        torch.from_numpy(s_in),
+        s_in,
         packed,
         torch.from_numpy(col_scale),
         got,
         spec,
+        cpt=cpt,
         kernel_size=kernel,
         stride=stride,
         dilation=dilation,
@@ -288,41 +304,33 @@ def test_fused_conv_read_equals_the_dense_read_of_explicit_patches(kernel, strid
 
 
 def test_fused_read_rejects_operands_it_cannot_use():
-    x, w, col_scale, s_in = _read_case(5)
+    x, _, w, col_scale, s_in = _read_case(5)
     packed = native_rng.pack_weights(torch.from_numpy(w), 16)
-    spec = native_rng.ReadSpec(
-        group=16,
-        input_mode=2,
-        noise_std=0.0,
-        levels=7,
-        dac_levels=7,
-        fixed_full=None,
-        key=(0, 0),
-        noise_rows=x.shape[0],
-    )
+    spec = _spec()
     args = [torch.from_numpy(x), torch.from_numpy(s_in), packed, torch.from_numpy(col_scale)]
     out = torch.empty(x.shape[0], w.shape[-1])
     with pytest.raises(ValueError, match="out must be"):
-        native_rng.fused_read_(*args, out[:, :-1], spec)
+        native_rng.fused_read_(*args, out[:, :-1], spec, tile_rows=37)
     with pytest.raises(ValueError, match="packed must be"):
-        native_rng.fused_read_(*args, out, native_rng.ReadSpec(**{**spec.__dict__, "group": 24}))
-    with pytest.raises(ValueError, match="input_mode"):
-        native_rng.fused_read_(
-            *args, out, native_rng.ReadSpec(**{**spec.__dict__, "input_mode": 3})
-        )
+        native_rng.fused_read_(*args, out, _spec(group=24), tile_rows=37)
+    with pytest.raises(ValueError, match="do not cover"):
+        native_rng.fused_read_(*args, out, spec, tile_rows=20)
     with pytest.raises(ValueError, match="s_in"):
-        native_rng.fused_read_(args[0], args[1][:, :-1], *args[2:], out, spec)
-    with pytest.raises(ValueError, match="a must be"):
-        native_rng.fused_read_(args[0].double(), *args[1:], out, spec)
-    with pytest.raises(ValueError, match="whole tiles"):
+        native_rng.fused_read_(args[0], args[1][:, :-1], *args[2:], out, spec, tile_rows=37)
+    with pytest.raises(ValueError, match="x must be"):
+        native_rng.fused_read_(args[0].double(), *args[1:], out, spec, tile_rows=37)
+    with pytest.raises(ValueError, match="mode"):
+        native_rng.fused_read_(*args, out, _spec(mode=2), tile_rows=37)
+    with pytest.raises(ValueError, match="smaller than the kernel"):
         native_rng.fused_conv_read_(
-            torch.zeros(1, 4, 4, 7),
-            torch.ones(3, 1),
+            torch.zeros(1, 4, 2, 2),
+            torch.ones(1, 1),
             packed,
-            args[3],
+            args[3][:1],
             out,
             spec,
-            kernel_size=(1, 1),
+            cpt=4,
+            kernel_size=(3, 3),
             stride=(1, 1),
             dilation=(1, 1),
         )
