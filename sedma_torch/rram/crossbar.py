@@ -158,11 +158,9 @@ def chip_properties(
     stuck = None
     if cfg.stuck_at_gmin_prob > 0 or cfg.stuck_at_gmax_prob > 0:
         u = torch.rand(shape, generator=gen, device=device, dtype=dtype)
-        stuck = torch.zeros(shape, dtype=torch.int8, device=device)
-        stuck[u < cfg.stuck_at_gmin_prob] = -1
-        stuck[
-            (u >= cfg.stuck_at_gmin_prob) & (u < cfg.stuck_at_gmin_prob + cfg.stuck_at_gmax_prob)
-        ] = 1
+        # -1 (u < p_min), +1 (p_min <= u < p_min + p_max), else 0: two passes, no scatter
+        stuck = (u < cfg.stuck_at_gmin_prob + cfg.stuck_at_gmax_prob).to(torch.int8)
+        stuck.sub_((u < cfg.stuck_at_gmin_prob).to(torch.int8), alpha=2)
     nu = None
     if cfg.drift_time_s > DRIFT_T0_S and (material.drift_nu > 0 or material.drift_nu_std > 0):
         nu = (
@@ -232,9 +230,8 @@ def program_tiles(
         programming_noise=cfg.programming_noise,
         variation=variation,
     )
-    if stuck is not None:
-        g = torch.where(stuck == -1, torch.full_like(g, g_min), g)
-        g = torch.where(stuck == 1, torch.full_like(g, material.g_max), g)
+    if stuck is not None:  # g is this event's own array: overwrite in place
+        g.masked_fill_(stuck == -1, g_min).masked_fill_(stuck == 1, material.g_max)
     w_read = read_back(g, cfg, material, nu)
     return ProgrammedTiles(g_pos=g[0], g_neg=g[1], col_scale=col_scale, w_read=w_read, stats=stats)
 
@@ -263,7 +260,7 @@ def read_back(
                 for gi in g
             ]
         )
-    return (g[0] - g[1]) / material.g_range
+    return torch.sub(g[0], g[1]).div_(material.g_range)
 
 
 def dac(

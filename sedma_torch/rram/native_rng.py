@@ -387,9 +387,6 @@ void sedma_tile_absmax_f32(const float *x, int64_t n, int64_t c_in, int64_t hw, 
 MAX_ELEMENTS = 1 << 31
 """Largest draw: pair counters are 32-bit."""
 
-_LIB: object = None
-_LOCK = threading.Lock()
-
 
 def _flags(openmp: bool) -> list[str]:
     # -fopenmp: the epilogue's rows run on OpenMP threads. PyTorch has loaded its own
@@ -441,10 +438,7 @@ def build_library(name: str, source: str) -> ctypes.CDLL | None:
     return ctypes.CDLL(str(target))
 
 
-def _build() -> ctypes.CDLL | None:
-    lib = build_library("native_rng", _SOURCE)
-    if lib is None:
-        return None
+def _declare(lib: ctypes.CDLL) -> None:
     fn = lib.sedma_normal_f32
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint32, ctypes.c_uint32]
     fn.restype = None
@@ -459,26 +453,56 @@ def _build() -> ctypes.CDLL | None:
     fused.restype = ctypes.c_int
     lib.sedma_tile_absmax_f32.argtypes = [ptr, i64, i64, i64, i64, i64, ptr]
     lib.sedma_tile_absmax_f32.restype = None
-    return lib
+
+
+class LazyLibrary:
+    """A C library built (:func:`build_library`) and loaded on first use, thread-safe.
+
+    ``declare`` sets the ctypes signatures. ``get()`` returns the library, or None with
+    ``SEDMA_NATIVE_RNG=0``, without a C compiler, or when the build failed (which warns
+    once, naming ``what``); callers then take their PyTorch path."""
+
+    def __init__(self, name: str, source: str, declare, what: str) -> None:
+        self.name, self.source, self.declare, self.what = name, source, declare, what
+        self._lib: ctypes.CDLL | bool | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> ctypes.CDLL | None:
+        if self._lib is None:
+            with self._lock:
+                if self._lib is None:
+                    self._lib = self._load()
+        return self._lib or None  # type: ignore[return-value]
+
+    def _load(self) -> ctypes.CDLL | bool:
+        if os.environ.get("SEDMA_NATIVE_RNG", "1") == "0":
+            return False
+        try:
+            lib = build_library(self.name, self.source)
+        except (OSError, subprocess.SubprocessError) as exc:
+            warnings.warn(
+                f"{self.what} unavailable ({exc}); using PyTorch", RuntimeWarning, stacklevel=4
+            )
+            return False
+        if lib is None:
+            return False
+        self.declare(lib)
+        return lib
+
+
+_KERNELS = LazyLibrary("native_rng", _SOURCE, _declare, "native kernels")
 
 
 def available() -> bool:
-    """True when the compiled kernel can be used (built on first call)."""
-    global _LIB
-    if _LIB is None:
-        with _LOCK:
-            if _LIB is None:
-                _LIB = False
-                if os.environ.get("SEDMA_NATIVE_RNG", "1") != "0":
-                    try:
-                        _LIB = _build() or False
-                    except (OSError, subprocess.SubprocessError) as exc:
-                        warnings.warn(
-                            f"native RNG kernel unavailable ({exc}); using torch's generator",
-                            RuntimeWarning,
-                            stacklevel=2,
-                        )
-    return bool(_LIB)
+    """True when the compiled kernels can be used (built on the first call)."""
+    return _KERNELS.get() is not None
+
+
+def _lib() -> ctypes.CDLL:
+    lib = _KERNELS.get()
+    if lib is None:
+        raise RuntimeError("native kernels unavailable; call available() first")
+    return lib
 
 
 def fill_normal_(out: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
@@ -493,9 +517,7 @@ def fill_normal_(out: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
         )
     if out.numel() > MAX_ELEMENTS:
         raise ValueError(f"fill_normal_: {out.numel()} elements exceed {MAX_ELEMENTS}")
-    _LIB.sedma_normal_f32(  # type: ignore[union-attr]
-        out.data_ptr(), out.numel(), lo & 0x7FFFFFFF, hi & 0x7FFFFFFF
-    )
+    _lib().sedma_normal_f32(out.data_ptr(), out.numel(), lo & 0x7FFFFFFF, hi & 0x7FFFFFFF)
     return out
 
 
@@ -515,8 +537,8 @@ def pack_weights(w: torch.Tensor, group: int) -> torch.Tensor:
         raise RuntimeError("native kernels unavailable")
     w = w.contiguous()
     t, k, c = w.shape
-    out = torch.empty(_LIB.sedma_packed_size(t, k, c, group), dtype=torch.float32)  # type: ignore[union-attr]
-    _LIB.sedma_pack_weights_f32(w.data_ptr(), t, k, c, group, out.data_ptr())  # type: ignore[union-attr]
+    out = torch.empty(_lib().sedma_packed_size(t, k, c, group), dtype=torch.float32)
+    _lib().sedma_pack_weights_f32(w.data_ptr(), t, k, c, group, out.data_ptr())
     return out
 
 
@@ -571,7 +593,7 @@ def tile_absmax(x: torch.Tensor, cpt: int, tiles: int) -> torch.Tensor:
         raise ValueError(f"tile_absmax: {tiles} tiles of {cpt} channels do not cover {c_in}")
     out = torch.empty(tiles, n, dtype=torch.float32)
     hw = x[0, 0].numel()
-    _LIB.sedma_tile_absmax_f32(x.data_ptr(), n, c_in, hw, cpt, tiles, out.data_ptr())  # type: ignore[union-attr]
+    _lib().sedma_tile_absmax_f32(x.data_ptr(), n, c_in, hw, cpt, tiles, out.data_ptr())
     return out
 
 
@@ -585,12 +607,11 @@ def _read(name, x, geometry, s_in, packed, col_scale, out, spec: ReadSpec) -> No
     for label, tensor, shape in (("s_in", s_in, (t, n)), ("col_scale", col_scale, (t, c))):
         if tuple(tensor.shape) != shape or tensor.dtype != torch.float32:
             raise ValueError(
-                f"{name}: {label} must be float32 {shape}, got {tuple(tensor.shape)} "
-                f"{tensor.dtype}"
+                f"{name}: {label} must be float32 {shape}, got {tuple(tensor.shape)} {tensor.dtype}"
             )
         if not tensor.is_contiguous() or tensor.device.type != "cpu":
             raise ValueError(f"{name}: {label} must be a contiguous CPU tensor")
-    expected = _LIB.sedma_packed_size(t, k, c, spec.group)  # type: ignore[union-attr]
+    expected = _lib().sedma_packed_size(t, k, c, spec.group)
     if packed.dtype != torch.float32 or packed.numel() != expected or not packed.is_contiguous():
         raise ValueError(
             f"{name}: packed must be pack_weights of a ({t}, {k}, {c}) stack with group "
@@ -608,7 +629,7 @@ def _read(name, x, geometry, s_in, packed, col_scale, out, spec: ReadSpec) -> No
     if spec.mode not in (-1, 0, 1):
         raise ValueError(f"{name}: mode must be -1, 0 or 1, got {spec.mode}")
     geo = torch.tensor(geometry, dtype=torch.int64)
-    status = _LIB.sedma_fused_read_f32(  # type: ignore[union-attr]
+    status = _lib().sedma_fused_read_f32(
         x.data_ptr(),
         geo.data_ptr(),
         t,
@@ -700,6 +721,7 @@ def fused_conv_read_(
         raise ValueError(f"fused_conv_read_: images {h}x{w} are smaller than the kernel")
     geometry = [n, c_in, h, w, oh, ow, cpt, kh, kw, sh, sw, dh, dw]
     _read("fused_conv_read_", x, geometry, s_in, packed, col_scale, out, spec)
+
 
 __all__ = [
     "MAX_ELEMENTS",

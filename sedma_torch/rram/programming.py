@@ -10,14 +10,22 @@ One iteration of the loop, for every cell whose read-back error exceeds the tole
    and curvature makes that differ from the nominal one);
 3. cycle-to-cycle noise adds ``sigma_c2c * (Gmax - Gmin) * sqrt(n)`` Gaussian noise (the sum
    of ``n`` independent per-pulse draws; a counter-based stream keyed by the cell index
-   and one generator draw per iteration) and the result is clipped to the cell's window;
+   and the iteration's seed pair, all ``max_iters`` pairs drawn from the generator up
+   front) and the result is clipped to the cell's window;
 4. the cell is read back (verify) and the loop repeats for the cells still out of
    tolerance, at most ``max_iters`` times.
 
-Cells that converge are frozen and dropped from the working set once enough of them
-have accumulated, so the work shrinks as cells converge. The array starts erased at Gmin unless an initial
-state is given (re-programming after a weight update starts from the current state
-and touches only the cells whose target moved out of tolerance).
+The array starts erased at Gmin unless an initial state is given (re-programming after a
+weight update starts from the current state and touches only the cells whose target
+moved out of tolerance).
+
+Two implementations of the same loop: on CPU in float32 the compiled kernel of
+:mod:`.native_program` runs it block by block (each cell to convergence while its block
+stays in cache; several times faster). Otherwise (CUDA, float64, no C compiler,
+``SEDMA_NATIVE_RNG=0``) a PyTorch loop runs it over all cells at once: cells that converge
+are frozen and dropped from the working set once enough of them have accumulated, so the
+work shrinks as cells converge. Both give the same per-cell trajectories up to float32
+rounding of the transcendental functions, and consume the generator identically.
 """
 
 from __future__ import annotations
@@ -183,16 +191,14 @@ def program_conductances(
     if target.numel() >= 2**31:  # cell indices key the noise stream as int32
         raise ValueError(f"program_conductances: {target.numel()} cells exceed the 2^31 limit")
     g_min, g_max, g_range = material.g_min, material.g_max, material.g_range
-    target = target.clamp(g_min, g_max)
-    shape = target.shape
-    t_flat = target.reshape(-1)
-    g_flat = torch.full_like(t_flat, g_min) if initial is None else initial.reshape(-1).clone()
     tol_abs = tolerance * g_range
 
     if material.levels_ltp is None or material.levels_ltd is None:
         # a continuous device is set exactly, one (analog) pulse per cell that changes
-        pulses = int((g_flat != t_flat).sum())
-        return t_flat.clone().view(shape), _stats(t_flat, t_flat, tol_abs, g_range, 1, pulses)
+        t_flat = target.clamp(g_min, g_max).reshape(-1)
+        start = torch.full_like(t_flat, g_min) if initial is None else initial.reshape(-1)
+        pulses = int((start != t_flat).sum())
+        return t_flat.view(target.shape), _stats(t_flat, t_flat, tol_abs, g_range, 1, pulses)
 
     levels_ltp, levels_ltd = float(material.levels_ltp), float(material.levels_ltd)
     a_ltp, a_ltd = material.curve_a("ltp"), material.curve_a("ltd")
@@ -201,21 +207,6 @@ def program_conductances(
     # S = 1 - e^{-L/A}; a linear curve is the limit A -> inf (handled with a huge A).
     a_ltp_f, a_ltd_f = _finite_a(a_ltp, levels_ltp), _finite_a(a_ltd, levels_ltd)
     s_ltp, s_ltd = -math.expm1(-levels_ltp / a_ltp_f), -math.expm1(-levels_ltd / a_ltd_f)
-
-    # Working set: conductances g and, row-wise, per-cell constants (so that compaction is
-    # one row gather). Only cells out of tolerance are carried along.
-    if initial is None:  # erased: only targets above Gmin + tolerance need pulses
-        active = torch.nonzero(t_flat > g_min + tol_abs).squeeze(1)
-    else:
-        active = torch.nonzero((g_flat - t_flat).abs() > tol_abs).squeeze(1)
-    g = g_flat[active]
-    consts = torch.empty((3, active.numel()), dtype=g.dtype, device=g.device)
-    torch.index_select(t_flat, 0, active, out=consts[0])
-    if variation is not None:
-        consts[1], consts[2] = variation.at(active, g.dtype)
-    else:
-        consts[1], consts[2] = g_max, 1.0
-    index = active.to(torch.int32)
     params = torch.tensor(
         [
             a_ltp_f,
@@ -229,9 +220,41 @@ def program_conductances(
             noise_scale,
             tol_abs,
         ],
-        dtype=g.dtype,
-        device=g.device,
+        dtype=target.dtype,
     )
+    # the noise keys of all iterations, drawn up front (both paths consume the generator
+    # identically, whether or not the loop stops early)
+    seeds = torch.randint(
+        0,
+        2**31 - 1,
+        (max_iters, 2),
+        generator=generator,
+        device=generator.device,
+        dtype=torch.int32,
+    )
+    if _native_eligible(target, initial, variation, max(levels_ltp, levels_ltd)):
+        return _program_native(target, initial, material, seeds, params, tol_abs, variation)
+
+    target = target.clamp(g_min, g_max)
+    shape = target.shape
+    t_flat = target.reshape(-1)
+    g_flat = torch.full_like(t_flat, g_min) if initial is None else initial.reshape(-1).clone()
+    params = params.to(target.device)
+    seeds = seeds.to(target.device)
+    # Working set: conductances g and, row-wise, per-cell constants (so that compaction is
+    # one row gather). Only cells out of tolerance are carried along.
+    if initial is None:  # erased: only targets above Gmin + tolerance need pulses
+        active = torch.nonzero(t_flat > params[6] + params[9]).squeeze(1)
+    else:
+        active = torch.nonzero((g_flat - t_flat).abs() > tol_abs).squeeze(1)
+    g = g_flat[active]
+    consts = torch.empty((3, active.numel()), dtype=g.dtype, device=g.device)
+    torch.index_select(t_flat, 0, active, out=consts[0])
+    if variation is not None:
+        consts[1], consts[2] = variation.at(active, g.dtype)
+    else:
+        consts[1], consts[2] = g_max, 1.0
+    index = active.to(torch.int32)
     fused = g.numel() >= _COMPILE_MIN_CELLS
     # a fused step is cheap per cell, so compact (gather) only when few cells are left
     compact_below = (
@@ -244,15 +267,12 @@ def program_conductances(
     # frozen cell for a few more iterations. Frozen cells keep their conductance in g.
     live = torch.ones_like(g)
     n_live = g.numel()
-    for _ in range(max_iters):
+    for seed in seeds:
         if n_live == 0:
             break
         iterations += 1
-        # cycle-to-cycle noise: a counter-based stream keyed by one draw of the generator per
-        # iteration and by each cell's index (generated inside the fused step)
-        seed = torch.randint(
-            0, 2**31 - 1, (2,), generator=generator, device=generator.device, dtype=torch.int32
-        ).to(g.device)
+        # cycle-to-cycle noise: a counter-based stream keyed by this iteration's seed pair
+        # and by each cell's index (generated inside the fused step)
         counts = _run_fused(_write_verify_step, fused, g, consts, live, index, seed, params)
         n_sum, n_live = (int(c) for c in counts.tolist())
         pulses += n_sum
@@ -264,6 +284,69 @@ def program_conductances(
             live = torch.ones_like(g)
     g_flat.index_copy_(0, active, g)
     return g_flat.view(shape), _stats(g_flat, t_flat, tol_abs, g_range, iterations, pulses)
+
+
+def _native_eligible(
+    target: torch.Tensor,
+    initial: torch.Tensor | None,
+    variation: DeviceVariation | SeededDeviceVariation | None,
+    max_levels: float,
+) -> bool:
+    """Whether the compiled kernel of :mod:`.native_program` runs this programming event:
+    CPU float32 arrays, seeded or stored (float32) device spread, and the kernel builds
+    (``SEDMA_NATIVE_RNG=0`` or a failed build, which warns once, select the PyTorch loop)."""
+    from . import native_program
+
+    if target.device.type != "cpu" or target.dtype != torch.float32 or target.numel() == 0:
+        return False
+    if target.numel() > native_program.MAX_CELLS:
+        return False
+    if native_program.BLOCK * (max_levels + 2) >= 2**31:  # per-block pulse counts are int32
+        return False
+    if initial is not None and (initial.device.type != "cpu" or initial.dtype != torch.float32):
+        return False
+    if isinstance(variation, DeviceVariation) and any(
+        t.device.type != "cpu" for t in (variation.g_max, variation.a_scale)
+    ):
+        return False
+    return native_program.available()
+
+
+def _program_native(
+    target: torch.Tensor,
+    initial: torch.Tensor | None,
+    material: Material,
+    seeds: torch.Tensor,
+    params: torch.Tensor,
+    tol_abs: float,
+    variation: DeviceVariation | SeededDeviceVariation | None,
+) -> tuple[torch.Tensor, ProgrammingStats]:
+    """The write-verify loop and its statistics in one compiled pass over the cells (the
+    same per-cell trajectories as the PyTorch loop below)."""
+    from .native_program import write_verify_
+
+    t_flat = target.reshape(-1).contiguous()
+    out = torch.empty_like(t_flat)
+    result = write_verify_(
+        out,
+        t_flat,
+        seeds.cpu(),
+        params,
+        g_max=material.g_max,
+        initial=None if initial is None else initial.reshape(-1).contiguous(),
+        stats_tolerance=tol_abs * (1 + 1e-6),
+        variation=variation,
+    )
+    cells = t_flat.numel()
+    stats = ProgrammingStats(
+        cells=cells,
+        iterations=result.iterations,
+        pulses=result.pulses,
+        fraction_within_tolerance=result.within / cells,
+        mean_abs_error=result.abs_error_sum / cells / material.g_range,
+        max_abs_error=result.abs_error_max / material.g_range,
+    )
+    return out.view(target.shape), stats
 
 
 def _write_verify_step(

@@ -84,15 +84,28 @@ def test_ideal_material_programs_exactly_and_counts_moved_cells():
     assert stats.fraction_within_tolerance == 1.0
 
 
+# float64 runs the PyTorch loop; float32 on CPU the compiled kernel (native_program)
+DTYPES = [torch.float64, torch.float32]
+RTOL = {torch.float64: 1e-9, torch.float32: 2e-6}
+ATOL = {torch.float64: 0.0, torch.float32: 1e-6}  # of Gmax - Gmin: float32 near Gmin
+
+
+def _near_half(p: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """Pulse counts whose rounding float32 arithmetic may take the other way."""
+    return np.abs(np.abs(p - np.floor(p)) - 0.5) < (1e-3 if dtype == torch.float32 else 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", NONIDEAL)
-def test_single_noiseless_write_lands_on_curve_at_rounded_pulses(name):
+def test_single_noiseless_write_lands_on_curve_at_rounded_pulses(name, dtype):
     material = get_material(name)
     tolerance = 0.01
     target = _targets(material, 3000, seed=1).numpy()
     target[:20] = material.g_min + np.linspace(0, 0.009, 20) * material.g_range  # within tol
     target[20:30] = material.g_min + np.linspace(0.0105, 0.012, 10) * material.g_range
+    target = torch.from_numpy(target).to(dtype).double().numpy()  # as the array holds it
     got, stats = program_conductances(
-        torch.from_numpy(target),
+        torch.from_numpy(target).to(dtype),
         material,
         generator=_generator(1),
         tolerance=tolerance,
@@ -104,25 +117,33 @@ def test_single_noiseless_write_lands_on_curve_at_rounded_pulses(name):
     out_of_tol = np.abs(target - material.g_min) > tolerance * material.g_range
     pulses = np.where(out_of_tol, np.maximum(np.round(p_star), 1.0), 0.0)
     expected = _np_curve(np.minimum(pulses, levels), big_a, levels, material.g_min, material.g_max)
-    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-9)
-    assert (got.numpy()[:20] == material.g_min).all()
+    sure = ~_near_half(p_star, dtype)
+    assert sure.mean() > 0.99
+    np.testing.assert_allclose(
+        got.double().numpy()[sure],
+        expected[sure],
+        rtol=RTOL[dtype],
+        atol=ATOL[dtype] * material.g_range,
+    )
+    assert (got.numpy()[:20] == got.numpy().dtype.type(material.g_min)).all()
     assert (pulses[20:30] >= 1).all()
-    assert stats.pulses == int(pulses.sum())
+    assert abs(stats.pulses - int(pulses.sum())) <= int((~sure).sum())
     assert stats.iterations == 1
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", NONIDEAL)
-def test_single_noiseless_depression_from_gmax_follows_ltd_curve(name):
+def test_single_noiseless_depression_from_gmax_follows_ltd_curve(name, dtype):
     material = get_material(name)
-    target = _targets(material, 2000, seed=2).numpy()
-    initial = np.full_like(target, material.g_max)
+    target = _targets(material, 2000, seed=2).to(dtype).double().numpy()
+    initial = torch.full((2000,), material.g_max, dtype=dtype)
     got, stats = program_conductances(
-        torch.from_numpy(target),
+        torch.from_numpy(target).to(dtype),
         material,
         generator=_generator(2),
         max_iters=1,
         programming_noise=False,
-        initial=torch.from_numpy(initial),
+        initial=initial,
     )
     big_a, levels = _reference_a(material, "ltd"), material.levels_ltd
     q_star = _np_inverse(target, big_a, levels, material.g_min, material.g_max)
@@ -131,8 +152,15 @@ def test_single_noiseless_depression_from_gmax_follows_ltd_curve(name):
     expected = _np_curve(
         np.maximum(levels - pulses, 0.0), big_a, levels, material.g_min, material.g_max
     )
-    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-9)
-    assert stats.pulses == int(pulses.sum())
+    sure = ~_near_half(levels - q_star, dtype)
+    assert sure.mean() > 0.99
+    np.testing.assert_allclose(
+        got.double().numpy()[sure],
+        expected[sure],
+        rtol=RTOL[dtype],
+        atol=ATOL[dtype] * material.g_range,
+    )
+    assert abs(stats.pulses - int(pulses.sum())) <= int((~sure).sum())
 
 
 def _np_stats(got: np.ndarray, target: np.ndarray, material, tolerance: float):
@@ -158,22 +186,25 @@ def test_more_write_verify_iterations_reduce_error(name):
     assert mean_20 < 0.5 * mean_1
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", NONIDEAL)
-def test_stats_match_numpy_recomputation(name):
+def test_stats_match_numpy_recomputation(name, dtype):
     material = get_material(name)
     tolerance = 0.02
-    target = _targets(material, 4000, seed=4).reshape(40, 100)
+    target = _targets(material, 4000, seed=4).reshape(40, 100).to(dtype)
     got, stats = program_conductances(
         target, material, generator=_generator(4), tolerance=tolerance, max_iters=3
     )
-    within, mean_err, max_err = _np_stats(got.numpy(), target.numpy(), material, tolerance)
+    within, mean_err, max_err = _np_stats(
+        got.double().numpy(), target.double().numpy(), material, tolerance
+    )
     assert got.shape == target.shape
     assert stats.cells == target.numel()
     assert stats.iterations <= 3
     assert 0 < within < 1  # a partly converged array, so the comparison is not trivial
     assert stats.fraction_within_tolerance == pytest.approx(within, abs=1.5 / target.numel())
-    assert stats.mean_abs_error == pytest.approx(mean_err, rel=1e-9)
-    assert stats.max_abs_error == pytest.approx(max_err, rel=1e-9)
+    assert stats.mean_abs_error == pytest.approx(mean_err, rel=RTOL[dtype])
+    assert stats.max_abs_error == pytest.approx(max_err, rel=RTOL[dtype])
 
 
 def test_merged_stats_match_numpy_over_concatenated_cells():
@@ -225,37 +256,40 @@ def test_reprogramming_within_tolerance_applies_no_pulses(name):
     assert stats.fraction_within_tolerance == 1.0
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", NONIDEAL)
-def test_results_are_clipped_to_conductance_window(name):
+def test_results_are_clipped_to_conductance_window(name, dtype):
     material = dataclasses.replace(get_material(name), name="noisy", sigma_c2c=0.3)
     rng = np.random.default_rng(8)
     target = rng.uniform(-material.g_max, 2 * material.g_max, size=5000)
     got, _ = program_conductances(
-        torch.from_numpy(target), material, generator=_generator(8), max_iters=5
+        torch.from_numpy(target).to(dtype), material, generator=_generator(8), max_iters=5
     )
     got = got.numpy()
-    assert got.min() >= material.g_min
-    assert got.max() <= material.g_max
+    assert got.min() >= got.dtype.type(material.g_min)
+    assert got.max() <= got.dtype.type(material.g_max)
     # the window is reached: targets beyond it end near the nearest bound
     assert np.isclose(got, material.g_min).any() and np.isclose(got, material.g_max).any()
 
 
-def test_results_with_variation_stay_below_each_cells_gmax():
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_results_with_variation_stay_below_each_cells_gmax(dtype):
     material = dataclasses.replace(get_material("epiram"), name="spread", sigma_d2d=0.1)
     shape = (50, 60)
-    variation = draw_device_variation(shape, material, _generator(9), dtype=torch.float64)
-    target = torch.full(shape, 2 * material.g_max, dtype=torch.float64)
+    variation = draw_device_variation(shape, material, _generator(9), dtype=dtype)
+    target = torch.full(shape, 2 * material.g_max, dtype=dtype)
     got, _ = program_conductances(
         target, material, generator=_generator(9), max_iters=5, variation=variation
     )
-    cell_gmax = variation.g_max.numpy()
-    assert (got.numpy() <= cell_gmax * (1 + 1e-12)).all()
-    assert (got.numpy() >= material.g_min).all()
+    got, cell_gmax = got.numpy(), variation.g_max.numpy()
+    assert (got <= cell_gmax).all()
+    assert (got >= got.dtype.type(material.g_min)).all()
 
 
-def test_same_seed_same_result_different_seed_differs():
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_same_seed_same_result_different_seed_differs(dtype):
     material = get_material("taox_hfox")
-    target = _targets(material, 4000, seed=10).reshape(80, 50)
+    target = _targets(material, 4000, seed=10).reshape(80, 50).to(dtype)
     first, stats_first = program_conductances(target, material, generator=_generator(123))
     again, stats_again = program_conductances(target, material, generator=_generator(123))
     other, _ = program_conductances(target, material, generator=_generator(124))
