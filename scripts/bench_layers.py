@@ -189,7 +189,7 @@ def bench_programming(device: torch.device, size: int, full: bool) -> list[Row]:
             else ""
         )
         if label == "1st call":
-            note += "; may include one-time torch.compile"
+            note += "; may include the one-time build of the C kernel (CPU) or compile (GPU)"
         rows.append(
             Row(
                 f"program {size}x{size} wv=20 ({label})",
