@@ -632,9 +632,6 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
         material = cfg.device
         batch = x2d.shape[0]
         t, r = self._geometry()
-        pad = t * r - self.in_features
-        xp = F.pad(x2d, (0, pad)) if pad else x2d
-        xt = xp.view(batch, t, r)
         sigma = material.read_noise if cfg.read_noise else 0.0
         gen = self._next_read_noise() if sigma > 0 else None
         n_ot = math.ceil(self.out_features / cfg.tile_cols)
@@ -647,12 +644,15 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
         if cfg.correction == "first_order":
             stats.input_programming_pulses += batch * self.in_features * (cfg.dac_bits or 16)
 
+        if self._native_ok(x2d):
+            y = x2d.new_empty(batch, self.out_features)
+            self._fused_reads(x2d.contiguous(), sigma, gen, y)
+            return self._denoised(y, x2d)
+        pad = t * r - self.in_features  # the PyTorch paths read (B, T, R) input tiles
+        xt = (F.pad(x2d, (0, pad)) if pad else x2d).view(batch, t, r)
         if cfg.adc_bits is None and cfg.correction == "none":
             codes, s_in, levels = dac(xt, cfg, -1)
             y = self._fast_read(codes, s_in, levels, sigma, gen, batch, t, r)
-        elif self._native_ok(x2d):
-            y = x2d.new_empty(batch, self.out_features)
-            self._fused_reads(x2d.contiguous(), sigma, gen, y)
         else:
             # The T partial sums of a read are T times the output's size: the read runs in
             # blocks of rows x whole physical column tiles (``read_blocks``) so that a
@@ -667,10 +667,12 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
             for start in range(0, batch, plan.codes_rows):
                 rows = slice(start, start + plan.codes_rows)
                 self._tiled_read(xt[rows], sigma, gen, plan, y[rows])
+        return self._denoised(y, x2d)
+
+    def _denoised(self, y: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor:
+        """``y`` after the configured denoiser (calibrated against exact products)."""
         lam = self._lambda(y, lambda rows: x2d[:rows] @ self._weight_oi().t())
-        if lam is not None:
-            y = denoise(y, lam)
-        return y
+        return y if lam is None else denoise(y, lam)
 
     def _fast_read(self, codes, s_in, levels, sigma, gen, batch, t, r) -> torch.Tensor:
         """No ADC: the tile sum is linear, so one GEMM on the de-quantised input."""
