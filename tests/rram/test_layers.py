@@ -635,3 +635,31 @@ def test_float32_first_order_read_equals_float64_reference_path(kind, dac_bits):
     off = np.abs(got - want) > 1e-4 * scale
     assert off.mean() < 0.03
     assert np.abs(got - want).max() <= 3 * 2 * scale / (2**5 - 1)  # 3 reads, 2 steps at most
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        dict(stride=(2, 1), padding=2, dilation=2),
+        dict(padding="same", bias=False),
+        dict(padding=1, padding_mode="reflect", stride=2),
+        dict(kernel_size=(1, 3), padding=(0, 1)),
+    ],
+    ids=["stride_dilation", "same", "reflect", "rect_kernel"],
+)
+def test_float32_conv_read_equals_float64_path_for_conv_arguments(args):
+    # float32 runs the compiled read (implicit im2col of the padded images), float64 the
+    # PyTorch tile convolutions; with a fine ADC and no noise they agree to float32 rounding
+    kwargs = {"kernel_size": 3, **args}
+    cfg = IDEAL.replace(adc_bits=12, dac_bits=8, tile_rows=20, tile_cols=4)
+    torch.manual_seed(70)
+    ref = nn.Conv2d(5, 7, dtype=torch.float64, **kwargs)
+    layer64 = RRAMConv2d.from_conv(ref, cfg)
+    layer32 = copy.deepcopy(layer64).float()
+    x = torch.randn(3, 5, 9, 11, dtype=torch.float64, generator=seeded(71))
+    with torch.no_grad():
+        want = layer64(x).numpy()
+        got = layer32(x.float()).double().numpy()
+    assert got.shape == want.shape == ref(x).shape
+    scale = np.abs(want).max()
+    np.testing.assert_allclose(got, want, rtol=0, atol=2 * scale / (2**11 - 1))
