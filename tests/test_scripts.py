@@ -62,6 +62,12 @@ def test_bench_layers_quick_runs(tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_depthwise_quick_reports_every_case(tmp_path):
+    out = _run(["scripts/bench_depthwise.py", "--quick"], tmp_path)
+    assert out.count("correction=") == 2 and "EfficientNet-Lite0" in out
+
+
+@pytest.mark.slow
 def test_hwa_digits_runs_and_reports_both_models(tmp_path):
     _run(["scripts/hwa_digits.py", "--seeds", "1", "--out", str(tmp_path)], tmp_path)
     rows = json.loads((tmp_path / "hwa_digits.json").read_text())

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import native_rng
+from . import native_depthwise, native_rng
 from .config import RRAMConfig
 from .correction import denoise, lambda_errors
 from .crossbar import (
@@ -411,22 +411,29 @@ class _CrossbarMixin:
             return x.new_full((tiles, x.shape[0]), cfg.dac_range)
         return native_rng.tile_absmax(x, cpt, tiles)
 
+    def _read_plan(
+        self, sigma: float, gen: NoiseSource | None
+    ) -> list[tuple[str, bool, int, tuple[int, int]]]:
+        """The crossbar reads of one forward call for the compiled kernels: (weight buffer,
+        whether the DAC rounds the input, sign of the read, noise key) -- one read, or three
+        with first-order correction (``A x~ + A~ x - A~ x~``: codes on the exact weights
+        written, the exact input on the programmed ones added, codes on the programmed ones
+        subtracted)."""
+        quantise = self.rram_config.dac_bits is not None
+        reads = [("w_read", quantise, 0)]
+        if self.rram_config.correction == "first_order":
+            reads = [("w_exact", quantise, 0), ("w_read", False, 1), ("w_read", quantise, -1)]
+        keys = self._epilogue_keys(sigma, gen)
+        return [(w, q, mode, key) for (w, q, mode), key in zip(reads, keys, strict=True)]
+
     def _run_fused_reads(self, sigma: float, gen: NoiseSource | None, read, rows: int) -> None:
-        """The reads of one forward call with the compiled kernel: ``read(spec, packed)``
-        once, or three times with first-order correction (``A x~ + A~ x - A~ x~``: codes
-        on the exact weights, the exact input on the programmed ones, codes on the
-        programmed ones)."""
+        """The reads of :meth:`_read_plan` with the compiled fused read:
+        ``read(spec, packed weights)`` for each."""
         cfg = self.rram_config
         out_c = self.col_scale.shape[-1]  # type: ignore[attr-defined]
         group = cfg.tile_cols if out_c > cfg.tile_cols else out_c
         dac_levels = 1 if cfg.dac_bits is None else quant_levels(cfg.dac_bits)
-        quantise = cfg.dac_bits is not None
-        # (buffer of the weights, DAC rounding, sign of the read)
-        reads = [("w_read", quantise, 0)]
-        if cfg.correction == "first_order":
-            reads = [("w_exact", quantise, 0), ("w_read", False, 1), ("w_read", quantise, -1)]
-        keys = self._epilogue_keys(sigma, gen)
-        for (weights, rounding, mode), key in zip(reads, keys, strict=True):
+        for weights, rounding, mode, key in self._read_plan(sigma, gen):
             spec = native_rng.ReadSpec(
                 group=group,
                 quantise=rounding,
@@ -1069,20 +1076,25 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
             (sh, sw), (dh, dw) = self.stride, self.dilation
             h, w = xp.shape[-2:]  # spatially padded already
             hh, ww = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
-            # NCHW in channels-last memory: image chunks are NHWC slices of it
-            y = torch.empty(
-                (b, self.out_channels, hh, ww),
-                dtype=xp.dtype,
-                device=xp.device,
-                memory_format=torch.channels_last,
-            )
-            if self.groups == 1 and self._native_ok(xp):  # grouped: the PyTorch path
-                self._fused_reads(xp, sigma, gen, y)
+            if self._depthwise_native_ok(xp):
+                # the compiled depthwise read writes whole NCHW planes
+                y = xp.new_empty((b, self.out_channels, hh, ww))
+                self._depthwise_reads(xp, sigma, gen, y)
             else:
-                for start in range(0, b, step):
-                    part = self._tiled_read(xp[start : start + step], sigma, gen)  # NHWC
-                    y.permute(0, 2, 3, 1)[start : start + step] = part
-                    del part
+                # NCHW in channels-last memory: image chunks are NHWC slices of it
+                y = torch.empty(
+                    (b, self.out_channels, hh, ww),
+                    dtype=xp.dtype,
+                    device=xp.device,
+                    memory_format=torch.channels_last,
+                )
+                if self.groups == 1 and self._native_ok(xp):  # other groups: PyTorch
+                    self._fused_reads(xp, sigma, gen, y)
+                else:
+                    for start in range(0, b, step):
+                        part = self._tiled_read(xp[start : start + step], sigma, gen)  # NHWC
+                        y.permute(0, 2, 3, 1)[start : start + step] = part
+                        del part
         hh, ww = y.shape[-2:]
         stats.matrix_products += reads * b * hh * ww
         stats.tile_reads += reads * b * hh * ww * t_tiles * n_ot
@@ -1162,8 +1174,11 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
         buf.view(b, g, n_it * cpt, h, w)[:, :, :c_g] = xp.view(b, g, c_g, h, w)
         xt = buf.view(b, t_tiles, cpt, h, w)
         exact_in = None
-        if cfg.correction == "first_order":
-            scale = positive_or_one(absmax(xt, (2, 3, 4)))
+        if cfg.correction == "first_order":  # the DAC's own range: fixed or auto
+            if cfg.dac_range is not None:
+                scale: torch.Tensor | float = cfg.dac_range
+            else:
+                scale = positive_or_one(absmax(xt, (2, 3, 4)))
             exact_in = (xt * (quant_levels(cfg.dac_bits) / scale) if cfg.dac_bits else xt).view(
                 b, t_tiles * cpt, h, w
             )
@@ -1205,6 +1220,59 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
             ),
             b * hh * ww,
         )
+
+    def _depthwise_native_ok(self, xp: torch.Tensor) -> bool:
+        """True when the compiled depthwise read (:mod:`.native_depthwise`) applies: a
+        depthwise convolution (one input channel per group, hence one channel per input
+        tile) under the conditions of the compiled fused read (:meth:`_native_ok`)."""
+        return (
+            self.groups > 1
+            and self.groups == self.in_channels
+            and self._native_ok(xp)
+            and self.w_read.dtype == torch.float32  # type: ignore[attr-defined]
+            and native_depthwise.available()
+        )
+
+    def _depthwise_reads(
+        self, xp: torch.Tensor, sigma: float, gen: NoiseSource | None, y: torch.Tensor
+    ) -> None:
+        """The read of :meth:`_tiled_read` for a depthwise convolution with the compiled
+        kernel (``native_depthwise.depthwise_read_``), into ``y`` (NCHW, contiguous): per
+        image and channel, one pass over the (spatially padded) plane for DAC, window
+        products and norms, read noise, ADC, de-quantisation and column scale. Images in
+        channels-last memory (the output of the compiled 1x1 reads) are read as they are.
+        The reads (one, or three with first-order correction) are :meth:`_read_plan`'s."""
+        cfg = self.rram_config
+        if not xp.is_contiguous(memory_format=torch.channels_last):
+            xp = xp.contiguous()  # the kernel reads NCHW or channels-last images
+        channels = self.groups
+        m = self.out_channels // channels
+        # one DAC range per image and channel; auto-ranging happens in the kernel's pass
+        auto = cfg.dac_bits is not None and cfg.dac_range is None
+        s_in = None if auto else self._dac_ranges(xp, 1, channels)
+        dac_levels = 1 if cfg.dac_bits is None else quant_levels(cfg.dac_bits)
+        for weights, rounding, mode, key in self._read_plan(sigma, gen):
+            spec = native_depthwise.DepthwiseReadSpec(
+                group=cfg.tile_cols if m > cfg.tile_cols else m,
+                quantise=rounding,
+                noise_std=2**0.5 * sigma,
+                levels=quant_levels(cfg.adc_bits),  # type: ignore[arg-type]
+                dac_levels=dac_levels,
+                fixed_full=None if cfg.adc_range is None else cfg.adc_range * dac_levels,
+                key=key,
+                mode=mode,
+            )
+            native_depthwise.depthwise_read_(
+                xp,
+                s_in,
+                getattr(self, weights).contiguous(),
+                self.col_scale,  # type: ignore[arg-type]
+                y,
+                spec,
+                kernel_size=self.kernel_size,  # type: ignore[arg-type]
+                stride=self.stride,  # type: ignore[arg-type]
+                dilation=self.dilation,  # type: ignore[arg-type]
+            )
 
     def _tiled_read(self, xp: torch.Tensor, sigma: float, gen: NoiseSource | None) -> torch.Tensor:
         """Images ``xp`` (spatially padded) through DAC, tile convolutions, read noise, ADC

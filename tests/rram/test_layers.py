@@ -611,12 +611,18 @@ def test_layers_run_under_inference_mode_like_under_no_grad():
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv"])
-@pytest.mark.parametrize("dac_bits", [None, 6])
-def test_float32_first_order_read_equals_float64_reference_path(kind, dac_bits):
-    # float32 runs the compiled epilogue (three reads accumulated in place), float64 the
+@pytest.mark.parametrize(("dac_bits", "dac_range"), [(None, None), (6, None), (6, 2.5)])
+def test_float32_first_order_read_equals_float64_reference_path(kind, dac_bits, dac_range):
+    # float32 runs the compiled read (three reads accumulated in place), float64 the
     # PyTorch path; without noise they must agree up to float32 rounding at ADC decisions
+    # (with a fixed DAC range, the exact input is scaled by that range on both paths)
     cfg = IDEAL.replace(
-        adc_bits=6, dac_bits=dac_bits, correction="first_order", tile_rows=20, tile_cols=4
+        adc_bits=6,
+        dac_bits=dac_bits,
+        dac_range=dac_range,
+        correction="first_order",
+        tile_rows=20,
+        tile_cols=4,
     )
     torch.manual_seed(60 + (dac_bits or 0))
     if kind == "linear":

@@ -1,0 +1,625 @@
+"""The crossbar read of a depthwise convolution on CPU float32 as one compiled C kernel,
+used through ctypes.
+
+Why: a depthwise convolution (``groups == in_channels``, each channel filtered on its own
+by ``m = out_channels / groups`` kernels) maps every channel to its own input tile of
+``kh * kw`` rows and ``m`` columns. The PyTorch path runs it as a grouped convolution of
+the DAC codes, a second one for the read-noise norms, then eager passes for noise, ADC,
+de-quantisation and the column scale over a channels-last partial-sum stack: about 3x the
+time of ``nn.Conv2d`` (NCHW), and more than half of a converted EfficientNet-Lite0's
+forward. Here one pass per image and channel (OpenMP threads over them; blocks of 8
+channels for channels-last images) does the whole read while the channel's plane is in
+cache:
+
+1. the DAC converts the (spatially padded) input plane to code units, ``v * dac_levels /
+   s_in`` (``s_in`` given, or the plane's largest ``|v|``), rounded and clipped to
+   ``+-dac_levels`` (or at full precision: first-order correction's exact input), into a
+   buffer split into ``sh * sw`` stride phases so that every kernel tap reads a contiguous
+   run of inputs for consecutive output pixels;
+2. per output pixel (8 at a time in AVX2 registers, all taps) the ``kh x kw`` window
+   product with each of the ``m`` weight columns and the window's sum of squared codes;
+3. read noise of standard deviation ``noise_std * ||window codes||`` on each column output
+   (the counter-based stream below), the column ADC over each group of ``group`` of the
+   ``m`` columns (auto-range: the group's largest ``|output|``, or a fixed saturating full
+   scale), de-quantisation ``* full * s_in / (levels * dac_levels)`` and the column scale,
+   written to, added to or subtracted from the NCHW output (first-order correction's three
+   reads).
+
+The arithmetic is that of :meth:`sedma_torch.rram.layers.RRAMConv2d._tiled_read` (and of
+:func:`sedma_torch.rram.native_rng.fused_conv_read_`) up to float rounding; the tests
+check it against a float64 NumPy reference, noise stream included.
+
+**Noise stream.** The read noise of output element ``e`` -- the flat NCHW index
+``((n * C_out + o) * H' + y) * W' + x`` of output channel ``o = t * m + j`` (channel t,
+column j) -- is a standard normal keyed by two 31-bit words ``(lo, hi)`` (one key per
+read): counters come in blocks of 16, and pair ``q = 8 (e >> 4) + (e & 7)`` hashes ``2q``
+and ``2q + 1`` with two rounds of the 32-bit ``lowbias32`` hash each (``h(h(i + lo) ^
+hi)``, as :mod:`~sedma_torch.rram.native_rng`), giving 24-bit uniforms ``u1`` in (0, 1),
+``u2`` in [0, 1) and ``r = sqrt(-2 ln u1)``; element e gets ``r cos(2 pi u2)`` when
+``e & 8 == 0``, else ``r sin(2 pi u2)`` (inline float32 polynomials for the logarithm and
+the sine/cosine, accurate to a few ulp). So each Box-Muller pair feeds two elements 8
+apart and any element's draw can be computed on its own, whatever the threading.
+
+The library is built by :func:`sedma_torch.rram.native_rng.build_library` (system C
+compiler, cached per machine). Without a compiler, or with ``SEDMA_NATIVE_RNG=0``, the
+layer uses the PyTorch path (same physics, other noise streams).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+import torch
+
+from . import native_rng
+
+_SOURCE = r"""
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+static inline uint32_t h32(uint32_t x) {
+  x ^= x >> 16; x *= 0x7FEB352Du; x ^= x >> 15; x *= 0x846CA68Bu; x ^= x >> 16;
+  return x;
+}
+
+/* Inline float32 log and cos/sin of 2 pi u, accurate to a few ulp (as in
+   native_program.py): the stream's loop then makes no library calls, so the compiler keeps
+   it in vector registers. */
+static const float LN2_HI = 0.693145751953125f, LN2_LO = 1.428606765330187e-06f;
+
+/* log(u), u > 0 normal: u = 2^k m, m in [sqrt(1/2), sqrt(2)), z = (m - 1) / (m + 1),
+   log u = k ln 2 + 2 atanh(z), |z| <= 0.1716 (series to z^11) */
+static inline float ln(float u) {
+  union { float f; int32_t i; } v = {u};
+  int32_t k = (v.i - 0x3F3504F3) >> 23; /* 0x3F3504F3: sqrt(1/2) */
+  v.i -= k * (1 << 23);
+  float z = (v.f - 1.0f) / (v.f + 1.0f), w = z * z, kf = (float)k;
+  float s = w * (1.0f / 3 + w * (1.0f / 5 + w * (1.0f / 7 + w * (1.0f / 9 + w * (1.0f / 11)))));
+  float z2 = z + z;
+  return kf * LN2_HI + (kf * LN2_LO + (z2 + z2 * s));
+}
+
+/* cos and sin of 2 pi u for u in [0, 1): quarter turns q = rint(4u), a = (4u - q) pi / 2
+   (exact reduction), Taylor series of cos and sin on [-pi/4, pi/4] */
+static inline void sincos_turn(float u, float *cosv, float *sinv) {
+  float u4 = 4.0f * u, q = rintf(u4);
+  float a = (u4 - q) * 1.5707963267948966f, a2 = a * a;
+  float c = 1.0f - a2 * (1.0f / 2 - a2 * (1.0f / 24 - a2 * (1.0f / 720 - a2 * (1.0f / 40320))));
+  float s = a * (1.0f - a2 * (1.0f / 6 - a2 * (1.0f / 120 - a2 * (1.0f / 5040
+            - a2 * (1.0f / 362880)))));
+  int32_t quadrant = (int32_t)q & 3;
+  float cq = (quadrant & 1) ? s : c, sq = (quadrant & 1) ? c : s;
+  *cosv = (quadrant == 1 || quadrant == 2) ? -cq : cq;
+  *sinv = (quadrant >= 2) ? -sq : sq;
+}
+
+/* Normals of the counter blocks b0 .. b0 + nblocks - 1 (16 counters each) into out:
+   pair q = 8 b + l (l < 8) gives the cosine to counter 16 b + l and the sine to 16 b + 8 + l.
+   The pairs are drawn by a flat vector loop in runs of up to PAIRS, then dealt to their
+   blocks. */
+#define PAIRS 256
+static void normal_blocks(float *restrict out, uint32_t b0, int64_t nblocks, uint32_t lo,
+                          uint32_t hi) {
+  float cosv[PAIRS], sinv[PAIRS];
+  for (int64_t first = 0; first < nblocks; first += PAIRS / 8) {
+    int64_t blocks = nblocks - first < PAIRS / 8 ? nblocks - first : PAIRS / 8;
+    uint32_t q0 = 8u * (b0 + (uint32_t)first);
+    #pragma omp simd
+    for (int p = 0; p < 8 * blocks; ++p) {
+      uint32_t i2 = 2u * (q0 + (uint32_t)p);
+      uint32_t a = h32(h32(i2 + lo) ^ hi), c2 = h32(h32(i2 + 1u + lo) ^ hi);
+      float u1 = ((float)(int32_t)(a >> 8) + 0.5f) * (1.0f / 16777216.0f);
+      float u2 = (float)(int32_t)(c2 >> 8) * (1.0f / 16777216.0f);
+      float r = sqrtf(-2.0f * ln(u1)), c, s;
+      sincos_turn(u2, &c, &s);
+      cosv[p] = r * c;
+      sinv[p] = r * s;
+    }
+    for (int64_t b = 0; b < blocks; ++b) {
+      float *o = out + 16 * (first + b);
+      for (int l = 0; l < 8; ++l) {
+        o[l] = cosv[8 * b + l];
+        o[8 + l] = sinv[8 * b + l];
+      }
+    }
+  }
+}
+
+int sedma_depthwise_normals_f32(float *out, int64_t e0, int64_t n, uint32_t lo, uint32_t hi) {
+  /* the stream's elements e0 .. e0 + n - 1 (for the tests); -1 when out of memory */
+  int64_t b0 = e0 >> 4, nb = ((e0 & 15) + n + 15) >> 4;
+  float *buf = (float *)malloc((size_t)(nb * 16) * sizeof(float));
+  if (!buf) return -1;
+  normal_blocks(buf, (uint32_t)b0, nb, lo, hi);
+  memcpy(out, buf + (e0 & 15), (size_t)n * sizeof(float));
+  free(buf);
+  return 0;
+}
+
+/* Window sums of the pixels 0 .. len - 1 of the phase grid (codes shifted to the first):
+   a[f] = sum_k w[k * ws] codes[offs[k] + f] and, when ss is not NULL, ss[f] = sum_k
+   codes[offs[k] + f]^2. With AVX2 all taps of 8 pixels accumulate in registers, and a, ss
+   and the codes are read/written up to 7 floats past len (the buffers have room). */
+static void window_sums(const float *restrict codes, const int64_t *restrict offs, int64_t K,
+                        const float *restrict w, int64_t ws, int64_t len, float *restrict a,
+                        float *restrict ss) {
+#if defined(__AVX2__) && defined(__FMA__)
+  for (int64_t f = 0; f < len; f += 8) {
+    __m256 acc = _mm256_setzero_ps(), sq = _mm256_setzero_ps();
+    if (ss) {
+      for (int64_t k = 0; k < K; ++k) {
+        __m256 c = _mm256_loadu_ps(codes + offs[k] + f);
+        acc = _mm256_fmadd_ps(_mm256_broadcast_ss(w + k * ws), c, acc);
+        sq = _mm256_fmadd_ps(c, c, sq);
+      }
+      _mm256_storeu_ps(ss + f, sq);
+    } else {
+      for (int64_t k = 0; k < K; ++k)
+        acc = _mm256_fmadd_ps(_mm256_broadcast_ss(w + k * ws),
+                              _mm256_loadu_ps(codes + offs[k] + f), acc);
+    }
+    _mm256_storeu_ps(a + f, acc);
+  }
+#else
+  #pragma omp simd
+  for (int64_t f = 0; f < len; ++f) a[f] = w[0] * codes[offs[0] + f];
+  for (int64_t k = 1; k < K; ++k) {
+    const float *ck = codes + offs[k];
+    float wk = w[k * ws];
+    #pragma omp simd
+    for (int64_t f = 0; f < len; ++f) a[f] += wk * ck[f];
+  }
+  if (ss) {
+    #pragma omp simd
+    for (int64_t f = 0; f < len; ++f) ss[f] = codes[offs[0] + f] * codes[offs[0] + f];
+    for (int64_t k = 1; k < K; ++k) {
+      const float *ck = codes + offs[k];
+      #pragma omp simd
+      for (int64_t f = 0; f < len; ++f) ss[f] += ck[f] * ck[f];
+    }
+  }
+#endif
+}
+
+#define CHUNK 1024
+#define CBLOCK 8
+
+/* The constants of one read (see sedma_depthwise_read_f32). */
+struct read_args {
+  int64_t n, C, H, W, oh, ow, K, m, P, S, wph, rows, CH, plane, group;
+  const int64_t *offs;
+  const float *w, *col_scale;
+  float noise_std, levels, dac_levels, fixed_full, sign;
+  int noisy, saturate, mode;
+  uint32_t lo, hi;
+  float *out;
+};
+
+/* Steps 2-4 of the read of channel t of image img, whose codes are in phase planes:
+   read noise, window sums, ADC, de-quantisation, column scale, output. */
+static void read_channel(const struct read_args *q, int64_t img, int64_t t, float s,
+                         const float *codes, float *acc, float *sd, float *full,
+                         float *noise) {
+  const int64_t m = q->m, P = q->P, ow = q->ow, wph = q->wph, CH = q->CH;
+  /* the read noise of this image and channel: its output elements' counters (the NCHW
+     index of the output) are (img C + t) m P .. (img C + t + 1) m P - 1 */
+  const float *nz = NULL;
+  if (q->noisy) {
+    int64_t e0 = (img * q->C + t) * m * P;
+    normal_blocks(noise, (uint32_t)(e0 >> 4), ((e0 & 15) + m * P + 15) >> 4, q->lo, q->hi);
+    nz = noise + (e0 & 15);
+  }
+  const float *wt = q->w + t * q->K * m, *cs = q->col_scale + t * m;
+  const float unit = s / (q->levels * q->dac_levels), levels = q->levels;
+  for (int64_t y0 = 0; y0 < q->oh; y0 += q->rows) {
+    int64_t y1 = y0 + q->rows < q->oh ? y0 + q->rows : q->oh, len = (y1 - y0) * wph;
+    /* window products and window norms on the phase grid */
+    for (int64_t j = 0; j < m; ++j)
+      window_sums(codes + y0 * wph, q->offs, q->K, wt + j, m, len, acc + j * CH,
+                  j == 0 && q->noisy ? sd : NULL);
+    if (q->noisy) {
+      #pragma omp simd
+      for (int64_t f = 0; f < len; ++f) sd[f] = q->noise_std * sqrtf(sd[f]);
+    }
+    /* per output row: read noise, ADC per group of columns, de-quantisation, column
+       scale, output */
+    for (int64_t y = y0; y < y1; ++y) {
+      int64_t cb = (y - y0) * wph;
+      if (q->noisy)
+        for (int64_t j = 0; j < m; ++j) {
+          float *a = acc + j * CH + cb;
+          const float *z = nz + j * P + y * ow, *d = sd + cb;
+          #pragma omp simd
+          for (int64_t p = 0; p < ow; ++p) a[p] += d[p] * z[p];
+        }
+      for (int64_t g0 = 0; g0 < m; g0 += q->group) {
+        int64_t g1 = g0 + q->group < m ? g0 + q->group : m;
+        if (!q->saturate) {
+          const float *a0 = acc + g0 * CH + cb;
+          #pragma omp simd
+          for (int64_t p = 0; p < ow; ++p) full[p] = fabsf(a0[p]);
+          for (int64_t j = g0 + 1; j < g1; ++j) {
+            const float *a = acc + j * CH + cb;
+            #pragma omp simd
+            for (int64_t p = 0; p < ow; ++p) full[p] = fmaxf(full[p], fabsf(a[p]));
+          }
+          #pragma omp simd
+          for (int64_t p = 0; p < ow; ++p) full[p] = full[p] > 0.0f ? full[p] : 1.0f;
+        }
+        for (int64_t j = g0; j < g1; ++j) {
+          const float *a = acc + j * CH + cb;
+          float *o = q->out + ((img * q->C + t) * m + j) * P + y * ow;
+          float scale = q->sign * unit * cs[j];
+          if (q->saturate) {
+            float inv = levels / q->fixed_full, step = q->fixed_full * scale;
+            if (q->mode == 0) {
+              #pragma omp simd
+              for (int64_t p = 0; p < ow; ++p)
+                o[p] = fminf(fmaxf(rintf(a[p] * inv), -levels), levels) * step;
+            } else {
+              #pragma omp simd
+              for (int64_t p = 0; p < ow; ++p)
+                o[p] += fminf(fmaxf(rintf(a[p] * inv), -levels), levels) * step;
+            }
+          } else if (q->mode == 0) {
+            #pragma omp simd
+            for (int64_t p = 0; p < ow; ++p)
+              o[p] = rintf(a[p] * (levels / full[p])) * (full[p] * scale);
+          } else {
+            #pragma omp simd
+            for (int64_t p = 0; p < ow; ++p)
+              o[p] += rintf(a[p] * (levels / full[p])) * (full[p] * scale);
+          }
+        }
+      }
+    }
+  }
+}
+
+static inline float dac_code(float v, float mult, int quantise, float dac_levels) {
+  float c = v * mult;
+  return quantise ? fminf(fmaxf(rintf(c), -dac_levels), dac_levels) : c;
+}
+
+/* One crossbar read of a depthwise convolution.
+
+   x: images (n, c, h, w) float32, spatially padded, NCHW contiguous or, with
+   channels_last, stored NHWC; geometry = {n, c, h, w, oh, ow, kh, kw, sh, sw, dh, dw}.
+   Channel t is input tile t: its kh kw weight rows (i, j order) hold m columns, weights
+   (c, kh kw, m). s_in (c, n): DAC full scale of each channel (tile) and image, or NULL: the
+   largest |x| of the image's channel (1 where it is all zero). col_scale (c, m). out: NCHW
+   contiguous (n, c m, oh, ow), output channel t m + j; mode 0 writes, +1 adds, -1
+   subtracts. Returns 0, or -1 when out of memory.
+
+   Tasks are (image, channel) -- (image, block of CBLOCK channels) for NHWC input, whose
+   channels are read together. The DAC writes each channel's plane into sh x sw stride
+   phases (phase (y % sh, x % sw) holds rows y / sh, columns x / sw, wph columns a row),
+   so that tap (i, j) of the output pixels (y, 0 .. wph - 1) is one contiguous run of a
+   phase. Output rows then go in chunks of about CHUNK pixels of that grid (columns >= ow
+   computed but unused): window sums in registers, then per row the read noise, ADC and
+   output. */
+int sedma_depthwise_read_f32(const float *x, const int64_t *geometry, int channels_last,
+                             int64_t m, const float *w, const float *s_in,
+                             const float *col_scale, int64_t group, int quantise,
+                             float noise_std, float levels, float dac_levels, float fixed_full,
+                             uint32_t lo, uint32_t hi, float *out, int mode) {
+  const int64_t n = geometry[0], C = geometry[1], H = geometry[2], W = geometry[3];
+  const int64_t oh = geometry[4], ow = geometry[5], kh = geometry[6], kw = geometry[7];
+  const int64_t sh = geometry[8], sw = geometry[9], dh = geometry[10], dw = geometry[11];
+  const int64_t K = kh * kw, P = oh * ow;
+  const int64_t hph = (H + sh - 1) / sh, wph = (W + sw - 1) / sw, S = hph * wph;
+  const int64_t plane = sh * sw * S + wph + kw * dw + 16;
+  const int64_t rows = wph >= CHUNK ? 1 : CHUNK / wph;
+  const int64_t cblock = channels_last ? CBLOCK : 1, blocks = (C + cblock - 1) / cblock;
+  int64_t *offs = (int64_t *)malloc((size_t)K * sizeof(int64_t));
+  if (!offs) return -1;
+  for (int64_t i = 0; i < kh; ++i)
+    for (int64_t k = 0; k < kw; ++k) {
+      int64_t ry = i * dh, rx = k * dw;
+      offs[i * kw + k] = ((ry % sh) * sw + rx % sw) * S + (ry / sh) * wph + rx / sw;
+    }
+  struct read_args q = {n, C, H, W, oh, ow, K, m, P, S, wph, rows, rows * wph, plane, group,
+                        offs, w, col_scale, noise_std, levels, dac_levels, fixed_full,
+                        mode < 0 ? -1.0f : 1.0f, noise_std > 0.0f, fixed_full > 0.0f, mode,
+                        lo, hi, out};
+  int status = 0;
+  int64_t tasks = n * blocks;
+  #pragma omp parallel if (tasks > 1 && n * C * (H * W + m * P * K) >= 131072)
+  {
+  /* zeroed once: phase cells no input maps to stay 0 (read only for unused columns) */
+  float *codes = (float *)calloc((size_t)(cblock * plane), sizeof(float));
+  float *acc = (float *)malloc((size_t)(m * q.CH + 16) * sizeof(float));
+  float *sd = (float *)malloc((size_t)(q.CH + 16) * sizeof(float));
+  float *full = (float *)malloc((size_t)(wph + 16) * sizeof(float));
+  float *noise = q.noisy ? (float *)malloc((size_t)(m * P + 32) * sizeof(float)) : NULL;
+  int ok = codes && acc && sd && full && (!q.noisy || noise);
+  if (!ok) {
+    #pragma omp atomic write
+    status = -1;
+  }
+  #pragma omp for schedule(static)
+  for (int64_t task = 0; task < tasks; ++task) {
+    if (!ok) continue;
+    int64_t img = task / blocks, t0 = (task % blocks) * cblock;
+    int64_t cb = C - t0 < cblock ? C - t0 : cblock;
+    float s[CBLOCK], mult[CBLOCK];
+    /* 1. DAC ranges and the DAC into the stride phases of each channel */
+    if (!channels_last) {
+      const float *src = x + (img * C + t0) * H * W;
+      if (s_in) {
+        s[0] = s_in[t0 * n + img];
+      } else {
+        float mx = 0.0f;
+        #pragma omp simd reduction(max:mx)
+        for (int64_t k = 0; k < H * W; ++k) mx = fmaxf(mx, fabsf(src[k]));
+        s[0] = mx > 0.0f ? mx : 1.0f;
+      }
+      mult[0] = dac_levels / s[0];
+      for (int64_t y = 0; y < H; ++y)
+        for (int64_t ph = 0; ph < sw; ++ph) {
+          const float *row = src + y * W + ph;
+          int64_t len = (W - ph + sw - 1) / sw;
+          float *dst = codes + ((y % sh) * sw + ph) * S + (y / sh) * wph;
+          float mu = mult[0];
+          if (sw == 1) {
+            #pragma omp simd
+            for (int64_t xx = 0; xx < len; ++xx)
+              dst[xx] = dac_code(row[xx], mu, quantise, dac_levels);
+          } else {
+            #pragma omp simd
+            for (int64_t xx = 0; xx < len; ++xx)
+              dst[xx] = dac_code(row[xx * sw], mu, quantise, dac_levels);
+          }
+        }
+    } else {
+      const float *src = x + img * H * W * C + t0;
+      if (s_in) {
+        for (int64_t c = 0; c < cb; ++c) s[c] = s_in[(t0 + c) * n + img];
+      } else {
+        float mx[CBLOCK] = {0};
+        for (int64_t k = 0; k < H * W; ++k)
+          for (int64_t c = 0; c < cb; ++c) mx[c] = fmaxf(mx[c], fabsf(src[k * C + c]));
+        for (int64_t c = 0; c < cb; ++c) s[c] = mx[c] > 0.0f ? mx[c] : 1.0f;
+      }
+      for (int64_t c = 0; c < cb; ++c) mult[c] = dac_levels / s[c];
+      for (int64_t y = 0; y < H; ++y) {
+        float *row = codes + (y % sh) * sw * S + (y / sh) * wph;
+        for (int64_t xx = 0; xx < W; ++xx) {
+          const float *px = src + (y * W + xx) * C;
+          float *dst = row + (xx % sw) * S + xx / sw;
+          for (int64_t c = 0; c < cb; ++c)
+            dst[c * plane] = dac_code(px[c], mult[c], quantise, dac_levels);
+        }
+      }
+    }
+    for (int64_t c = 0; c < cb; ++c)
+      read_channel(&q, img, t0 + c, s[c], codes + c * plane, acc, sd, full, noise);
+  }
+  free(codes);
+  free(acc);
+  free(sd);
+  free(full);
+  free(noise);
+  }
+  free(offs);
+  return status;
+}
+"""
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    i64, f32, u32, ptr, cint = (
+        ctypes.c_int64,
+        ctypes.c_float,
+        ctypes.c_uint32,
+        ctypes.c_void_p,
+        ctypes.c_int,
+    )
+    read = lib.sedma_depthwise_read_f32
+    read.argtypes = [ptr, ptr, cint, i64, ptr, ptr, ptr, i64, cint, f32, f32, f32, f32]
+    read.argtypes += [u32, u32, ptr, cint]
+    read.restype = cint
+    lib.sedma_depthwise_normals_f32.argtypes = [ptr, i64, i64, u32, u32]
+    lib.sedma_depthwise_normals_f32.restype = cint
+
+
+_KERNEL = native_rng.LazyLibrary(
+    "native_depthwise", _SOURCE, _declare, "native depthwise read kernel"
+)
+
+MAX_OUTPUTS = (1 << 32) - 32
+"""Largest output of one read (elements): the noise counter is the 32-bit NCHW index."""
+
+
+def available() -> bool:
+    """True when the compiled kernel can be used (built on the first call). False with
+    ``SEDMA_NATIVE_RNG=0`` or without a C compiler; a failed build warns once."""
+    return _KERNEL.get() is not None
+
+
+def _lib() -> ctypes.CDLL:
+    lib = _KERNEL.get()
+    if lib is None:
+        raise RuntimeError("native depthwise read kernel unavailable; call available() first")
+    return lib
+
+
+@dataclass(frozen=True)
+class DepthwiseReadSpec:
+    """What one depthwise crossbar read does besides the window products (see
+    :func:`depthwise_read_`)."""
+
+    group: int
+    """Columns (of the ``m`` of each channel) sharing one ADC range."""
+    quantise: bool
+    """True: the DAC rounds the input to codes and clips at ``+-dac_levels``. False: the
+    input enters in code units at full precision (first-order correction's exact input)."""
+    noise_std: float
+    """Read-noise standard deviation per unit norm of a window's codes; 0 = no noise."""
+    levels: int
+    """ADC levels (``quant_levels(adc_bits)``)."""
+    dac_levels: int
+    """DAC levels (1 without a DAC, with ranges of 1)."""
+    fixed_full: float | None
+    """Fixed ADC full scale in code units (saturating), or None (each group auto-ranges)."""
+    key: tuple[int, int]
+    """The noise stream's key (two 31-bit words)."""
+    mode: int = 0
+    """0 writes the output, +1 adds to it, -1 subtracts from it."""
+
+
+def _check_tensor(name: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"depthwise_read_: {name} must be a torch.Tensor, got {type(tensor)}")
+    if tensor.dtype != torch.float32 or tensor.device.type != "cpu":
+        raise ValueError(
+            f"depthwise_read_: {name} must be a CPU float32 tensor, got {tensor.dtype} on "
+            f"{tensor.device}"
+        )
+    if tuple(tensor.shape) != shape:
+        raise ValueError(
+            f"depthwise_read_: {name} must have shape {shape}, got {tuple(tensor.shape)}"
+        )
+    if not tensor.is_contiguous():
+        raise ValueError(f"depthwise_read_: {name} must be contiguous")
+
+
+def _pair(name: str, value) -> tuple[int, int]:
+    pair = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+    if len(pair) != 2 or not all(isinstance(v, int) and v >= 1 for v in pair):
+        raise ValueError(f"depthwise_read_: {name} must be two ints >= 1, got {value!r}")
+    return pair  # type: ignore[return-value]
+
+
+def depthwise_read_(
+    x: torch.Tensor,
+    s_in: torch.Tensor | None,
+    weights: torch.Tensor,
+    col_scale: torch.Tensor,
+    out: torch.Tensor,
+    spec: DepthwiseReadSpec,
+    *,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int] = (1, 1),
+    dilation: tuple[int, int] = (1, 1),
+) -> None:
+    """One crossbar read of a depthwise convolution, into ``out``.
+
+    Args:
+        x: images (N, C, H, W), CPU float32, already padded spatially, contiguous NCHW or
+            channels-last (NHWC memory; read a block of channels at a time, no copy).
+        s_in: (C, N) DAC full scale of each channel (input tile) and image, or None: the
+            DAC auto-ranges, the largest ``|x|`` of each image's channel (1 where it is all
+            zero; :func:`sedma_torch.rram.native_rng.tile_absmax`), found in the same pass.
+        weights: (C, kh * kw, m) crossbar weights of each channel's tile, rows in (i, j)
+            order, ``m`` columns (the channel multiplier) -- ``RRAMConv2d.w_read``.
+        col_scale: (C, m) per-column scale of the tiles.
+        out: (N, C * m, H', W') NCHW contiguous float32; output channel ``t * m + j`` is
+            column j of channel t. Written, added to or subtracted from (``spec.mode``).
+        spec: DAC rounding, read noise, ADC and mode (:class:`DepthwiseReadSpec`).
+        kernel_size, stride, dilation: of the convolution (its padding is already in ``x``);
+            ``kh * kw`` must equal the rows of ``weights``.
+
+    The read noise of an output element has standard deviation ``spec.noise_std`` times
+    the norm of its window's codes and comes from the stream of the module docstring,
+    keyed by ``spec.key`` with the element's flat NCHW index as counter.
+    """
+    if not isinstance(x, torch.Tensor) or x.ndim != 4:
+        raise ValueError(
+            f"depthwise_read_: x must be a 4-d (N, C, H, W) tensor, got "
+            f"{tuple(getattr(x, 'shape', ())) or type(x).__name__}"
+        )
+    n, c, h, w = x.shape
+    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    stored = x.permute(0, 2, 3, 1) if channels_last else x  # in memory order
+    if not stored.is_contiguous():
+        raise ValueError("depthwise_read_: x must be contiguous, NCHW or channels-last")
+    _check_tensor("x", stored, tuple(stored.shape))
+    if not isinstance(weights, torch.Tensor) or weights.ndim != 3:
+        raise ValueError("depthwise_read_: weights must be a 3-d (C, kh * kw, m) tensor")
+    k, m = weights.shape[1:]
+    _check_tensor("weights", weights, (c, k, m))
+    if s_in is not None:
+        _check_tensor("s_in", s_in, (c, n))
+    _check_tensor("col_scale", col_scale, (c, m))
+    (sh, sw), (dh, dw) = _pair("stride", stride), _pair("dilation", dilation)
+    kh, kw = _pair("kernel_size", kernel_size)
+    if kh * kw != k:
+        raise ValueError(
+            f"depthwise_read_: kernel_size {kh}x{kw} does not match the {k} rows of weights"
+        )
+    if not isinstance(spec, DepthwiseReadSpec):
+        raise ValueError(f"depthwise_read_: spec must be a DepthwiseReadSpec, got {type(spec)}")
+    oh, ow = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+    if oh < 1 or ow < 1:
+        raise ValueError(
+            f"depthwise_read_: images {h}x{w} are smaller than the {kh}x{kw} kernel "
+            f"(dilation {dh}x{dw})"
+        )
+    _check_tensor("out", out, (n, c * m, oh, ow))
+    if out.numel() > MAX_OUTPUTS:
+        raise ValueError(f"depthwise_read_: {out.numel()} outputs exceed {MAX_OUTPUTS}")
+    if spec.group < 1:
+        raise ValueError(f"depthwise_read_: spec.group must be >= 1, got {spec.group}")
+    if spec.mode not in (-1, 0, 1):
+        raise ValueError(f"depthwise_read_: spec.mode must be -1, 0 or 1, got {spec.mode}")
+    if spec.levels < 1 or spec.dac_levels < 1:
+        raise ValueError(
+            f"depthwise_read_: spec.levels and spec.dac_levels must be >= 1, got "
+            f"{spec.levels}, {spec.dac_levels}"
+        )
+    if spec.fixed_full is not None and not spec.fixed_full > 0:
+        raise ValueError(f"depthwise_read_: spec.fixed_full must be > 0, got {spec.fixed_full}")
+    if not spec.noise_std >= 0:
+        raise ValueError(f"depthwise_read_: spec.noise_std must be >= 0, got {spec.noise_std}")
+    geometry = torch.tensor([n, c, h, w, oh, ow, kh, kw, sh, sw, dh, dw], dtype=torch.int64)
+    status = _lib().sedma_depthwise_read_f32(
+        x.data_ptr(),
+        geometry.data_ptr(),
+        int(channels_last),
+        m,
+        weights.data_ptr(),
+        None if s_in is None else s_in.data_ptr(),
+        col_scale.data_ptr(),
+        spec.group,
+        int(spec.quantise),
+        float(spec.noise_std),
+        float(spec.levels),
+        float(spec.dac_levels),
+        -1.0 if spec.fixed_full is None else float(spec.fixed_full),
+        spec.key[0] & 0x7FFFFFFF,
+        spec.key[1] & 0x7FFFFFFF,
+        out.data_ptr(),
+        spec.mode,
+    )
+    if status != 0:
+        raise MemoryError("depthwise_read_: out of memory")
+
+
+def noise_stream(start: int, count: int, key: tuple[int, int]) -> torch.Tensor:
+    """Elements ``start .. start + count - 1`` of the read-noise stream keyed by ``key``
+    (module docstring): float32 (count,)."""
+    if start < 0 or count < 0 or start + count > MAX_OUTPUTS:
+        raise ValueError(
+            f"noise_stream: elements [{start}, {start + count}) are outside [0, {MAX_OUTPUTS})"
+        )
+    out = torch.empty(count, dtype=torch.float32)
+    if count:
+        status = _lib().sedma_depthwise_normals_f32(
+            out.data_ptr(), start, count, key[0] & 0x7FFFFFFF, key[1] & 0x7FFFFFFF
+        )
+        if status != 0:
+            raise MemoryError("noise_stream: out of memory")
+    return out
+
+
+__all__ = ["MAX_OUTPUTS", "DepthwiseReadSpec", "available", "depthwise_read_", "noise_stream"]
