@@ -66,41 +66,7 @@ _SOURCE = r"""
 #include <immintrin.h>
 #endif
 
-static inline uint32_t h32(uint32_t x) {
-  x ^= x >> 16; x *= 0x7FEB352Du; x ^= x >> 15; x *= 0x846CA68Bu; x ^= x >> 16;
-  return x;
-}
-
-/* Inline float32 log and cos/sin of 2 pi u, accurate to a few ulp (as in
-   native_program.py): the stream's loop then makes no library calls, so the compiler keeps
-   it in vector registers. */
-static const float LN2_HI = 0.693145751953125f, LN2_LO = 1.428606765330187e-06f;
-
-/* log(u), u > 0 normal: u = 2^k m, m in [sqrt(1/2), sqrt(2)), z = (m - 1) / (m + 1),
-   log u = k ln 2 + 2 atanh(z), |z| <= 0.1716 (series to z^11) */
-static inline float ln(float u) {
-  union { float f; int32_t i; } v = {u};
-  int32_t k = (v.i - 0x3F3504F3) >> 23; /* 0x3F3504F3: sqrt(1/2) */
-  v.i -= k * (1 << 23);
-  float z = (v.f - 1.0f) / (v.f + 1.0f), w = z * z, kf = (float)k;
-  float s = w * (1.0f / 3 + w * (1.0f / 5 + w * (1.0f / 7 + w * (1.0f / 9 + w * (1.0f / 11)))));
-  float z2 = z + z;
-  return kf * LN2_HI + (kf * LN2_LO + (z2 + z2 * s));
-}
-
-/* cos and sin of 2 pi u for u in [0, 1): quarter turns q = rint(4u), a = (4u - q) pi / 2
-   (exact reduction), Taylor series of cos and sin on [-pi/4, pi/4] */
-static inline void sincos_turn(float u, float *cosv, float *sinv) {
-  float u4 = 4.0f * u, q = rintf(u4);
-  float a = (u4 - q) * 1.5707963267948966f, a2 = a * a;
-  float c = 1.0f - a2 * (1.0f / 2 - a2 * (1.0f / 24 - a2 * (1.0f / 720 - a2 * (1.0f / 40320))));
-  float s = a * (1.0f - a2 * (1.0f / 6 - a2 * (1.0f / 120 - a2 * (1.0f / 5040
-            - a2 * (1.0f / 362880)))));
-  int32_t quadrant = (int32_t)q & 3;
-  float cq = (quadrant & 1) ? s : c, sq = (quadrant & 1) ? c : s;
-  *cosv = (quadrant == 1 || quadrant == 2) ? -cq : cq;
-  *sinv = (quadrant >= 2) ? -sq : sq;
-}
+%INLINE%
 
 /* Normals of the counter blocks b0 .. b0 + nblocks - 1 (16 counters each) into out:
    pair q = 8 b + l (l < 8) gives the cosine to counter 16 b + l and the sine to 16 b + 8 + l.
@@ -414,6 +380,7 @@ int sedma_depthwise_read_f32(const float *x, const int64_t *geometry, int channe
   return status;
 }
 """
+_SOURCE = _SOURCE.replace("%INLINE%", native_rng.C_INLINE)
 
 
 def _declare(lib: ctypes.CDLL) -> None:
