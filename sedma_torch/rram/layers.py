@@ -411,41 +411,44 @@ class _CrossbarMixin:
             return x.new_full((tiles, x.shape[0]), cfg.dac_range)
         return native_rng.tile_absmax(x, cpt, tiles)
 
-    def _read_plan(
-        self, sigma: float, gen: NoiseSource | None
-    ) -> list[tuple[str, bool, int, tuple[int, int]]]:
-        """The crossbar reads of one forward call for the compiled kernels: (weight buffer,
-        whether the DAC rounds the input, sign of the read, noise key) -- one read, or three
-        with first-order correction (``A x~ + A~ x - A~ x~``: codes on the exact weights
-        written, the exact input on the programmed ones added, codes on the programmed ones
-        subtracted)."""
-        quantise = self.rram_config.dac_bits is not None
+    def _read_specs(
+        self, sigma: float, gen: NoiseSource | None, out_cols: int
+    ) -> list[tuple[str, native_rng.ReadSpec]]:
+        """The crossbar reads of one forward call for the compiled kernels, as (weight
+        buffer, what the read does): one read, or three with first-order correction
+        (``A x~ + A~ x - A~ x~``: codes on the exact weights written, the exact input on
+        the programmed ones added, codes on the programmed ones subtracted). ``out_cols``
+        columns per tile share ADC groups of ``tile_cols``."""
+        cfg = self.rram_config
+        quantise = cfg.dac_bits is not None
+        dac_levels = 1 if cfg.dac_bits is None else quant_levels(cfg.dac_bits)
         reads = [("w_read", quantise, 0)]
-        if self.rram_config.correction == "first_order":
+        if cfg.correction == "first_order":
             reads = [("w_exact", quantise, 0), ("w_read", False, 1), ("w_read", quantise, -1)]
         keys = self._epilogue_keys(sigma, gen)
-        return [(w, q, mode, key) for (w, q, mode), key in zip(reads, keys, strict=True)]
-
-    def _run_fused_reads(self, sigma: float, gen: NoiseSource | None, read, rows: int) -> None:
-        """The reads of :meth:`_read_plan` with the compiled fused read:
-        ``read(spec, packed weights)`` for each."""
-        cfg = self.rram_config
-        out_c = self.col_scale.shape[-1]  # type: ignore[attr-defined]
-        group = cfg.tile_cols if out_c > cfg.tile_cols else out_c
-        dac_levels = 1 if cfg.dac_bits is None else quant_levels(cfg.dac_bits)
-        for weights, rounding, mode, key in self._read_plan(sigma, gen):
-            spec = native_rng.ReadSpec(
-                group=group,
-                quantise=rounding,
-                noise_std=2**0.5 * sigma,
-                levels=quant_levels(cfg.adc_bits),  # type: ignore[arg-type]
-                dac_levels=dac_levels,
-                fixed_full=None if cfg.adc_range is None else cfg.adc_range * dac_levels,
-                key=key,
-                noise_rows=rows,
-                mode=mode,
+        return [
+            (
+                weights,
+                native_rng.ReadSpec(
+                    group=cfg.tile_cols if out_cols > cfg.tile_cols else out_cols,
+                    quantise=rounding,
+                    noise_std=2**0.5 * sigma,
+                    levels=quant_levels(cfg.adc_bits),  # type: ignore[arg-type]
+                    dac_levels=dac_levels,
+                    fixed_full=None if cfg.adc_range is None else cfg.adc_range * dac_levels,
+                    key=key,
+                    mode=mode,
+                ),
             )
-            read(spec, self._packed(weights, group))
+            for (weights, rounding, mode), key in zip(reads, keys, strict=True)
+        ]
+
+    def _run_fused_reads(self, sigma: float, gen: NoiseSource | None, read) -> None:
+        """The reads of :meth:`_read_specs` with the compiled fused read:
+        ``read(spec, packed weights)`` for each."""
+        out_c = self.col_scale.shape[-1]  # type: ignore[attr-defined]
+        for weights, spec in self._read_specs(sigma, gen, out_c):
+            read(spec, self._packed(weights, spec.group))
 
     def _packed(self, name: str, group: int) -> torch.Tensor:
         """Buffer ``name`` (``w_read`` or ``w_exact``) packed for the compiled read, cached
@@ -795,7 +798,6 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
                 spec,
                 tile_rows=r,
             ),
-            x2d.shape[0],
         )
 
     def extra_repr(self) -> str:
@@ -1068,10 +1070,6 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
         if cfg.adc_bits is None and cfg.correction == "none":
             y = self._single_read(xp, sigma, gen)
         else:
-            # images in chunks: a chunk's partial sums of the T input tiles take about one
-            # output (the PyTorch path holds their read noise too, and first-order
-            # correction one more stack)
-            step = chunk_rows(b, t_tiles)
             kh, kw = self.kernel_size
             (sh, sw), (dh, dw) = self.stride, self.dilation
             h, w = xp.shape[-2:]  # spatially padded already
@@ -1091,6 +1089,10 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
                 if self.groups == 1 and self._native_ok(xp):  # other groups: PyTorch
                     self._fused_reads(xp, sigma, gen, y)
                 else:
+                    # images in chunks: a chunk's partial sums of the T input tiles take
+                    # about one output (the PyTorch path holds their read noise too, and
+                    # first-order correction one more stack)
+                    step = chunk_rows(b, t_tiles)
                     for start in range(0, b, step):
                         part = self._tiled_read(xp[start : start + step], sigma, gen)  # NHWC
                         y.permute(0, 2, 3, 1)[start : start + step] = part
@@ -1218,7 +1220,6 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
                 stride=self.stride,  # type: ignore[arg-type]
                 dilation=self.dilation,  # type: ignore[arg-type]
             ),
-            b * hh * ww,
         )
 
     def _depthwise_native_ok(self, xp: torch.Tensor) -> bool:
@@ -1241,7 +1242,7 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
         image and channel, one pass over the (spatially padded) plane for DAC, window
         products and norms, read noise, ADC, de-quantisation and column scale. Images in
         channels-last memory (the output of the compiled 1x1 reads) are read as they are.
-        The reads (one, or three with first-order correction) are :meth:`_read_plan`'s."""
+        The reads (one, or three with first-order correction) are :meth:`_read_specs`'."""
         cfg = self.rram_config
         if not xp.is_contiguous(memory_format=torch.channels_last):
             xp = xp.contiguous()  # the kernel reads NCHW or channels-last images
@@ -1250,18 +1251,7 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
         # one DAC range per image and channel; auto-ranging happens in the kernel's pass
         auto = cfg.dac_bits is not None and cfg.dac_range is None
         s_in = None if auto else self._dac_ranges(xp, 1, channels)
-        dac_levels = 1 if cfg.dac_bits is None else quant_levels(cfg.dac_bits)
-        for weights, rounding, mode, key in self._read_plan(sigma, gen):
-            spec = native_depthwise.DepthwiseReadSpec(
-                group=cfg.tile_cols if m > cfg.tile_cols else m,
-                quantise=rounding,
-                noise_std=2**0.5 * sigma,
-                levels=quant_levels(cfg.adc_bits),  # type: ignore[arg-type]
-                dac_levels=dac_levels,
-                fixed_full=None if cfg.adc_range is None else cfg.adc_range * dac_levels,
-                key=key,
-                mode=mode,
-            )
+        for weights, spec in self._read_specs(sigma, gen, m):
             native_depthwise.depthwise_read_(
                 xp,
                 s_in,

@@ -48,7 +48,6 @@ layer uses the PyTorch path (same physics, other noise streams).
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
 
 import torch
 
@@ -420,30 +419,6 @@ def _lib() -> ctypes.CDLL:
     return lib
 
 
-@dataclass(frozen=True)
-class DepthwiseReadSpec:
-    """What one depthwise crossbar read does besides the window products (see
-    :func:`depthwise_read_`)."""
-
-    group: int
-    """Columns (of the ``m`` of each channel) sharing one ADC range."""
-    quantise: bool
-    """True: the DAC rounds the input to codes and clips at ``+-dac_levels``. False: the
-    input enters in code units at full precision (first-order correction's exact input)."""
-    noise_std: float
-    """Read-noise standard deviation per unit norm of a window's codes; 0 = no noise."""
-    levels: int
-    """ADC levels (``quant_levels(adc_bits)``)."""
-    dac_levels: int
-    """DAC levels (1 without a DAC, with ranges of 1)."""
-    fixed_full: float | None
-    """Fixed ADC full scale in code units (saturating), or None (each group auto-ranges)."""
-    key: tuple[int, int]
-    """The noise stream's key (two 31-bit words)."""
-    mode: int = 0
-    """0 writes the output, +1 adds to it, -1 subtracts from it."""
-
-
 def _check_tensor(name: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
     if not isinstance(tensor, torch.Tensor):
         raise ValueError(f"depthwise_read_: {name} must be a torch.Tensor, got {type(tensor)}")
@@ -473,7 +448,7 @@ def depthwise_read_(
     weights: torch.Tensor,
     col_scale: torch.Tensor,
     out: torch.Tensor,
-    spec: DepthwiseReadSpec,
+    spec: native_rng.ReadSpec,
     *,
     kernel_size: tuple[int, int],
     stride: tuple[int, int] = (1, 1),
@@ -492,7 +467,8 @@ def depthwise_read_(
         col_scale: (C, m) per-column scale of the tiles.
         out: (N, C * m, H', W') NCHW contiguous float32; output channel ``t * m + j`` is
             column j of channel t. Written, added to or subtracted from (``spec.mode``).
-        spec: DAC rounding, read noise, ADC and mode (:class:`DepthwiseReadSpec`).
+        spec: DAC rounding, read noise, ADC and mode
+            (:class:`~sedma_torch.rram.native_rng.ReadSpec`).
         kernel_size, stride, dilation: of the convolution (its padding is already in ``x``);
             ``kh * kw`` must equal the rows of ``weights``.
 
@@ -524,8 +500,8 @@ def depthwise_read_(
         raise ValueError(
             f"depthwise_read_: kernel_size {kh}x{kw} does not match the {k} rows of weights"
         )
-    if not isinstance(spec, DepthwiseReadSpec):
-        raise ValueError(f"depthwise_read_: spec must be a DepthwiseReadSpec, got {type(spec)}")
+    if not isinstance(spec, native_rng.ReadSpec):
+        raise ValueError(f"depthwise_read_: spec must be a native_rng.ReadSpec, got {type(spec)}")
     oh, ow = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
     if oh < 1 or ow < 1:
         raise ValueError(
@@ -589,4 +565,4 @@ def noise_stream(start: int, count: int, key: tuple[int, int]) -> torch.Tensor:
     return out
 
 
-__all__ = ["MAX_OUTPUTS", "DepthwiseReadSpec", "available", "depthwise_read_", "noise_stream"]
+__all__ = ["MAX_OUTPUTS", "available", "depthwise_read_", "noise_stream"]

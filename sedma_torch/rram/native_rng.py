@@ -333,8 +333,8 @@ static void pack_block(const struct source *s, int64_t r0, int64_t valid, int64_
    s_in[t, n]), rounded and clipped to +-dac_levels when `quantise` (else exact: first-order
    correction's full-precision input). s_in is (T, n). noise_std > 0 adds read noise of
    standard deviation noise_std * ||codes of the row's tile input|| to each partial sum; the
-   noise of (t, r, c) is drawn per ADC group, keyed by the counter
-   (t * noise_rows + noise_row0 + r) * C + c. Then the column ADC (`levels`, groups of
+   noise of (t, r, c) is drawn per ADC group, keyed by the counter (t * rows + r) * C + c
+   (rows: the read's n * oh * ow rows). Then the column ADC (`levels`, groups of
    `group` columns, fixed full scale fixed_full > 0 or auto-range), de-quantisation
    (s_in / (levels * dac_levels)), the column scale col_scale (T, C) and the sum over t.
    geometry = {n, c_in, h, w, oh, ow, cpt, kh, kw, sh, sw, dh, dw} (struct source).
@@ -343,8 +343,7 @@ int sedma_fused_read_f32(const float *x, const int64_t *geometry, int64_t T, int
                          const float *restrict wp, int64_t group, int quantise,
                          const float *s_in, float noise_std, const float *col_scale,
                          float levels, float dac_levels, float fixed_full, uint32_t lo,
-                         uint32_t hi, int64_t noise_rows, int64_t noise_row0,
-                         float *restrict out, int64_t out_stride, int mode) {
+                         uint32_t hi, float *restrict out, int64_t out_stride, int mode) {
   const int64_t *q = geometry;
   struct source src = {x, q[0], q[1], q[2], q[3], q[4], q[5], q[6], q[7], q[8], q[9],
                        q[10], q[11], q[12]};
@@ -409,7 +408,7 @@ int sedma_fused_read_f32(const float *x, const int64_t *geometry, int64_t T, int
           float *v = cbuf + i * ldc;
           float sdev = sd[b * MR + i];
           if (sdev > 0.0f) {
-            uint32_t counter = (uint32_t)((t * noise_rows + noise_row0 + r) * C + c0);
+            uint32_t counter = (uint32_t)((t * B + r) * C + c0);
             normal_pairs(noise, width, lo, hi, counter);
             #pragma omp simd
             for (int64_t c = 0; c < width; ++c) v[c] += sdev * noise[c];
@@ -466,7 +465,7 @@ MAX_ELEMENTS = 1 << 31
 
 
 def _flags(openmp: bool) -> list[str]:
-    # -fopenmp: the epilogue's rows run on OpenMP threads. PyTorch has loaded its own
+    # -fopenmp: the kernels run on OpenMP threads. PyTorch has loaded its own
     # libgomp.so.1 by then, so the kernel shares PyTorch's thread pool and thread count.
     # Without OpenMP support the same source builds single-threaded (-fopenmp-simd).
     flags = ["-O3", "-ffast-math", "-fopenmp" if openmp else "-fopenmp-simd", "-fPIC", "-shared"]
@@ -526,7 +525,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sedma_pack_weights_f32.restype = None
     fused = lib.sedma_fused_read_f32
     fused.argtypes = [ptr, ptr, i64, i64, ptr, i64, ctypes.c_int, ptr, f32, ptr, f32, f32, f32]
-    fused.argtypes += [u32, u32, i64, i64, ptr, i64, ctypes.c_int]
+    fused.argtypes += [u32, u32, ptr, i64, ctypes.c_int]
     fused.restype = ctypes.c_int
     lib.sedma_tile_absmax_f32.argtypes = [ptr, i64, i64, i64, i64, i64, ptr]
     lib.sedma_tile_absmax_f32.restype = None
@@ -621,7 +620,8 @@ def pack_weights(w: torch.Tensor, group: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class ReadSpec:
-    """What one fused crossbar read does besides the matmul (see :func:`fused_read_`)."""
+    """What one compiled crossbar read does besides the products (see :func:`fused_read_`
+    and :func:`~sedma_torch.rram.native_depthwise.depthwise_read_`)."""
 
     group: int
     """Columns sharing one ADC range (a physical column tile)."""
@@ -640,10 +640,6 @@ class ReadSpec:
     """Fixed ADC full scale in code units (saturating), or None (each group auto-ranges)."""
     key: tuple[int, int]
     """The noise stream's key (two 31-bit words)."""
-    noise_rows: int
-    """Rows of the whole forward call (the noise counter's row count)."""
-    noise_row0: int = 0
-    """Index of this call's first row within the forward call."""
     mode: int = 0
     """0 writes the output, +1 adds to it, -1 subtracts from it."""
 
@@ -701,7 +697,7 @@ def _read(name, x, geometry, s_in, packed, col_scale, out, spec: ReadSpec) -> No
             f"{name}: out must be a ({rows}, {c}) float32 row view, got {tuple(out.shape)} "
             f"{out.dtype} with strides {out.stride()}"
         )
-    if t * spec.noise_rows * c >= 2**32:
+    if t * rows * c >= 2**32:
         raise ValueError(f"{name}: noise counters exceed 32 bits")
     if spec.mode not in (-1, 0, 1):
         raise ValueError(f"{name}: mode must be -1, 0 or 1, got {spec.mode}")
@@ -722,8 +718,6 @@ def _read(name, x, geometry, s_in, packed, col_scale, out, spec: ReadSpec) -> No
         -1.0 if spec.fixed_full is None else float(spec.fixed_full),
         spec.key[0] & 0x7FFFFFFF,
         spec.key[1] & 0x7FFFFFFF,
-        spec.noise_rows,
-        spec.noise_row0,
         out.data_ptr(),
         out.stride(0),
         spec.mode,
@@ -751,9 +745,8 @@ def fused_read_(
     ``s_in`` (T, B) is the DAC full scale of each row and tile (:func:`tile_absmax`);
     ``col_scale`` (T, C). The read-noise standard deviation is ``spec.noise_std`` times the
     norm of the tile's input row in code units; the noise of (tile t, row r, column c) is
-    keyed by ``spec.key`` and the counter ``(t * noise_rows + noise_row0 + r) * C + c``,
-    drawn per ADC group, so it does not depend on how a forward call is cut into row
-    chunks. Same arithmetic as the eager path (a batched matmul, then
+    keyed by ``spec.key`` and the counter ``(t * B + r) * C + c``, drawn per ADC group, so
+    it does not depend on the thread count. Same arithmetic as the eager path (a batched matmul, then
     ``crossbar.adc_dequantise_``) up to float rounding.
     """
     _check_input("fused_read_", x, 2)

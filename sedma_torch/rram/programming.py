@@ -334,7 +334,7 @@ def _program_native(
         params,
         g_max=material.g_max,
         initial=None if initial is None else initial.reshape(-1).contiguous(),
-        stats_tolerance=tol_abs * (1 + 1e-6),
+        stats_tolerance=tol_abs * _STATS_SLACK,
         variation=variation,
     )
     cells = t_flat.numel()
@@ -399,6 +399,9 @@ def _write_verify_step(
 
 
 _COMPILE_MIN_CELLS = 1 << 20
+_STATS_SLACK = 1 + 1e-6
+"""A cell counts as within tolerance up to this factor on the tolerance (float rounding
+of |G - target|), in both implementations' statistics."""
 _COMPACT_FUSED = 0.5
 _COMPILED: dict = {}
 
@@ -444,7 +447,7 @@ def _stats(
 ) -> ProgrammingStats:
     if g.numel() == 0:
         return ProgrammingStats(0, iterations, pulses, 1.0, 0.0, 0.0)
-    tol = torch.tensor(tol_abs * (1 + 1e-6), dtype=g.dtype, device=g.device)
+    tol = torch.tensor(tol_abs * _STATS_SLACK, dtype=g.dtype, device=g.device)
     sums = _run_fused(_error_sums, g.numel() >= _COMPILE_MIN_CELLS, g, t, tol)
     within, total, largest = sums.tolist()
     return ProgrammingStats(

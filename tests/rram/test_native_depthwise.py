@@ -114,7 +114,7 @@ def _case(seed, n=3, c=5, h=13, w=14, m=1, k=9, zero_plane=True):
     return x, weights, col_scale, s_in
 
 
-def _spec(**changes) -> native_depthwise.DepthwiseReadSpec:
+def _spec(**changes) -> native_rng.ReadSpec:
     base = dict(
         group=1,
         quantise=True,
@@ -124,7 +124,7 @@ def _spec(**changes) -> native_depthwise.DepthwiseReadSpec:
         fixed_full=None,
         key=(0, 0),
     )
-    return native_depthwise.DepthwiseReadSpec(**{**base, **changes})
+    return native_rng.ReadSpec(**{**base, **changes})
 
 
 def _run(x, weights, col_scale, s_in, spec, kernel, stride=(1, 1), dilation=(1, 1), out=None):

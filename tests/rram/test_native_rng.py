@@ -156,7 +156,6 @@ def _spec(**changes):
         dac_levels=7,
         fixed_full=None,
         key=(0, 0),
-        noise_rows=13,
     )
     return native_rng.ReadSpec(**{**base, **changes})
 
@@ -276,7 +275,7 @@ def test_fused_conv_read_equals_the_dense_read_of_explicit_patches(kernel, strid
     dense = np.ascontiguousarray(patches.reshape(n * oh * ow, t * cpt * kh * kw))
     s_rows = np.repeat(s_in.numpy(), oh * ow, axis=1)  # (T, rows): each image's range
     packed = native_rng.pack_weights(torch.from_numpy(w), 16)
-    spec = _spec(levels=31, dac_levels=15, noise_std=0.01, key=(4, 5), noise_rows=n * oh * ow)
+    spec = _spec(levels=31, dac_levels=15, noise_std=0.01, key=(4, 5))
     want = torch.empty(n * oh * ow, c)
     native_rng.fused_read_(
         torch.from_numpy(dense),
