@@ -1,7 +1,9 @@
-"""A/B of the read epilogue: eager passes + MT19937 noise vs the opt-in fused kernel.
+"""A/B of the PyTorch read epilogue: eager passes + MT19937 noise vs the opt-in fused kernel.
 
 Interleaves calls of both variants on the same layers in one process (robust to the
-machine's drift) and prints medians and ratios to the digital layers.
+machine's drift) and prints medians and ratios to the digital layers. Both variants are
+PyTorch paths: the compiled C read (``rram/native_rng.py``) is switched off here with
+``SEDMA_NATIVE_RNG=0``, otherwise it would take the "eager" side's place on CPU.
 
     python scripts/bench_fused_read.py [--calls 40]
 """
@@ -13,6 +15,7 @@ import os
 import time
 
 os.environ.setdefault("SEDMA_FUSED_READ", "1")
+os.environ["SEDMA_NATIVE_RNG"] = "0"
 
 import torch
 from torch import nn
