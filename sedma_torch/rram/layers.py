@@ -1,24 +1,42 @@
-"""`RRAMLinear` and `RRAMConv2d`: drop-in layers whose forward pass runs on simulated crossbars.
+"""`RRAMLinear`, `RRAMConv2d` and `RRAMConv1d`: drop-in layers whose forward pass runs on
+simulated crossbars.
 
 * The digital weight stays in ``.weight`` (a normal ``nn.Parameter``): it is what the
   optimiser updates and what ``to_digital`` gives back.
 * The forward pass reads the *programmed* crossbar (see :mod:`sedma_torch.rram.crossbar`);
   gradients flow to the digital weight as if the layer were digital (straight-through,
   hardware-aware training).
-* When the weight changed since it was programmed (an optimiser step, ``load_state_dict``
-  of new weights, ...), the next forward pass re-programs it first: write-and-verify
-  starts from the current conductances and touches only cells whose target moved out of
-  tolerance. Edits through ``weight.data`` bypass PyTorch's version counter; call
-  ``program_()`` after those.
+* **Never stale.** A layer keeps the content fingerprint
+  (:mod:`sedma_torch.rram.fingerprint`) of the weight it programmed and compares it with
+  its weight's at every forward pass: after any change by any means (any optimiser,
+  plain, ``foreach`` or ``fused``; ``load_state_dict``; ``weight.data`` / ``copy_`` /
+  ``no_grad`` edits; parametrizations; ``to_empty``) the next forward pass re-programs
+  first. Write-and-verify starts from the current conductances and touches only cells
+  whose target moved out of tolerance. The check costs one pass over the weight's bytes
+  (BENCHMARKS.md, ``scripts/bench_layers.py``).
+* **State dicts** carry the conductances, the fingerprint of the weight they were
+  programmed from, the layer seed and the RNG counters (``torch.load(weights_only=True)``
+  works). Loading restores the programmed chip bit-exactly when the loaded weight is the
+  one its conductances were programmed from, and re-programs (from the loaded
+  conductances) when it is not, or when the checkpoint has no conductances (a digital
+  checkpoint loaded with ``strict=False``).
+* **Compute dtype.** The simulation runs in float32 for float16 / bfloat16 layers (and
+  under autocast) and in the weight's dtype otherwise; the output has the input's dtype,
+  or autocast's lower-precision dtype inside an autocast region, as the digital layer's.
 * Randomness is reproducible: programming noise and chip properties derive from
-  ``(config.seed, layer seed, event)``, read noise from ``(seed, call counter)``. The
-  counters and the conductances are in the state dict.
+  ``(config.seed, layer seed, event)``, read noise from ``(seed, call counter)``. Which
+  streams are used depends on the backend (compiled C kernels or PyTorch): see
+  :class:`~sedma_torch.rram.config.RRAMConfig`.
+* ``torch.compile``: the crossbar read is the custom operator ``sedma::crossbar_read``
+  (opaque to the compiler, with a meta function and a straight-through backward), so a
+  converted model compiles without graph breaks in the layers.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import weakref
 from typing import Any
 
 import torch
@@ -45,10 +63,13 @@ from .crossbar import (
     quant_levels,
     read_blocks,
 )
+from .fingerprint import fingerprint
 from .rng import seed_pair
 
 _construction_counter = itertools.count()
 _STATE_KEYS = ("g_pos", "g_neg", "col_scale")
+_READ_KEYS = ("w_read", "w_exact")
+_COUNTER_KEYS = ("rram_seed_", "read_calls", "program_events", "programmed_fp")
 _MEMORY_ATTRS = ("long_term_memory", "short_term_memory")
 
 LAMBDA_MEMORY_TOLERANCE = 0.05
@@ -80,20 +101,114 @@ def _check_config(config: Any) -> RRAMConfig:
     return config
 
 
-def _check_input(
-    name: str, x: torch.Tensor, expected_last: int | None, dim_ok, what: str, check_finite: bool
-) -> None:
+def _check_input(name: str, x: torch.Tensor, dim_ok, what: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: input must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"{name}: input must have a floating dtype, got {x.dtype}")
     if not dim_ok(x):
         raise ValueError(f"{name}: input shape {tuple(x.shape)} is not {what}")
+
+
+def _check_finite(name: str, x: torch.Tensor) -> None:
     # one read-only reduction; the exact elementwise test only when the sum is not finite
-    if check_finite and not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
+    if x.numel() and not bool(torch.isfinite(x.sum())) and not bool(torch.isfinite(x).all()):
         raise ValueError(
             f"{name}: input contains NaN or Inf (disable with RRAMConfig(check_finite=False))"
         )
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a layer with ``dtype`` weights simulates in: float32 for float16 and
+    bfloat16 (their range and precision cannot hold a crossbar read), else ``dtype``."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _output_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the digital layer returns for input ``x``: autocast's lower-precision
+    dtype inside an autocast region (for float32 / float16 / bfloat16 inputs), else the
+    input's."""
+    dev = x.device.type
+    if x.dtype in (torch.float32, torch.float16, torch.bfloat16) and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def _same_values(old: torch.Tensor, new: torch.Tensor) -> bool:
+    """Whether ``new`` holds ``old``'s values (after a device / dtype move)."""
+    if old.shape != new.shape:
+        return False
+    return bool(torch.equal(old.to(device=new.device, dtype=new.dtype), new))
+
+
+# ----- the crossbar read as an operator ----------------------------------------------------
+_LAYERS: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
+_handles = itertools.count(1)
+
+
+def _register_layer(layer: Any) -> int:
+    handle = next(_handles)
+    _LAYERS[handle] = layer
+    return handle
+
+
+def _layer_of(handle: int) -> Any:
+    layer = _LAYERS.get(handle)
+    if layer is None:
+        raise RuntimeError(f"sedma::crossbar_read: RRAM layer #{handle} no longer exists")
+    return layer
+
+
+@torch.library.custom_op("sedma::crossbar_read", mutates_args=())
+def crossbar_read(x: torch.Tensor, weight: torch.Tensor, handle: int) -> torch.Tensor:
+    """One forward read of RRAM layer ``handle`` (re-programming it first when ``weight``
+    changed): what ``torch.compile`` sees of an RRAM layer. The layer's counters and
+    conductances are its own state, outside the graph. Returns a contiguous tensor."""
+    return _layer_of(handle)._read(x, weight).contiguous()
+
+
+@crossbar_read.register_fake
+def _crossbar_read_fake(x: torch.Tensor, weight: torch.Tensor, handle: int) -> torch.Tensor:
+    return _layer_of(handle)._read_fake(x)
+
+
+def _crossbar_read_setup(ctx, inputs, output) -> None:
+    x, weight, handle = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.handle = handle
+
+
+def _crossbar_read_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    needs = ctx.needs_input_grad[:2]
+    gx, gw = _layer_of(ctx.handle)._read_backward(grad, x, weight, needs)
+    return gx, gw, None
+
+
+crossbar_read.register_autograd(_crossbar_read_backward, setup_context=_crossbar_read_setup)
+
+
+class _CrossbarFn(torch.autograd.Function):
+    """Eager twin of ``sedma::crossbar_read`` (no operator dispatch overhead): hardware
+    forward, straight-through backward with the digital weight."""
+
+    @staticmethod
+    def forward(ctx, x, weight, layer):  # type: ignore[override]
+        ctx.save_for_backward(x, weight)
+        ctx.layer = layer
+        return layer._read(x.detach(), weight.detach())
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        gx, gw = ctx.layer._read_backward(grad, x, weight, ctx.needs_input_grad[:2])
+        return gx, gw, None
+
+
+def _crossbar(layer: Any, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return crossbar_read(x, weight, layer._handle)
+    return _CrossbarFn.apply(x, weight, layer)
 
 
 class _CrossbarMixin:
@@ -110,7 +225,11 @@ class _CrossbarMixin:
         )
         seed_value = derive_seed(self.rram_config.seed, "layer", label)
         self.rram_stats = CrossbarStats()
-        self._programmed_key: tuple | None = None
+        self._programmed_fp: int | None = None
+        """Fingerprint of the weight the crossbar holds (None: not programmed)."""
+        self._read_generation = 0
+        """Bumped whenever the read state (w_read, w_exact) is rebuilt: keys derived caches."""
+        self._handle = _register_layer(self)
         self._lambda_recent: float | None = None
         self._calls_since_calibration = 0
         self._recent_history: list[int] = []
@@ -140,6 +259,8 @@ class _CrossbarMixin:
         self.register_buffer("rram_seed_", torch.tensor(seed_value, dtype=torch.int64))  # type: ignore[attr-defined]
         self.register_buffer("read_calls", torch.zeros((), dtype=torch.int64))  # type: ignore[attr-defined]
         self.register_buffer("program_events", torch.zeros((), dtype=torch.int64))  # type: ignore[attr-defined]
+        # fingerprint of the weight the stored conductances were programmed from
+        self.register_buffer("programmed_fp", torch.zeros((), dtype=torch.int64))  # type: ignore[attr-defined]
         self.register_buffer("w_read", torch.empty(0), persistent=False)  # type: ignore[attr-defined]
         self.register_buffer("w_exact", torch.empty(0), persistent=False)  # type: ignore[attr-defined]
         self._register_load_state_dict_pre_hook(self._resize_state_hook)  # type: ignore[attr-defined]
@@ -151,117 +272,201 @@ class _CrossbarMixin:
         return int(self.rram_seed_)  # type: ignore[attr-defined]
 
     # ----- programming -----------------------------------------------------------------
-    def weight_tiles(self) -> torch.Tensor:  # pragma: no cover - abstract
+    def weight_tiles(
+        self, weight: torch.Tensor | None = None
+    ) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _key(self) -> tuple:
-        w = self.weight
-        return (w._version, w.data_ptr(), w.device, w.dtype)
+    def _compute_dtype(self) -> torch.dtype:
+        return compute_dtype(self.weight.dtype)
+
+    def _read_state_ok(self, w: torch.Tensor) -> bool:
+        """Whether the read state exists, on ``w``'s device, in its compute dtype."""
+        r = self.w_read  # type: ignore[attr-defined]
+        return bool(r.numel()) and r.device == w.device and r.dtype == compute_dtype(w.dtype)
 
     @property
     def is_programmed(self) -> bool:
         """True when the crossbar holds the current digital weights."""
-        return self._programmed_key is not None and self._programmed_key == self._key()
+        if self._programmed_fp is None:
+            return False
+        w = self.weight.detach()
+        return self._read_state_ok(w) and fingerprint(w) == self._programmed_fp
 
-    @torch.no_grad()
     def program_(self, from_scratch: bool = False) -> CrossbarStats:
         """(Re-)program the crossbar from ``self.weight`` now. Returns the layer's stats."""
-        cfg = self.rram_config
         w = self.weight.detach()
-        if cfg.check_finite and not bool(torch.isfinite(w).all()):
-            raise ValueError(
-                f"{type(self).__name__}: weight contains NaN or Inf; cannot program it"
-            )
-        tiles = self.weight_tiles()
-        initial = None
-        if not from_scratch and self.g_pos.shape == tiles.shape:  # type: ignore[attr-defined]
-            initial = torch.stack([self.g_pos, self.g_neg])  # type: ignore[attr-defined]
-        event = int(self.program_events)  # type: ignore[attr-defined]
-        prog = program_tiles(tiles, cfg, self.rram_seed, event, initial)
-        self.g_pos = prog.g_pos
-        self.g_neg = prog.g_neg
-        self.col_scale = prog.col_scale
-        self.program_events += 1  # type: ignore[attr-defined]
-        self._set_read_state(prog.w_read, tiles)
-        self.rram_stats.programming_pulses += prog.stats.pulses
-        self.rram_stats.programming_events += 1
-        self.rram_stats.last_programming = prog.stats
-        self._programmed_key = self._key()
+        return self._program(w, fingerprint(w), from_scratch)
+
+    def _program(self, w: torch.Tensor, fp: int, from_scratch: bool = False) -> CrossbarStats:
+        """Program weight ``w`` (fingerprint ``fp``). Runs outside inference mode, so the
+        conductances are normal tensors that later training, loading and in-place counter
+        updates can use."""
+        with torch.inference_mode(False), torch.no_grad():
+            cfg = self.rram_config
+            if cfg.check_finite and not bool(torch.isfinite(w).all()):
+                raise ValueError(
+                    f"{type(self).__name__}: weight contains NaN or Inf; cannot program it"
+                )
+            tiles = self.weight_tiles(w).to(compute_dtype(w.dtype))
+            initial = None
+            if not from_scratch and self.g_pos.shape == tiles.shape:  # type: ignore[attr-defined]
+                initial = torch.stack([self.g_pos, self.g_neg]).to(tiles)  # type: ignore[attr-defined]
+            event = int(self.program_events)  # type: ignore[attr-defined]
+            prog = program_tiles(tiles, cfg, self.rram_seed, event, initial)
+            self.g_pos = prog.g_pos
+            self.g_neg = prog.g_neg
+            self.col_scale = prog.col_scale
+            self.program_events = self.program_events + 1  # type: ignore[attr-defined]
+            self._set_read_state(prog.w_read, tiles)
+            self.rram_stats.programming_pulses += prog.stats.pulses
+            self.rram_stats.programming_events += 1
+            self.rram_stats.last_programming = prog.stats
+            self._set_fingerprint(fp)
         return self.rram_stats
 
+    def _set_fingerprint(self, fp: int | None) -> None:
+        self._programmed_fp = fp
+        if fp is not None:
+            with torch.inference_mode(False):
+                self.programmed_fp = torch.tensor(
+                    fp, dtype=torch.int64, device=self.programmed_fp.device
+                )  # type: ignore[attr-defined]
+
     def _set_read_state(self, w_read: torch.Tensor, tiles: torch.Tensor) -> None:
-        dtype = self.weight.dtype
+        dtype = tiles.dtype
         self.w_read = w_read.to(dtype)
         if self.rram_config.correction == "first_order":
             self.w_exact = (tiles / self.col_scale.unsqueeze(1)).to(dtype)  # type: ignore[attr-defined]
         else:
             self.w_exact = torch.empty(0, device=tiles.device, dtype=dtype)
+        self._refresh_caches()
+
+    def _refresh_caches(self) -> None:
+        self._read_generation += 1
+        self.__dict__.pop("_packed_cache", None)
         self._rebuild_cache()
 
     def _rebuild_cache(self) -> None:
         """Derived layouts for the fast paths (subclasses)."""
 
-    def _recompute_read_state(self) -> None:
+    def _recompute_read_state(self, w: torch.Tensor) -> None:
         """Rebuild w_read from the stored conductances (after loading a state dict)."""
         from .crossbar import chip_properties, read_back
 
-        cfg = self.rram_config
-        g = torch.stack([self.g_pos, self.g_neg])  # type: ignore[attr-defined]
-        _, stuck, nu = chip_properties(
-            tuple(g.shape), cfg, cfg.device, self.rram_seed, g.device, g.dtype
-        )
-        del stuck  # stuck cells are already in the stored conductances
-        self._set_read_state(read_back(g, cfg, cfg.device, nu), self.weight_tiles())
+        with torch.inference_mode(False), torch.no_grad():
+            cfg = self.rram_config
+            g = torch.stack([self.g_pos, self.g_neg])  # type: ignore[attr-defined]
+            _, stuck, nu = chip_properties(
+                tuple(g.shape), cfg, cfg.device, self.rram_seed, g.device, g.dtype
+            )
+            del stuck  # stuck cells are already in the stored conductances
+            tiles = self.weight_tiles(w).to(g.dtype)
+            self._set_read_state(read_back(g, cfg, cfg.device, nu), tiles)
 
-    def _ensure_programmed(self) -> None:
-        if not self.is_programmed:
-            self.program_()
+    def _ensure_programmed(self, weight: torch.Tensor) -> None:
+        w = weight.detach()
+        fp = fingerprint(w)
+        if fp != self._programmed_fp or not self._read_state_ok(w):
+            self._program(w, fp)
+
+    def _bump_read_calls(self) -> int:
+        call = int(self.read_calls)  # type: ignore[attr-defined]
+        with torch.inference_mode(False):
+            self.read_calls = self.read_calls + 1  # type: ignore[attr-defined]
+        return call
 
     def _next_read_noise(self) -> NoiseSource:
-        call = int(self.read_calls)  # type: ignore[attr-defined]
-        self.read_calls += 1  # type: ignore[attr-defined]
-        return NoiseSource(derive_seed(self.rram_seed, "read", call))
+        return NoiseSource(derive_seed(self.rram_seed, "read", self._bump_read_calls()))
+
+    # ----- one read (the body of the sedma::crossbar_read operator) ----------------------
+    def _read(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The crossbar's answer to input ``x`` (in the compute dtype): re-program when
+        ``weight`` changed, then read. Autocast is off inside (the simulation picks its
+        own precision)."""
+        self._check_read_args()
+        with torch.autocast(x.device.type, enabled=False):
+            if self.rram_config.check_finite:
+                _check_finite(type(self).__name__, x)
+            self._ensure_programmed(weight)
+            if x.shape[0] == 0:  # an empty batch reads nothing
+                return self._read_fake(x)
+            return self._hardware_forward(x, weight.detach())
+
+    def _check_read_args(self) -> None:
+        """Layer attributes the read relies on (subclasses)."""
+
+    def _read_fake(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _read_backward(self, grad, x, weight, needs):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _hardware_forward(
+        self, x: torch.Tensor, weight: torch.Tensor
+    ) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
 
     # ----- state dict / device moves ---------------------------------------------------
     def _resize_state_hook(self, state_dict, prefix, *args, **kwargs) -> None:
         for key in _STATE_KEYS:
             incoming = state_dict.get(prefix + key)
             if incoming is not None and getattr(self, key).shape != incoming.shape:
-                setattr(self, key, torch.empty_like(incoming, device=self.weight.device))
+                with torch.inference_mode(False):
+                    setattr(self, key, torch.empty_like(incoming, device=self.weight.device))
+        if prefix + "g_pos" in state_dict and prefix + "programmed_fp" not in state_dict:
+            # a checkpoint from before fingerprints: its conductances are re-programmed
+            state_dict[prefix + "programmed_fp"] = torch.zeros((), dtype=torch.int64)
 
     @staticmethod
     def _after_load_hook(module, incompatible_keys) -> None:
-        if module.g_pos.numel() and module.g_pos.shape == module.weight_tiles().shape:
-            module._recompute_read_state()
-            module._programmed_key = module._key()
-        else:
-            module._programmed_key = None
+        module._programmed_fp = None
+        w = module.weight.detach()
+        if not module.g_pos.numel() or module.g_pos.shape != module.weight_tiles(w).shape:
+            return
+        fp = fingerprint(w)
+        if int(module.programmed_fp) == fp:
+            # the conductances belong to this weight: the programmed chip, bit-exactly
+            module._recompute_read_state(w)
+            module._programmed_fp = fp
+        # else: re-programmed (from the loaded conductances) at the next forward pass
 
     def __getstate__(self):
-        # copies and pickles get new weight storage: remember "programmed and current"
-        # instead of the storage address, so they do not re-program (with new noise)
         state = super().__getstate__()  # type: ignore[misc]
         state = dict(state)
-        state["_programmed_key"] = "current" if self.is_programmed else None
         for name in _MEMORY_ATTRS:  # databases and shared windows are not copied
             state[name] = None
         state.pop("_packed_cache", None)  # a cache of w_read; rebuilt on first use
         return state
 
     def __setstate__(self, state) -> None:
-        current = state.get("_programmed_key") == "current"
         super().__setstate__(state)  # type: ignore[misc]
-        self._programmed_key = self._key() if current else None
+        self._handle = _register_layer(self)  # copies are layers of their own
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
-        was_current = self.is_programmed
+        # The chip does not change when the digital copy moves: the conductances and read
+        # state follow the weight's device, stay in the compute dtype and keep their
+        # values -- unless ``fn`` replaced them (``to_empty``), which leaves an
+        # unprogrammed layer. The layer stays programmed when the weight kept its values.
+        own = {k: getattr(self, k) for k in (*_STATE_KEYS, *_READ_KEYS, *_COUNTER_KEYS)}
+        w_old = self.weight.detach()
+        was_current = self._programmed_fp is not None and self.is_programmed
         out = super()._apply(fn, recurse)  # type: ignore[misc]
-        if was_current:
-            if self.w_read.dtype != self.weight.dtype:  # type: ignore[attr-defined]
-                self._set_read_state(self.w_read, self.weight_tiles())  # type: ignore[attr-defined]
-            else:
-                self._rebuild_cache()
-            self._programmed_key = self._key()
+        w = self.weight.detach()
+        cdt = compute_dtype(w.dtype)
+        chip_kept = all(_same_values(own[k], getattr(self, k)) for k in _STATE_KEYS)
+        with torch.inference_mode(False), torch.no_grad():
+            for k in _COUNTER_KEYS:  # seed and counters are not the chip's state
+                setattr(self, k, own[k].to(w.device))
+            for k in (*_STATE_KEYS, *_READ_KEYS):
+                old = own[k] if chip_kept else torch.empty(0)
+                setattr(self, k, old.to(device=w.device, dtype=cdt))
+        if was_current and chip_kept and _same_values(w_old, w):
+            self._refresh_caches()
+            self._set_fingerprint(fingerprint(w))
+        else:
+            self._programmed_fp = None
+            self.__dict__.pop("_packed_cache", None)
         return out
 
     # ----- shared read helpers ---------------------------------------------------------
@@ -289,7 +494,7 @@ class _CrossbarMixin:
         """The workload class of the current weights (``partition.classify_workload``)."""
         from .partition import classify_workload
 
-        key = self._key()
+        key = self._programmed_fp if self._programmed_fp is not None else fingerprint(self.weight)
         if self._workload is None or self._workload[0] != key:
             w = self.weight.detach()
             if getattr(self, "_transposed_weight", False):
@@ -500,28 +705,6 @@ class _CrossbarMixin:
         return twin.train(self.training)  # type: ignore[attr-defined]
 
 
-class _LinearFn(torch.autograd.Function):
-    """Hardware forward, straight-through backward with the digital weight, stored as
-    (out, in) or, with ``transposed``, as (in, out) (transformers' Conv1D)."""
-
-    @staticmethod
-    def forward(ctx, x2d, weight, hardware, transposed: bool):  # type: ignore[override]
-        ctx.save_for_backward(x2d, weight)
-        ctx.transposed = transposed
-        return hardware(x2d.detach())
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        x2d, weight = ctx.saved_tensors
-        w_oi = weight.t() if ctx.transposed else weight
-        gx = grad @ w_oi.to(grad.dtype) if ctx.needs_input_grad[0] else None
-        gw = None
-        if ctx.needs_input_grad[1]:
-            gw_oi = grad.t() @ x2d.to(grad.dtype)
-            gw = (gw_oi.t() if ctx.transposed else gw_oi).to(weight.dtype)
-        return gx, gw, None, None
-
-
 class RRAMLinear(_CrossbarMixin, nn.Linear):
     """``nn.Linear`` computed on simulated RRAM crossbars.
 
@@ -594,14 +777,15 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
             dtype=self.weight.dtype,
         )
 
-    def _weight_oi(self) -> torch.Tensor:
-        """The digital weight as (out_features, in_features)."""
-        return self.weight.detach().t() if self._transposed_weight else self.weight.detach()
+    def _weight_oi(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The digital weight (``weight`` or ``self.weight``) as (out_features, in_features)."""
+        w = (self.weight if weight is None else weight).detach()
+        return w.t() if self._transposed_weight else w
 
-    def weight_tiles(self) -> torch.Tensor:
+    def weight_tiles(self, weight: torch.Tensor | None = None) -> torch.Tensor:
         """Digital weights as the (T, R, out) tile stack (zero padded)."""
         t, r = self._geometry()
-        w = self._weight_oi()
+        w = self._weight_oi(weight)
         pad = t * r - self.in_features
         if pad:
             w = F.pad(w, (0, pad))
@@ -617,27 +801,37 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
 
     # forward -----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cfg = self.rram_config
         _check_input(
             type(self).__name__,
             x,
-            self.in_features,
             lambda t: t.ndim >= 1 and t.shape[-1] == self.in_features,
             f"(..., {self.in_features})",
-            cfg.check_finite,
         )
-        self._ensure_programmed()
         lead = x.shape[:-1]
+        cdt = self._compute_dtype()
         x2d = x.reshape(-1, self.in_features)
-        if x2d.dtype != self.weight.dtype:
-            x2d = x2d.to(self.weight.dtype)
-        y = _LinearFn.apply(x2d, self.weight, self._hardware_forward, self._transposed_weight)
-        y = y.to(x.dtype)
+        if x2d.dtype != cdt:
+            x2d = x2d.to(cdt)
+        y = _crossbar(self, x2d, self.weight)
         if self.bias is not None:
-            y = _add_bias(y, self.bias.to(y.dtype))
-        return y.reshape(*lead, self.out_features)
+            y = _add_bias(y, self.bias.to(cdt))
+        return y.to(_output_dtype(x)).reshape(*lead, self.out_features)
 
-    def _hardware_forward(self, x2d: torch.Tensor) -> torch.Tensor:
+    def _read_fake(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(x.shape[0], self.out_features)
+
+    def _read_backward(self, grad, x2d, weight, needs):
+        """Straight-through: the digital layer's gradients (input in the compute dtype,
+        weight in its own dtype)."""
+        w_oi = weight.t() if self._transposed_weight else weight
+        gx = grad @ w_oi.to(grad.dtype) if needs[0] else None
+        gw = None
+        if needs[1]:
+            gw_oi = grad.t() @ x2d.to(grad.dtype)
+            gw = (gw_oi.t() if self._transposed_weight else gw_oi).to(weight.dtype)
+        return gx, gw
+
+    def _hardware_forward(self, x2d: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         cfg = self.rram_config
         material = cfg.device
         batch = x2d.shape[0]
@@ -657,7 +851,7 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
         if self._native_ok(x2d):
             y = x2d.new_empty(batch, self.out_features)
             self._fused_reads(x2d.contiguous(), sigma, gen, y)
-            return self._denoised(y, x2d)
+            return self._denoised(y, x2d, weight)
         pad = t * r - self.in_features  # the PyTorch paths read (B, T, R) input tiles
         xt = (F.pad(x2d, (0, pad)) if pad else x2d).view(batch, t, r)
         if cfg.adc_bits is None and cfg.correction == "none":
@@ -677,11 +871,11 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
             for start in range(0, batch, plan.codes_rows):
                 rows = slice(start, start + plan.codes_rows)
                 self._tiled_read(xt[rows], sigma, gen, plan, y[rows])
-        return self._denoised(y, x2d)
+        return self._denoised(y, x2d, weight)
 
-    def _denoised(self, y: torch.Tensor, x2d: torch.Tensor) -> torch.Tensor:
+    def _denoised(self, y: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """``y`` after the configured denoiser (calibrated against exact products)."""
-        lam = self._lambda(y, lambda rows: x2d[:rows] @ self._weight_oi().t())
+        lam = self._lambda(y, lambda rows: x2d[:rows] @ self._weight_oi(weight).t().to(x2d.dtype))
         return y if lam is None else denoise(y, lam)
 
     def _fast_read(self, codes, s_in, levels, sigma, gen, batch, t, r) -> torch.Tensor:
@@ -809,33 +1003,6 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
         )
 
 
-class _ConvFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, hardware, conv_args):  # type: ignore[override]
-        ctx.save_for_backward(x, weight)
-        ctx.conv_args = conv_args
-        return hardware(x.detach())
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        x, weight = ctx.saved_tensors
-        stride, padding, dilation, groups = ctx.conv_args
-        gx, gw, _ = torch.ops.aten.convolution_backward(
-            grad,
-            x,
-            weight.to(grad.dtype),
-            None,
-            stride,
-            padding,
-            dilation,
-            False,
-            [0, 0],
-            groups,
-            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False],
-        )
-        return gx, (gw.to(weight.dtype) if gw is not None else None), None, None
-
-
 class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
     """``nn.Conv2d`` computed on simulated RRAM crossbars.
 
@@ -877,6 +1044,7 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
             dtype=dtype,
         )
         cfg = _check_config(config)
+        self._check_read_args()
         kh, kw = self.kernel_size
         if kh * kw > cfg.tile_rows:
             raise ValueError(
@@ -946,14 +1114,34 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
         cpt = math.ceil(c_g / n_it)
         return cpt, n_it, cpt * kh * kw
 
-    def weight_tiles(self) -> torch.Tensor:
+    def _check_read_args(self) -> None:
+        """Stride and dilation >= 1, padding >= 0 (as ``nn.Conv2d`` requires at its first
+        call; the compiled reads index the input with them)."""
+        name = type(self).__name__
+        for what, values, low in (
+            ("kernel_size", self.kernel_size, 1),
+            ("stride", self.stride, 1),
+            ("dilation", self.dilation, 1),
+        ):
+            if len(values) != 2 or any(not isinstance(v, int) or v < low for v in values):
+                raise ValueError(f"{name}: {what} must be two ints >= {low}, got {values}")
+        if not isinstance(self.padding, str) and any(
+            not isinstance(v, int) or v < 0 for v in self.padding
+        ):
+            raise ValueError(f"{name}: padding must be ints >= 0, got {self.padding}")
+
+    def _conv_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` as a 2-D convolution's (out, in / groups, kh, kw)."""
+        return weight
+
+    def weight_tiles(self, weight: torch.Tensor | None = None) -> torch.Tensor:
         """Digital weights as the (groups * tiles, cpt*kh*kw, out/groups) stack."""
         cpt, n_it, rows = self._geometry()
         g = self.groups
         out_g = self.out_channels // g
         kh, kw = self.kernel_size
         c_g = self.in_channels // g
-        w = self.weight.detach().reshape(g, out_g, c_g, kh, kw)
+        w = (self.weight if weight is None else weight).detach().reshape(g, out_g, c_g, kh, kw)
         pad = n_it * cpt - c_g
         if pad:
             w = F.pad(w, (0, 0, 0, 0, 0, pad))
@@ -1026,33 +1214,60 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
         return F.pad(x, (tw // 2, tw - tw // 2, th // 2, th - th // 2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cfg = self.rram_config
         _check_input(
-            "RRAMConv2d",
+            type(self).__name__,
             x,
-            None,
             lambda t: t.ndim in (3, 4) and t.shape[-3] == self.in_channels,
             f"(N, {self.in_channels}, H, W) or ({self.in_channels}, H, W)",
-            cfg.check_finite,
         )
-        self._ensure_programmed()
         unbatched = x.ndim == 3
-        if unbatched:
-            x = x.unsqueeze(0)
-        xin = x.to(self.weight.dtype) if x.dtype != self.weight.dtype else x
-        xp = self._spatial_pad(xin)
-        y = _ConvFn.apply(
-            xp,
-            self.weight,
-            self._hardware_forward,
-            (self.stride, (0, 0), self.dilation, self.groups),
-        )
-        y = y.to(x.dtype)
+        cdt = self._compute_dtype()
+        xin = x.unsqueeze(0) if unbatched else x
+        if xin.dtype != cdt:
+            xin = xin.to(cdt)
+        y = _crossbar(self, self._spatial_pad(xin), self.weight)
         if self.bias is not None:
-            y = _add_bias(y, self.bias.to(y.dtype).view(1, -1, 1, 1))
+            y = _add_bias(y, self.bias.to(cdt).view(1, -1, 1, 1))
+        y = y.to(_output_dtype(x))
         return y.squeeze(0) if unbatched else y
 
-    def _hardware_forward(self, xp: torch.Tensor) -> torch.Tensor:
+    def _output_size(self, xp: torch.Tensor) -> tuple[int, int]:
+        """Output height and width for spatially padded input ``xp``."""
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        h, w = xp.shape[-2:]
+        hh, ww = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+        if hh < 1 or ww < 1:
+            raise ValueError(
+                f"{type(self).__name__}: input of spatial size {tuple(xp.shape[-2:])} (after "
+                f"padding) is smaller than the dilated kernel {(dh * (kh - 1) + 1, dw * (kw - 1) + 1)}"
+            )
+        return hh, ww
+
+    def _read_fake(self, xp: torch.Tensor) -> torch.Tensor:
+        return xp.new_empty((xp.shape[0], self.out_channels, *self._output_size(xp)))
+
+    def _read_backward(self, grad, xp, weight, needs):
+        """Straight-through: the digital convolution's gradients (input in the compute
+        dtype, weight in its own dtype)."""
+        dt = grad.dtype
+        gx, gw, _ = torch.ops.aten.convolution_backward(
+            grad,
+            xp.to(dt),
+            self._conv_weight(weight).to(dt),
+            None,
+            self.stride,
+            (0, 0),
+            self.dilation,
+            False,
+            [0, 0],
+            self.groups,
+            [needs[0], needs[1], False],
+        )
+        gx = gx.to(xp.dtype) if gx is not None else None
+        gw = gw.reshape(weight.shape).to(weight.dtype) if gw is not None else None
+        return gx, gw
+
+    def _hardware_forward(self, xp: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         cfg = self.rram_config
         material = cfg.device
         _, n_it, rows = self._geometry()
@@ -1070,10 +1285,7 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
         if cfg.adc_bits is None and cfg.correction == "none":
             y = self._single_read(xp, sigma, gen)
         else:
-            kh, kw = self.kernel_size
-            (sh, sw), (dh, dw) = self.stride, self.dilation
-            h, w = xp.shape[-2:]  # spatially padded already
-            hh, ww = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+            hh, ww = self._output_size(xp)  # spatially padded already
             if self._depthwise_native_ok(xp):
                 # the compiled depthwise read writes whole NCHW planes
                 y = xp.new_empty((b, self.out_channels, hh, ww))
@@ -1109,7 +1321,7 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
             y.movedim(1, -1),
             lambda rows: F.conv2d(
                 x_spatial[:rows],
-                self.weight.detach(),
+                self._conv_weight(weight).to(x_spatial.dtype),
                 stride=self.stride,
                 dilation=self.dilation,
                 groups=self.groups,
