@@ -51,6 +51,8 @@ def _words(t: torch.Tensor) -> torch.Tensor:
     pad = (-raw.numel()) % 4
     if pad:
         raw = torch.cat([raw, raw.new_zeros(pad)])
+    elif raw.storage_offset() % 4:  # a view that starts mid-word: realign
+        raw = raw.clone()
     return raw.view(torch.int32).to(torch.int64) & _MASK
 
 

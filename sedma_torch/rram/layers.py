@@ -218,12 +218,13 @@ class _CrossbarMixin:
     weight: nn.Parameter
 
     def _rram_init(self, config: RRAMConfig | None, seed: int | None) -> None:
-        self.rram_config = _check_config(config)
+        self._rram_config = _check_config(config)
         # the layer seed mixes config.seed with the given seed (or the construction order)
         label = (
             int(seed) if seed is not None else (type(self).__name__, next(_construction_counter))
         )
-        seed_value = derive_seed(self.rram_config.seed, "layer", label)
+        self._seed_label = label
+        seed_value = derive_seed(self._rram_config.seed, "layer", label)
         self.rram_stats = CrossbarStats()
         self._programmed_fp: int | None = None
         """Fingerprint of the weight the crossbar holds (None: not programmed)."""
@@ -265,6 +266,49 @@ class _CrossbarMixin:
         self.register_buffer("w_exact", torch.empty(0), persistent=False)  # type: ignore[attr-defined]
         self._register_load_state_dict_pre_hook(self._resize_state_hook)  # type: ignore[attr-defined]
         self.register_load_state_dict_post_hook(self._after_load_hook)  # type: ignore[attr-defined]
+
+    @property
+    def rram_config(self) -> RRAMConfig:
+        """The crossbar configuration; assigning one is :meth:`reconfigure_`."""
+        return self._rram_config
+
+    @rram_config.setter
+    def rram_config(self, config: RRAMConfig) -> None:
+        self.reconfigure_(config)
+
+    def reconfigure_(self, config: RRAMConfig) -> _CrossbarMixin:
+        """Simulate this layer on another configuration from now on (``convert_`` of an
+        already converted model does this). A new configuration is a new chip: the
+        conductances are dropped and the next forward pass programs from scratch; the
+        layer seed is re-derived when ``config.seed`` changed, and the adaptive lambda
+        starts over. The same configuration changes nothing. Returns the layer."""
+        config = _check_config(config)
+        self._check_config_fits(config)
+        if config == self._rram_config:
+            return self
+        seed_changed = config.seed != self._rram_config.seed
+        self._rram_config = config
+        with torch.inference_mode(False), torch.no_grad():
+            if seed_changed:
+                self.rram_seed_.fill_(derive_seed(config.seed, "layer", self._seed_label))  # type: ignore[attr-defined]
+            dev = self.weight.device
+            dtype = self._compute_dtype()
+            for key in (*_STATE_KEYS, *_READ_KEYS):
+                setattr(self, key, torch.empty(0, device=dev, dtype=dtype))
+        self._programmed_fp = None
+        self.__dict__.pop("_packed_cache", None)
+        self._w_fold = self._w_conv = self._w_conv_exact = None
+        self._lambda_recent = None
+        self._calls_since_calibration = 0
+        self._recent_history = []
+        self._lambda_looked_up = False
+        self.calibration_steps = 0
+        self.lambda_converged = False
+        self.last_lambda = self.last_calibration_error = self.lambda_memory = None
+        return self
+
+    def _check_config_fits(self, config: RRAMConfig) -> None:
+        """Layer-specific limits of a configuration (subclasses)."""
 
     @property
     def rram_seed(self) -> int:
@@ -461,7 +505,9 @@ class _CrossbarMixin:
             for k in (*_STATE_KEYS, *_READ_KEYS):
                 old = own[k] if chip_kept else torch.empty(0)
                 setattr(self, k, old.to(device=w.device, dtype=cdt))
-        if was_current and chip_kept and _same_values(w_old, w):
+        # programmed still when the move kept every weight value (float32 -> float64, a
+        # device move); a lossy conversion (-> float16) changed the weight: re-program
+        if was_current and chip_kept and _same_values(w, w_old):
             self._refresh_caches()
             self._set_fingerprint(fingerprint(w))
         else:
@@ -1045,13 +1091,16 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
         )
         cfg = _check_config(config)
         self._check_read_args()
-        kh, kw = self.kernel_size
-        if kh * kw > cfg.tile_rows:
-            raise ValueError(
-                f"RRAMConv2d: kernel {kh}x{kw} = {kh * kw} taps does not fit tile_rows="
-                f"{cfg.tile_rows}; use tile_rows >= {kh * kw}"
-            )
+        self._check_config_fits(cfg)
         self._rram_init(cfg, seed)
+
+    def _check_config_fits(self, config: RRAMConfig) -> None:
+        kh, kw = self.kernel_size
+        if kh * kw > config.tile_rows:
+            raise ValueError(
+                f"{type(self).__name__}: kernel {kh}x{kw} = {kh * kw} taps does not fit "
+                f"tile_rows={config.tile_rows}; use tile_rows >= {kh * kw}"
+            )
 
     @classmethod
     def from_conv(
