@@ -92,7 +92,7 @@ def test_swaps_permutations_dtype_and_shape_change_the_fingerprint():
 
 
 def test_bad_arguments_are_named():
-    with pytest.raises(TypeError, match="torch.Tensor"):
+    with pytest.raises(TypeError, match=r"torch\.Tensor"):
         fp.bytes_fingerprint([1.0, 2.0])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="backend"):
         fp.bytes_fingerprint(torch.ones(2), "gpu")
