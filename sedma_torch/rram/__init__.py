@@ -1,10 +1,11 @@
 """Layer 1: simulated RRAM crossbars (materials, programming, tiles, correction, layers)."""
 
+from .attention import RRAMMultiheadAttention
 from .config import CORRECTIONS, DENOISERS, PRESETS, RRAMConfig, preset
-from .convert import RRAMConv1D, RRAMSummary, convert_, summary
+from .convert import ConversionReport, RRAMConv1D, RRAMSummary, conversion_report, convert_, summary
 from .correction import denoise, estimate_lambda, gcv_lambda, lambda_errors
 from .crossbar import CrossbarStats
-from .layers import RRAMConv2d, RRAMLinear, to_digital
+from .layers import RRAMConv1d, RRAMConv2d, RRAMLinear, to_digital
 from .materials import Material, get_material, list_materials, register_material
 from .mvm import MVMResult, mvm
 from .partition import (
@@ -26,6 +27,7 @@ __all__ = [
     "CORRECTIONS",
     "DENOISERS",
     "PRESETS",
+    "ConversionReport",
     "CrossbarPool",
     "CrossbarStats",
     "MVMResult",
@@ -35,12 +37,15 @@ __all__ = [
     "ProgrammingStats",
     "RRAMConfig",
     "RRAMConv1D",
+    "RRAMConv1d",
     "RRAMConv2d",
     "RRAMLinear",
+    "RRAMMultiheadAttention",
     "RRAMSummary",
     "Tiling",
     "WorkloadType",
     "classify_workload",
+    "conversion_report",
     "convert_",
     "crossbar_utilisation",
     "denoise",

@@ -1,14 +1,22 @@
-"""`convert_`: swap a model's Linear / Conv2d / transformers Conv1D layers for RRAM ones, in place.
+"""`convert_`: swap a model's matrix-product layers for RRAM ones, in place, and report.
 
 Follows torchao's ``quantize_``: one verb, in place, a config object, and an optional
 ``filter_fn(module, fqn) -> bool`` that picks the modules to convert. Each converted
 layer gets its own seed derived from ``config.seed`` and its fully qualified name, so
 conversion is reproducible and layers do not share noise patterns.
+
+Converted: ``nn.Linear`` (and subclasses), ``nn.Conv2d``, ``nn.Conv1d``,
+``nn.MultiheadAttention`` (all its projections, :mod:`.attention`) and transformers'
+``Conv1D``, also when parametrized (``torch.nn.utils.parametrize``: the parametrizations
+move to the RRAM layer, which reads the computed weight). Every other module with
+weights stays digital, and the :class:`ConversionReport` (returned by
+:func:`conversion_report`, shown by :func:`summary`, logged at INFO) says why.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,10 +28,11 @@ from tqdm.auto import tqdm
 
 from .config import RRAMConfig
 from .crossbar import derive_seed
-from .layers import RRAMConv2d, RRAMLinear, _CrossbarMixin
+from .layers import RRAMConv1d, RRAMConv2d, RRAMLinear, _CrossbarMixin
 from .partition import tile_sizes_of
 
 FilterFn = Callable[[nn.Module, str], bool]
+log = logging.getLogger(__name__)
 
 
 def _transformers_conv1d() -> type | None:
@@ -82,22 +91,146 @@ class RRAMConv1D(RRAMLinear):
 def _swap_modules(
     model: nn.Module, swap: Callable[[nn.Module, str], nn.Module | None], prefix: str = ""
 ) -> None:
-    for name, child in list(model.named_children()):
-        fqn = f"{prefix}.{name}" if prefix else name
-        new = swap(child, fqn)
-        if new is not None:
-            setattr(model, name, new)
-        else:
-            _swap_modules(child, swap, fqn)
+    """Replace children by ``swap(child, fqn)`` (None: keep it and recurse), everywhere a
+    module occurs: a module used twice (``nn.Sequential(shared, act, shared)``) is swapped
+    once and its replacement put in every place (``named_children`` would show it once)."""
+    done: dict[int, nn.Module | None] = {}
+
+    def visit(parent: nn.Module, pre: str) -> None:
+        for name, child in list(parent._modules.items()):
+            if child is None:
+                continue
+            fqn = f"{pre}.{name}" if pre else name
+            if id(child) in done:
+                new = done[id(child)]
+            else:
+                new = swap(child, fqn)
+                done[id(child)] = new
+                if new is None:
+                    visit(child, fqn)
+            if new is not None:
+                setattr(parent, name, new)
+
+    visit(model, prefix)
+
+
+def _is_parametrized(module: nn.Module) -> bool:
+    from torch.nn.utils import parametrize
+
+    return parametrize.is_parametrized(module)
+
+
+def _base_type(module: nn.Module) -> type:
+    from torch.nn.utils import parametrize
+
+    return parametrize.type_before_parametrizations(module)
 
 
 def _convertible(module: nn.Module) -> bool:
+    """A layer ``convert_`` turns into an RRAM one (or re-configures: an RRAM layer)."""
     if isinstance(module, _CrossbarMixin):
-        return False
+        return True
     conv1d = _transformers_conv1d()
-    return isinstance(module, nn.Linear | nn.Conv2d) or (
-        conv1d is not None and isinstance(module, conv1d)
+    kind = _base_type(module)
+    return issubclass(kind, nn.Linear | nn.Conv2d | nn.Conv1d) or (
+        conv1d is not None and issubclass(kind, conv1d)
     )
+
+
+def _uninitialised_lazy(module: nn.Module) -> bool:
+    from torch.nn.modules.lazy import LazyModuleMixin
+
+    return isinstance(module, LazyModuleMixin) and module.has_uninitialized_params()
+
+
+def _digital_reason(module: nn.Module) -> str | None:
+    """Why a module with its own weights stays digital (None: it has none)."""
+    own = list(module.parameters(recurse=False)) + [
+        b for b in module.buffers(recurse=False) if b.is_floating_point()
+    ]
+    if not own:
+        return None
+    if _uninitialised_lazy(module):
+        return "uninitialised lazy module: run one forward pass before convert_"
+    if isinstance(module, nn.Embedding | nn.EmbeddingBag):
+        return "lookup table (rows are copied, not multiplied): digital by design"
+    norms = (
+        nn.modules.batchnorm._NormBase,
+        nn.LayerNorm,
+        nn.GroupNorm,
+        nn.RMSNorm,
+        nn.LocalResponseNorm,
+    )
+    if isinstance(module, norms):
+        return "normalisation (elementwise scale and shift): digital by design"
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return f"{type(module).__name__} has no crossbar mapping yet"
+    if isinstance(module, nn.Conv3d):
+        return "Conv3d has no crossbar mapping yet"
+    if isinstance(module, nn.RNNBase):
+        return f"{type(module).__name__}: its fused kernel reads the weights directly (no crossbar mapping yet)"
+    if isinstance(module, nn.Bilinear):
+        return "Bilinear (x1^T A x2) has no crossbar mapping yet"
+    if isinstance(module, nn.PReLU):
+        return "PReLU (an elementwise slope): digital by design"
+    return f"{type(module).__name__} has no crossbar mapping"
+
+
+def _old_style_reparametrisation(module: nn.Module) -> str | None:
+    """The forward pre-hook of ``torch.nn.utils.weight_norm`` / ``spectral_norm`` (the
+    deprecated, hook-based ones), which sets ``weight`` as a plain tensor each call."""
+    for hook in module._forward_pre_hooks.values():
+        name = type(hook).__name__
+        if name in ("WeightNorm", "SpectralNorm"):
+            fix = "parametrizations." + ("weight_norm" if name == "WeightNorm" else "spectral_norm")
+            return (
+                f"uses the hook-based torch.nn.utils.{name[:-4].lower()}_norm: apply "
+                f"torch.nn.utils.{fix} instead (converted with its parametrization) or remove it"
+            )
+    return None
+
+
+@dataclass
+class ConversionReport:
+    """What :func:`convert_` did: one entry per module it converted or re-configured, and
+    one per module with weights that it left digital, with the reason.
+
+    Each entry is ``(fully qualified name, type name, detail)``; a module used at several
+    places is listed once, under its first name."""
+
+    converted: list[tuple[str, str, str]] = field(default_factory=list)
+    reconfigured: list[tuple[str, str, str]] = field(default_factory=list)
+    digital: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [
+            f"convert_: {len(self.converted)} converted, {len(self.reconfigured)} "
+            f"re-configured, {len(self.digital)} with weights left digital"
+        ]
+        for title, rows in (
+            ("converted", self.converted),
+            ("re-configured", self.reconfigured),
+            ("left digital", self.digital),
+        ):
+            for fqn, kind, detail in rows:
+                lines.append(f"  {title:13s} {fqn or '<model>':40s} {kind:22s} {detail}")
+        return "\n".join(lines)
+
+
+def conversion_report(model: nn.Module) -> ConversionReport | None:
+    """The report of the last :func:`convert_` of ``model`` (None if never converted)."""
+    return model.__dict__.get("_rram_conversion_report")
+
+
+def _move_parametrizations(src: nn.Module, dst: nn.Module) -> None:
+    """Give ``dst`` the parametrizations of ``src`` (the same ParametrizationList objects,
+    so the original tensors and an optimiser's references to them are kept)."""
+    from torch.nn.utils import parametrize
+
+    for name, plist in src.parametrizations.items():
+        first = plist[0]
+        parametrize.register_parametrization(dst, name, first, unsafe=True)
+        dst.parametrizations[name] = plist
 
 
 def convert_(
@@ -111,7 +244,7 @@ def convert_(
     memory: Any = None,
     short_term: Any = None,
 ) -> nn.Module:
-    """Replace ``nn.Linear``, ``nn.Conv2d`` and transformers ``Conv1D`` layers by RRAM layers.
+    """Replace the model's matrix-product layers by RRAM layers, in place.
 
     Args:
         model: any ``nn.Module``; modified in place and returned.
@@ -125,9 +258,16 @@ def convert_(
         memory: long-term memory for the adaptive lambda (``RRAMLinear.attach_memory``).
         short_term: short-term memory shared by the converted layers (see ``attach_memory``).
 
-    Projections inside ``nn.MultiheadAttention`` are used by its fused kernel, not through
-    their forward pass, so they are left digital.
+    Converts ``nn.Linear``, ``nn.Conv2d``, ``nn.Conv1d``, ``nn.MultiheadAttention`` and
+    transformers' ``Conv1D`` (parametrized ones too). A module used at several places is
+    converted once and the RRAM layer put at each. Converting an already converted model
+    again **re-configures** its RRAM layers with the new ``config`` (``reconfigure_``: a
+    new chip, programmed from scratch); the same config leaves them as they are. The
+    report of what was converted, re-configured and left digital (with reasons) is logged
+    at INFO and kept: :func:`conversion_report`, :func:`summary`.
     """
+    from .attention import RRAMMultiheadAttention
+
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert_ expects an nn.Module, got {type(model).__name__}")
     config = RRAMConfig() if config is None else config
@@ -136,48 +276,103 @@ def convert_(
     conv1d = _transformers_conv1d()
     mha_children = _mha_children(model)
     converted: list[nn.Module] = []
+    report = ConversionReport()
     sizes = {} if partition is None else tile_sizes_of(partition)
     base_config = config
 
-    def swap(module: nn.Module, fqn: str) -> nn.Module | None:
-        if id(module) in mha_children or not _convertible(module):
-            return None
-        if filter_fn is not None and not filter_fn(module, fqn):
-            return None
-        seed = derive_seed(fqn)  # mixed with config.seed by the layer
+    def config_of(fqn: str) -> RRAMConfig:
         size = sizes.get(fqn)
-        config = (
-            base_config
-            if size is None
-            else dataclasses.replace(base_config, tile_rows=size, tile_cols=size)
-        )
-        if conv1d is not None and isinstance(module, conv1d):
+        if size is None:
+            return base_config
+        return dataclasses.replace(base_config, tile_rows=size, tile_cols=size)
+
+    def new_layer(module: nn.Module, fqn: str, cfg: RRAMConfig) -> nn.Module:
+        seed = derive_seed(fqn)  # mixed with config.seed by the layer
+        kind = _base_type(module)
+        if conv1d is not None and issubclass(kind, conv1d):
             new: nn.Module = RRAMConv1D(
                 module.nf,
                 module.weight.shape[0],
-                config=config,
+                config=cfg,
                 seed=seed,
                 device=module.weight.device,
                 dtype=module.weight.dtype,
             )
-            new.weight = module.weight
-            new.bias = module.bias
-        elif isinstance(module, nn.Conv2d):
-            new = RRAMConv2d.from_conv(module, config, seed=seed, program=False)
-            new.weight, new.bias = module.weight, module.bias
+        elif issubclass(kind, nn.Conv2d):
+            new = RRAMConv2d.from_conv(module, cfg, seed=seed, program=False)  # type: ignore[arg-type]
+        elif issubclass(kind, nn.Conv1d):
+            new = RRAMConv1d.from_conv1d(module, cfg, seed=seed, program=False)  # type: ignore[arg-type]
         else:
-            new = RRAMLinear.from_linear(module, config, seed=seed, program=False)  # type: ignore[arg-type]
-            new.weight, new.bias = module.weight, module.bias
+            new = RRAMLinear.from_linear(module, cfg, seed=seed, program=False)  # type: ignore[arg-type]
+        if _is_parametrized(module):
+            _move_parametrizations(module, new)
+        for name in ("weight", "bias"):
+            if name not in getattr(module, "parametrizations", {}):
+                setattr(new, name, getattr(module, name))  # the same Parameters
+        return new
+
+    def swap(module: nn.Module, fqn: str) -> nn.Module | None:
+        kind = type(module).__name__
+        if id(module) in mha_children:
+            return None  # the attention module reads them
+        accepted = filter_fn is None or filter_fn(module, fqn)
+        if isinstance(module, RRAMMultiheadAttention | _CrossbarMixin):
+            if accepted:
+                layers = (
+                    module.crossbar_layers().values()
+                    if isinstance(module, RRAMMultiheadAttention)
+                    else [module]
+                )
+                changed = [m for m in layers if m.rram_config != config_of(fqn)]
+                for layer in changed:
+                    layer.reconfigure_(config_of(fqn))
+                if changed:
+                    report.reconfigured.append((fqn, kind, config_of(fqn).device.name))
+                    converted.append(module)
+            return module
+        if isinstance(module, nn.MultiheadAttention):
+            if not accepted:
+                report.digital.append((fqn, kind, "excluded by filter_fn"))
+                return None
+            new = RRAMMultiheadAttention.from_mha(
+                module, config_of(fqn), seed=derive_seed(fqn), program=False
+            )
+            new.train(module.training)
+            if memory is not None or short_term is not None:
+                for layer in new.crossbar_layers().values():
+                    layer.attach_memory(memory, short_term)
+            report.converted.append((fqn, kind, "RRAMMultiheadAttention"))
+            converted.append(new)
+            return new
+        if not _convertible(module) or _uninitialised_lazy(module):
+            reason = _digital_reason(module)
+            if reason is not None:
+                report.digital.append((fqn, kind, reason))
+            return None
+        if not accepted:
+            report.digital.append((fqn, kind, "excluded by filter_fn"))
+            return None
+        hook_reason = _old_style_reparametrisation(module)
+        if hook_reason is not None:
+            report.digital.append((fqn, kind, hook_reason))
+            return None
+        new = new_layer(module, fqn, config_of(fqn))
         new.train(module.training)
         if memory is not None or short_term is not None:
             new.attach_memory(memory, short_term)  # type: ignore[operator]
+        report.converted.append((fqn, kind, type(new).__name__))
         converted.append(new)
         return new
 
     if _convertible(model) and (filter_fn is None or filter_fn(model, "")):
+        if isinstance(model, _CrossbarMixin):
+            raise ValueError(
+                "convert_ works on a model's children; re-configure a single RRAM layer with "
+                "layer.reconfigure_(config)"
+            )
         raise ValueError(
             "convert_ works on a model's children; wrap a single layer with "
-            "RRAMLinear.from_linear / RRAMConv2d.from_conv instead"
+            "RRAMLinear.from_linear / RRAMConv2d.from_conv / RRAMConv1d.from_conv1d instead"
         )
     unknown = set(sizes) - {fqn for fqn, m in model.named_modules() if _convertible(m)}
     if unknown:
@@ -186,6 +381,20 @@ def convert_(
             f"{sorted(unknown)[:5]}"
         )
     _swap_modules(model, swap)
+    own_reason = _digital_reason(model)
+    if own_reason is not None and not isinstance(model, RRAMMultiheadAttention):
+        report.digital.insert(0, ("", type(model).__name__, own_reason))
+    model.__dict__["_rram_conversion_report"] = report
+    log.info("%s", report)
+    unsupported = [r for r in report.digital if "digital by design" not in r[2]]
+    unsupported = [r for r in unsupported if r[2] != "excluded by filter_fn"]
+    if unsupported:
+        log.warning(
+            "convert_: %d module(s) with weights stay digital: %s (st.summary(model) lists why)",
+            len(unsupported),
+            ", ".join(f"{fqn} ({kind})" for fqn, kind, _ in unsupported[:5])
+            + (" ..." if len(unsupported) > 5 else ""),
+        )
     if program and converted:
         for layer in tqdm(
             converted, desc="programming crossbars", disable=not progress, leave=False
@@ -201,6 +410,8 @@ class RRAMSummary:
     rows: list[dict[str, Any]] = field(default_factory=list)
     used_cells: int = 0
     allocated_cells: int = 0
+    report: ConversionReport | None = None
+    """What the last ``convert_`` converted and left digital (None: not converted)."""
 
     @property
     def utilisation(self) -> float:
@@ -212,11 +423,11 @@ class RRAMSummary:
         return sum(r["crossbars"] for r in self.rows)
 
     def __str__(self) -> str:
-        head = f"{'layer':40s} {'type':11s} {'shape':>16s} {'material':10s} {'tiles':>7s} {'xbars':>6s} {'util':>6s}"
+        head = f"{'layer':40s} {'type':22s} {'shape':>16s} {'material':10s} {'tiles':>7s} {'xbars':>6s} {'util':>6s}"
         lines = [head, "-" * len(head)]
         for r in self.rows:
             lines.append(
-                f"{r['name'][:40]:40s} {r['type']:11s} {r['shape']:>16s} {r['material']:10s} "
+                f"{r['name'][:40]:40s} {r['type'][:22]:22s} {r['shape']:>16s} {r['material']:10s} "
                 f"{r['input_tiles']:>3d}x{r['column_tiles']:<3d} {r['crossbars']:>6d} {r['utilisation']:6.1%}"
             )
         lines.append("-" * len(head))
@@ -224,12 +435,15 @@ class RRAMSummary:
             f"{len(self.rows)} RRAM layers, {self.crossbars} crossbars, "
             f"utilisation {self.utilisation:.1%}"
         )
+        if self.report is not None:
+            lines.append(str(self.report))
         return "\n".join(lines)
 
 
 def summary(model: nn.Module) -> RRAMSummary:
-    """List the RRAM layers of ``model`` with their tiles and crossbar utilisation."""
-    out = RRAMSummary()
+    """List the RRAM layers of ``model`` with their tiles and crossbar utilisation, and
+    the report of its last ``convert_`` (what it converted and left digital, and why)."""
+    out = RRAMSummary(report=conversion_report(model))
     for name, module in model.named_modules():
         if not isinstance(module, _CrossbarMixin):
             continue
@@ -251,4 +465,11 @@ def summary(model: nn.Module) -> RRAMSummary:
     return out
 
 
-__all__ = ["RRAMConv1D", "RRAMSummary", "convert_", "summary"]
+__all__ = [
+    "ConversionReport",
+    "RRAMConv1D",
+    "RRAMSummary",
+    "conversion_report",
+    "convert_",
+    "summary",
+]

@@ -211,6 +211,13 @@ def _crossbar(layer: Any, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
     return _CrossbarFn.apply(x, weight, layer)
 
 
+def _keep_fused_fast_paths_off(module: nn.Module, args: tuple) -> None:
+    """A forward pre-hook every RRAM layer carries. It does nothing, but its presence is
+    one of the conditions under which ``nn.TransformerEncoderLayer`` (eval, no grad) leaves
+    its fused fast path, which would read ``linear1.weight`` etc. digitally and bypass the
+    crossbars."""
+
+
 class _CrossbarMixin:
     """State and programming shared by the RRAM layers."""
 
@@ -265,6 +272,7 @@ class _CrossbarMixin:
         self.register_buffer("w_read", torch.empty(0), persistent=False)  # type: ignore[attr-defined]
         self.register_buffer("w_exact", torch.empty(0), persistent=False)  # type: ignore[attr-defined]
         self._register_load_state_dict_pre_hook(self._resize_state_hook)  # type: ignore[attr-defined]
+        self.register_forward_pre_hook(_keep_fused_fast_paths_off)  # type: ignore[attr-defined]
         self.register_load_state_dict_post_hook(self._after_load_hook)  # type: ignore[attr-defined]
 
     @property
@@ -745,9 +753,16 @@ class _CrossbarMixin:
 
     def digital_twin(self) -> nn.Module:
         """The digital layer this one simulates, sharing its weight and bias Parameters."""
+        from torch.nn.utils import parametrize
+
+        from .convert import _move_parametrizations
+
         twin = self._digital_module()
-        twin.weight = self.weight
-        twin.bias = self.bias  # type: ignore[attr-defined]
+        if parametrize.is_parametrized(self):  # type: ignore[arg-type]
+            _move_parametrizations(self, twin)  # type: ignore[arg-type]
+        for name in ("weight", "bias"):
+            if not parametrize.is_parametrized(self, name):  # type: ignore[arg-type]
+                setattr(twin, name, getattr(self, name))
         return twin.train(self.training)  # type: ignore[attr-defined]
 
 
@@ -1572,17 +1587,143 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
         )
 
 
+class RRAMConv1d(RRAMConv2d):
+    """``nn.Conv1d`` computed on simulated RRAM crossbars (timm's ECA, audio models).
+
+    A 1-D convolution is the 2-D one of ``(N, C, 1, L)`` with a ``1 x k`` kernel, so it
+    runs on :class:`RRAMConv2d`'s crossbar mapping and reads. ``weight`` keeps
+    ``nn.Conv1d``'s shape ``(out, in / groups, k)`` (state dicts and optimisers see the
+    digital layer's tensors); ``kernel_size``, ``stride``, ``padding`` and ``dilation``
+    are the 2-D ``(1, ...)`` tuples the crossbar uses. Input ``(N, C, L)`` or ``(C, L)``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+        *,
+        config: RRAMConfig | None = None,
+        seed: int | None = None,
+    ) -> None:
+        def one(value, name: str):
+            v = tuple(value) if isinstance(value, tuple | list) else (value,)
+            if len(v) != 1:
+                raise ValueError(f"RRAMConv1d: {name} must be an int or a 1-tuple, got {value!r}")
+            return v[0]
+
+        pad = padding if isinstance(padding, str) else (0, one(padding, "padding"))
+        super().__init__(
+            in_channels,
+            out_channels,
+            (1, one(kernel_size, "kernel_size")),
+            stride=(1, one(stride, "stride")),
+            padding=pad,
+            dilation=(1, one(dilation, "dilation")),
+            groups=groups,
+            bias=bias,
+            padding_mode=padding_mode,
+            device=device,
+            dtype=dtype,
+            config=config,
+            seed=seed,
+        )
+        # nn.Conv2d's initialisation has nn.Conv1d's fan-in (in / groups x k): keep it
+        self.weight = nn.Parameter(self.weight.detach().squeeze(2))
+
+    @classmethod
+    def from_conv1d(
+        cls,
+        conv: nn.Conv1d,
+        config: RRAMConfig | None = None,
+        seed: int | None = None,
+        program: bool = True,
+    ) -> RRAMConv1d:
+        """A copy of ``conv`` on crossbars (same weights, device, dtype), programmed now."""
+        if not isinstance(conv, nn.Conv1d):
+            raise TypeError(f"from_conv1d expects nn.Conv1d, got {type(conv).__name__}")
+        new = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
+            config=config,
+            seed=seed,
+        )
+        with torch.no_grad():
+            new.weight.copy_(conv.weight)
+            if conv.bias is not None:
+                new.bias.copy_(conv.bias)
+        new.weight.requires_grad_(conv.weight.requires_grad)
+        if program:
+            new.program_()
+        return new
+
+    def _conv_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.unsqueeze(2) if weight.ndim == 3 else weight
+
+    def _digital_module(self) -> nn.Module:
+        return nn.Conv1d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size[1],
+            stride=self.stride[1],
+            padding=self.padding if isinstance(self.padding, str) else self.padding[1],
+            dilation=self.dilation[1],
+            groups=self.groups,
+            bias=self.bias is not None,
+            padding_mode=self.padding_mode,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(
+            type(self).__name__,
+            x,
+            lambda t: t.ndim in (2, 3) and t.shape[-2] == self.in_channels,
+            f"(N, {self.in_channels}, L) or ({self.in_channels}, L)",
+        )
+        return super().forward(x.unsqueeze(-2)).squeeze(-2)
+
+    def extra_repr(self) -> str:
+        cfg = self.rram_config
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size[1]}, "
+            f"stride={self.stride[1]}, material={cfg.device.name}, "
+            f"tiles={cfg.tile_rows}x{cfg.tile_cols}, dac={cfg.dac_bits}, adc={cfg.adc_bits}, "
+            f"correction={cfg.correction}, denoise={cfg.denoise}"
+        )
+
+
 def to_digital(model: nn.Module) -> nn.Module:
     """Replace every RRAM layer by its digital twin (same weight and bias Parameters), in
     place; returns the model (or the twin when ``model`` itself is an RRAM layer)."""
+    from .attention import RRAMMultiheadAttention
     from .convert import _swap_modules
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"to_digital expects an nn.Module, got {type(model).__name__}")
-    if isinstance(model, _CrossbarMixin):
+    kinds = (_CrossbarMixin, RRAMMultiheadAttention)
+    if isinstance(model, kinds):
         return model.digital_twin()
-    _swap_modules(model, lambda m, fqn: m.digital_twin() if isinstance(m, _CrossbarMixin) else None)
+    _swap_modules(model, lambda m, fqn: m.digital_twin() if isinstance(m, kinds) else None)
     return model
 
 
-__all__ = ["RRAMConv2d", "RRAMLinear", "to_digital"]
+__all__ = ["RRAMConv1d", "RRAMConv2d", "RRAMLinear", "compute_dtype", "to_digital"]

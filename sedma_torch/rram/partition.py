@@ -321,10 +321,15 @@ def layer_shapes(model: nn.Module) -> list[tuple[LayerShape, torch.Tensor]]:
             out.append((LayerShape(name, "linear", w.shape[1], w.shape[0]), w))
         elif isinstance(m, nn.Linear):
             out.append((LayerShape(name, "linear", m.in_features, m.out_features), m.weight))
-        elif isinstance(m, nn.Conv2d):
+        elif isinstance(m, nn.Conv2d):  # RRAMConv1d too: a (1, k) kernel, 3-D weight
             ks = (int(m.kernel_size[0]), int(m.kernel_size[1]))
             shape = LayerShape(name, "conv", m.in_channels, m.out_channels, ks, m.groups)
-            out.append((shape, m.weight))
+            w = m.weight
+            out.append((shape, w.unsqueeze(2) if w.ndim == 3 else w))
+        elif isinstance(m, nn.Conv1d):  # as convert_ maps it: a 2-D conv with a 1 x k kernel
+            ks = (1, int(m.kernel_size[0]))
+            shape = LayerShape(name, "conv", m.in_channels, m.out_channels, ks, m.groups)
+            out.append((shape, m.weight.unsqueeze(2)))
     return out
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -12,6 +13,7 @@ import sedma_torch as st
 from sedma_torch.rram import RRAMConv1D
 
 FAST = st.RRAMConfig(material="taox_hfox", write_verify_iters=3)
+IDEAL = st.RRAMConfig(material="ideal", dac_bits=None, adc_bits=None)
 
 
 def _count(model, cls) -> int:
@@ -102,13 +104,28 @@ def test_filter_fn_selects_modules_by_name():
     assert type(model[0]) is nn.Linear and isinstance(model[2], st.RRAMLinear)
 
 
-def test_multihead_attention_projections_stay_digital():
-    model = nn.Sequential(nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True))
-    st.convert_(model, FAST, progress=False)
-    layer = model[0]
-    assert type(layer.self_attn.out_proj) is not st.RRAMLinear
-    assert isinstance(layer.linear1, st.RRAMLinear) and isinstance(layer.linear2, st.RRAMLinear)
-    assert model(torch.randn(2, 5, 16)).shape == (2, 5, 16)
+@pytest.mark.parametrize("grad", [True, False])
+def test_transformer_encoder_layer_runs_every_projection_on_crossbars(grad):
+    # eval + no_grad is where nn.TransformerEncoderLayer takes its fused fast path, which
+    # reads linear1.weight, in_proj_weight, ... digitally: a converted layer must not
+    torch.manual_seed(5)
+    digital = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True).eval()
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(6))
+    ideal, noisy = copy.deepcopy(digital), copy.deepcopy(digital)
+    st.convert_(ideal, IDEAL, progress=False)
+    st.convert_(noisy, st.RRAMConfig(material="epiram", seed=0), progress=False)
+    attn = ideal.self_attn
+    assert isinstance(attn, st.RRAMMultiheadAttention)
+    assert isinstance(attn.in_proj, st.RRAMLinear) and isinstance(attn.out_proj, st.RRAMLinear)
+    assert isinstance(ideal.linear1, st.RRAMLinear) and isinstance(ideal.linear2, st.RRAMLinear)
+    with torch.set_grad_enabled(grad):
+        want = digital(x)
+        torch.testing.assert_close(ideal(x), want, rtol=1e-5, atol=1e-5)
+        calls = int(noisy.linear1.read_calls) + int(noisy.self_attn.in_proj.read_calls)
+        err = float((noisy(x) - want).norm() / want.norm())
+    assert 1e-4 < err < 0.5  # the crossbars were read: device error, not the digital path
+    after = int(noisy.linear1.read_calls) + int(noisy.self_attn.in_proj.read_calls)
+    assert after == calls + 2
 
 
 def test_summary_counts_tiles_and_utilisation():

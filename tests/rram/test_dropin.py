@@ -27,7 +27,7 @@ NOISY_SMALL_TILES = RRAMConfig(material="taox_hfox", tile_rows=18, tile_cols=4, 
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
+    return float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm())
 
 
 def gen(seed: int) -> torch.Generator:
