@@ -14,6 +14,7 @@ table and writes ``results/bench_layers_<device>[_quick].json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -164,6 +165,49 @@ def state_bytes(module: nn.Module) -> dict[str, int]:
 # ----- benchmarks -----------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def without_weight_check(layer: nn.Module):
+    """The layer's reads skip the per-read weight fingerprint that keeps them from going
+    stale (benchmark only: the A/B of what that check costs; nothing changes the weight
+    while it is off)."""
+    from sedma_torch.rram import layers as rram_layers
+
+    real = rram_layers.fingerprint
+    rram_layers.fingerprint = lambda w, backend="auto": layer._programmed_fp  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        rram_layers.fingerprint = real  # type: ignore[assignment]
+
+
+def weight_check_rows(
+    name: str, layer: nn.Module, call: Callable[[], object], device, warmup: int, repeats: int
+) -> list[Row]:
+    """The per-read weight check: the read with it against the read without it
+    (interleaved), and the fingerprint alone."""
+    from sedma_torch.rram.fingerprint import fingerprint
+
+    def unchecked() -> object:
+        with without_weight_check(layer):
+            return call()
+
+    with torch.no_grad():
+        times = time_pair_ms(call, unchecked, device, warmup, repeats)
+        alone = time_median_ms(lambda: fingerprint(layer.weight), device, warmup, repeats)
+    return [
+        Row(
+            f"{name}: with / without weight check",
+            "ms",
+            times[0],
+            times[1],
+            None,
+            note=f"the fingerprint alone: {alone:.3f} ms ({layer.weight.numel()} weights)",
+            rram_min=times[2],
+            digital_min=times[3],
+        )
+    ]
+
+
 def layer_config(**changes) -> st.RRAMConfig:
     """The benchmark's crossbar: taox_hfox, 256x256 tiles, 8-bit DAC and ADC, read noise."""
     base = st.RRAMConfig(
@@ -223,6 +267,14 @@ def bench_linear(device: torch.device, warmup: int, repeats: int) -> tuple[list[
                 lambda layer=layer: layer(x), lambda: digital(x), device, warmup, repeats
             )
             rows.append(timed_row(f"Linear 1024->1024 b64 {label}", times, target))
+    rows += weight_check_rows(
+        "Linear 1024->1024 b64 fwd",
+        layers["fwd"],
+        lambda: layers["fwd"](x),
+        device,
+        warmup,
+        repeats,
+    )
 
     xg = x.clone().requires_grad_(True)
     grad_out = torch.randn(64, 1024, device=device)
@@ -280,6 +332,7 @@ def bench_conv(device: torch.device, warmup: int, repeats: int) -> tuple[list[Ro
     with torch.no_grad():
         times = time_pair_ms(lambda: layer(x), lambda: digital(x), device, warmup, repeats)
     rows = [timed_row("Conv2d 64->64 3x3 8x64x32x32 fwd", times, 4.0)]
+    rows += weight_check_rows("Conv2d fwd", layer, lambda: layer(x), device, warmup, repeats)
     rram_peak = forward_peak_bytes(lambda: layer(x), device)
     digital_peak = forward_peak_bytes(lambda: digital(x), device)
     rows.append(

@@ -88,7 +88,23 @@ class RRAMConfig:
     check_finite: bool = True
     """Reject NaN/Inf inputs and weights with a ValueError (one reduction per call)."""
     seed: int = 0
-    """Seed of every random draw (programming, faults, device spread, read noise)."""
+    """Seed of every random draw (programming, faults, device spread, read noise).
+
+    Same seed, same backend: the same numbers, bit for bit. *Which* numbers depends on the
+    backend, because the compiled CPU kernels and PyTorch draw from different streams:
+
+    * read noise: the compiled fused read (float32 on CPU, with an ADC) uses a
+      counter-based stream; PyTorch paths (float64, CUDA, ``adc_bits=None``,
+      ``SEDMA_NATIVE_RNG=0`` or no C compiler) use torch generators;
+    * write-and-verify (float32 on CPU): the compiled kernel's counter-based
+      cycle-to-cycle noise against PyTorch's generator otherwise;
+    * chip properties (stuck cells, device-to-device spread, drift exponents) come
+      from the same streams on every backend.
+
+    So a seeded result reproduces on another machine only with the same backend
+    (``SEDMA_NATIVE_RNG=0`` forces the PyTorch one everywhere); the distributions, and
+    hence statistics such as error figures, are the same on every backend (the tests
+    hold both to the same references)."""
 
     def __post_init__(self) -> None:
         mat = self.material
