@@ -311,6 +311,14 @@ class RRAMMultiheadAttention(nn.MultiheadAttention):
         names = ("in_proj",) if self._qkv_same_embed_dim else ("q_proj", "k_proj", "v_proj")
         return {name: getattr(self, name) for name in (*names, "out_proj")}
 
+    def reconfigure_(self, config: RRAMConfig) -> RRAMMultiheadAttention:
+        """Every crossbar child on ``config`` from now on (``RRAMLinear.reconfigure_``: a new
+        chip, programmed at the next forward pass). Returns the module."""
+        self.rram_config = _check_config(config)
+        for layer in self.crossbar_layers().values():
+            layer.reconfigure_(self.rram_config)
+        return self
+
     def program_(self, from_scratch: bool = False) -> dict[str, CrossbarStats]:
         """(Re-)program every crossbar child now; returns their stats by name."""
         return {

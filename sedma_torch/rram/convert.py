@@ -317,18 +317,15 @@ def convert_(
             return None  # the attention module reads them
         accepted = filter_fn is None or filter_fn(module, fqn)
         if isinstance(module, RRAMMultiheadAttention | _CrossbarMixin):
-            if accepted:
-                layers = (
-                    module.crossbar_layers().values()
-                    if isinstance(module, RRAMMultiheadAttention)
-                    else [module]
-                )
-                changed = [m for m in layers if m.rram_config != config_of(fqn)]
-                for layer in changed:
-                    layer.reconfigure_(config_of(fqn))
-                if changed:
-                    report.reconfigured.append((fqn, kind, config_of(fqn).device.name))
-                    converted.append(module)
+            layers = (
+                module.crossbar_layers().values()
+                if isinstance(module, RRAMMultiheadAttention)
+                else [module]
+            )
+            if accepted and any(m.rram_config != config_of(fqn) for m in layers):
+                module.reconfigure_(config_of(fqn))
+                report.reconfigured.append((fqn, kind, config_of(fqn).device.name))
+                converted.append(module)
             return module
         if isinstance(module, nn.MultiheadAttention):
             if not accepted:

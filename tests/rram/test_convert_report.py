@@ -100,7 +100,9 @@ def test_a_module_used_twice_is_converted_at_both_places():
 
 def test_converting_again_with_another_config_reconfigures_and_the_same_config_does_nothing():
     torch.manual_seed(2)
-    model = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Conv1d(1, 2, 3))
+    model = nn.Sequential(
+        nn.Linear(16, 8), nn.ReLU(), nn.Conv1d(1, 2, 3), nn.MultiheadAttention(4, 2)
+    )
     st.convert_(model, IDEAL, progress=False)
     layer = model[0]
     x = torch.randn(4, 16, generator=gen(3))
@@ -110,9 +112,10 @@ def test_converting_again_with_another_config_reconfigures_and_the_same_config_d
     assert st.conversion_report(model).reconfigured == []
     st.convert_(model, NOISY, progress=False)
     report = st.conversion_report(model)
-    assert {fqn for fqn, _, _ in report.reconfigured} == {"0", "2"}
+    assert {fqn for fqn, _, _ in report.reconfigured} == {"0", "2", "3"}
     assert report.converted == []
     assert layer.rram_config == NOISY and model[2].rram_config == NOISY
+    assert model[3].rram_config == NOISY and model[3].in_proj.rram_config == NOISY
     with torch.no_grad():
         y_noisy = layer(x)
     err = rel(y_noisy, y_ideal)
