@@ -32,9 +32,11 @@ check it against a float64 NumPy reference, noise stream included.
 **Noise stream.** The read noise of output element ``e`` -- the flat NCHW index
 ``((n * C_out + o) * H' + y) * W' + x`` of output channel ``o = t * m + j`` (channel t,
 column j) -- is a standard normal keyed by two 31-bit words ``(lo, hi)`` (one key per
-read): counters come in blocks of 16, and pair ``q = 8 (e >> 4) + (e & 7)`` hashes ``2q``
-and ``2q + 1`` with two rounds of the 32-bit ``lowbias32`` hash each (``h(h(i + lo) ^
-hi)``, as :mod:`~sedma_torch.rram.native_rng`), giving 24-bit uniforms ``u1`` in (0, 1),
+read): counters come in blocks of 16, and pair ``q = 8 (e >> 4) + (e & 7)`` hashes the
+64-bit counters ``2q`` and ``2q + 1`` with two rounds of the 32-bit ``lowbias32`` hash each
+(``h(h(i_lo + lo) ^ hi ^ h(i_hi))`` for the low and high 32 bits of counter i, which is
+``h(h(i + lo) ^ hi)`` below ``2^32``, as :mod:`~sedma_torch.rram.native_rng`: the stream
+never repeats), giving 24-bit uniforms ``u1`` in (0, 1),
 ``u2`` in [0, 1) and ``r = sqrt(-2 ln u1)``; element e gets ``r cos(2 pi u2)`` when
 ``e & 8 == 0``, else ``r sin(2 pi u2)`` (inline float32 polynomials for the logarithm and
 the sine/cosine, accurate to a few ulp). So each Box-Muller pair feeds two elements 8
@@ -70,24 +72,32 @@ _SOURCE = r"""
 /* Normals of the counter blocks b0 .. b0 + nblocks - 1 (16 counters each) into out:
    pair q = 8 b + l (l < 8) gives the cosine to counter 16 b + l and the sine to 16 b + 8 + l.
    The pairs are drawn by a flat vector loop in runs of up to PAIRS, then dealt to their
-   blocks. */
+   blocks. Pair q hashes the 64-bit counters 2q and 2q + 1 (key_hi: the high 32 bits enter
+   the key), a run split where those high bits change so that the vector loop is 32-bit. */
 #define PAIRS 256
-static void normal_blocks(float *restrict out, uint32_t b0, int64_t nblocks, uint32_t lo,
+static void normal_blocks(float *restrict out, int64_t b0, int64_t nblocks, uint32_t lo,
                           uint32_t hi) {
   float cosv[PAIRS], sinv[PAIRS];
   for (int64_t first = 0; first < nblocks; first += PAIRS / 8) {
     int64_t blocks = nblocks - first < PAIRS / 8 ? nblocks - first : PAIRS / 8;
-    uint32_t q0 = 8u * (b0 + (uint32_t)first);
-    #pragma omp simd
-    for (int p = 0; p < 8 * blocks; ++p) {
-      uint32_t i2 = 2u * (q0 + (uint32_t)p);
-      uint32_t a = h32(h32(i2 + lo) ^ hi), c2 = h32(h32(i2 + 1u + lo) ^ hi);
-      float u1 = ((float)(int32_t)(a >> 8) + 0.5f) * (1.0f / 16777216.0f);
-      float u2 = (float)(int32_t)(c2 >> 8) * (1.0f / 16777216.0f);
-      float r = sqrtf(-2.0f * ln(u1)), c, s;
-      sincos_turn(u2, &c, &s);
-      cosv[p] = r * c;
-      sinv[p] = r * s;
+    uint64_t q0 = 8u * (uint64_t)(b0 + first);
+    for (int64_t p0 = 0; p0 < 8 * blocks;) {
+      uint64_t q = q0 + (uint64_t)p0;
+      int64_t run = (int64_t)((((q >> 31) + 1) << 31) - q);
+      int64_t p1 = 8 * blocks - p0 <= run ? 8 * blocks : p0 + run;
+      uint32_t khi = key_hi(hi, 2 * q), base = 2u * (uint32_t)q;
+      #pragma omp simd
+      for (int64_t p = p0; p < p1; ++p) {
+        uint32_t i2 = base + 2u * (uint32_t)(p - p0);
+        uint32_t a = h32(h32(i2 + lo) ^ khi), c2 = h32(h32(i2 + 1u + lo) ^ khi);
+        float u1 = ((float)(int32_t)(a >> 8) + 0.5f) * (1.0f / 16777216.0f);
+        float u2 = (float)(int32_t)(c2 >> 8) * (1.0f / 16777216.0f);
+        float r = sqrtf(-2.0f * ln(u1)), c, s;
+        sincos_turn(u2, &c, &s);
+        cosv[p] = r * c;
+        sinv[p] = r * s;
+      }
+      p0 = p1;
     }
     for (int64_t b = 0; b < blocks; ++b) {
       float *o = out + 16 * (first + b);
@@ -100,11 +110,14 @@ static void normal_blocks(float *restrict out, uint32_t b0, int64_t nblocks, uin
 }
 
 int sedma_depthwise_normals_f32(float *out, int64_t e0, int64_t n, uint32_t lo, uint32_t hi) {
-  /* the stream's elements e0 .. e0 + n - 1 (for the tests); -1 when out of memory */
+  /* the stream's elements e0 .. e0 + n - 1 (for the tests; the caller checks e0 >= 0 and
+     e0 + n <= 2^62); -1 when out of memory, -2 for an invalid range */
+  if (e0 < 0 || n < 0) return -2;
+  if (n == 0) return 0;
   int64_t b0 = e0 >> 4, nb = ((e0 & 15) + n + 15) >> 4;
   float *buf = (float *)malloc((size_t)(nb * 16) * sizeof(float));
   if (!buf) return -1;
-  normal_blocks(buf, (uint32_t)b0, nb, lo, hi);
+  normal_blocks(buf, b0, nb, lo, hi);
   memcpy(out, buf + (e0 & 15), (size_t)n * sizeof(float));
   free(buf);
   return 0;
@@ -166,6 +179,7 @@ struct read_args {
   float noise_std, levels, dac_levels, fixed_full, sign;
   int noisy, saturate, mode;
   uint32_t lo, hi;
+  int64_t e_offset;
   float *out;
 };
 
@@ -175,12 +189,13 @@ static void read_channel(const struct read_args *q, int64_t img, int64_t t, floa
                          const float *codes, float *acc, float *sd, float *full,
                          float *noise) {
   const int64_t m = q->m, P = q->P, ow = q->ow, wph = q->wph, CH = q->CH;
-  /* the read noise of this image and channel: its output elements' counters (the NCHW
-     index of the output) are (img C + t) m P .. (img C + t + 1) m P - 1 */
+  /* the read noise of this image and channel: its output elements' counters (e_offset +
+     the NCHW index of the output) are e_offset + (img C + t) m P .. e_offset + (img C + t
+     + 1) m P - 1 */
   const float *nz = NULL;
   if (q->noisy) {
-    int64_t e0 = (img * q->C + t) * m * P;
-    normal_blocks(noise, (uint32_t)(e0 >> 4), ((e0 & 15) + m * P + 15) >> 4, q->lo, q->hi);
+    int64_t e0 = q->e_offset + (img * q->C + t) * m * P;
+    normal_blocks(noise, e0 >> 4, ((e0 & 15) + m * P + 15) >> 4, q->lo, q->hi);
     nz = noise + (e0 & 15);
   }
   const float *wt = q->w + t * q->K * m, *cs = q->col_scale + t * m;
@@ -263,7 +278,11 @@ static inline float dac_code(float v, float mult, int quantise, float dac_levels
    (c, kh kw, m). s_in (c, n): DAC full scale of each channel (tile) and image, or NULL: the
    largest |x| of the image's channel (1 where it is all zero). col_scale (c, m). out: NCHW
    contiguous (n, c m, oh, ow), output channel t m + j; mode 0 writes, +1 adds, -1
-   subtracts. Returns 0, or -1 when out of memory.
+   subtracts. The read noise of output element e (its NCHW index) has the counter e_offset
+   + e. The caller (depthwise_read_) validates all operands -- shapes, geometry >= 1 and
+   consistent, 1 <= group <= m, sh <= h, sw <= w, index products below 2^62 -- the checks
+   here only stop a call that bypasses it from reading outside x. Returns 0, -1 when out
+   of memory, -2 for an invalid geometry.
 
    Tasks are (image, channel) -- (image, block of CBLOCK channels) for NHWC input, whose
    channels are read together. The DAC writes each channel's plane into sh x sw stride
@@ -276,10 +295,17 @@ int sedma_depthwise_read_f32(const float *x, const int64_t *geometry, int channe
                              int64_t m, const float *w, const float *s_in,
                              const float *col_scale, int64_t group, int quantise,
                              float noise_std, float levels, float dac_levels, float fixed_full,
-                             uint32_t lo, uint32_t hi, float *out, int mode) {
+                             uint32_t lo, uint32_t hi, float *out, int mode, int64_t e_offset) {
   const int64_t n = geometry[0], C = geometry[1], H = geometry[2], W = geometry[3];
   const int64_t oh = geometry[4], ow = geometry[5], kh = geometry[6], kw = geometry[7];
   const int64_t sh = geometry[8], sw = geometry[9], dh = geometry[10], dw = geometry[11];
+  for (int i = 0; i < 12; ++i)
+    if (geometry[i] < (i < 4 ? 0 : 1)) return -2;
+  if (m < 0 || group < 1 || e_offset < 0 || sh > H || sw > W
+      || H - dh * (kh - 1) - 1 < 0 || W - dw * (kw - 1) - 1 < 0
+      || oh != (H - dh * (kh - 1) - 1) / sh + 1 || ow != (W - dw * (kw - 1) - 1) / sw + 1)
+    return -2;
+  if (n == 0 || C == 0 || m == 0) return 0;
   const int64_t K = kh * kw, P = oh * ow;
   const int64_t hph = (H + sh - 1) / sh, wph = (W + sw - 1) / sw, S = hph * wph;
   const int64_t plane = sh * sw * S + wph + kw * dw + 16;
@@ -295,7 +321,7 @@ int sedma_depthwise_read_f32(const float *x, const int64_t *geometry, int channe
   struct read_args q = {n, C, H, W, oh, ow, K, m, P, S, wph, rows, rows * wph, plane, group,
                         offs, w, col_scale, noise_std, levels, dac_levels, fixed_full,
                         mode < 0 ? -1.0f : 1.0f, noise_std > 0.0f, fixed_full > 0.0f, mode,
-                        lo, hi, out};
+                        lo, hi, e_offset, out};
   int status = 0;
   int64_t tasks = n * blocks;
   #pragma omp parallel if (tasks > 1 && n * C * (H * W + m * P * K) >= 131072)
@@ -392,7 +418,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     )
     read = lib.sedma_depthwise_read_f32
     read.argtypes = [ptr, ptr, cint, i64, ptr, ptr, ptr, i64, cint, f32, f32, f32, f32]
-    read.argtypes += [u32, u32, ptr, cint]
+    read.argtypes += [u32, u32, ptr, cint, i64]
     read.restype = cint
     lib.sedma_depthwise_normals_f32.argtypes = [ptr, i64, i64, u32, u32]
     lib.sedma_depthwise_normals_f32.restype = cint
@@ -402,8 +428,9 @@ _KERNEL = native_rng.LazyLibrary(
     "native_depthwise", _SOURCE, _declare, "native depthwise read kernel"
 )
 
-MAX_OUTPUTS = (1 << 32) - 32
-"""Largest output of one read (elements): the noise counter is the 32-bit NCHW index."""
+MAX_OUTPUTS = native_rng.INDEX_LIMIT
+"""Largest output of one read (elements), and bound on the first noise counter plus the
+outputs: the noise counters are 64-bit, the C sizes int64."""
 
 
 def available() -> bool:
@@ -419,27 +446,11 @@ def _lib() -> ctypes.CDLL:
     return lib
 
 
+_FUNC = "depthwise_read_"
+
+
 def _check_tensor(name: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
-    if not isinstance(tensor, torch.Tensor):
-        raise ValueError(f"depthwise_read_: {name} must be a torch.Tensor, got {type(tensor)}")
-    if tensor.dtype != torch.float32 or tensor.device.type != "cpu":
-        raise ValueError(
-            f"depthwise_read_: {name} must be a CPU float32 tensor, got {tensor.dtype} on "
-            f"{tensor.device}"
-        )
-    if tuple(tensor.shape) != shape:
-        raise ValueError(
-            f"depthwise_read_: {name} must have shape {shape}, got {tuple(tensor.shape)}"
-        )
-    if not tensor.is_contiguous():
-        raise ValueError(f"depthwise_read_: {name} must be contiguous")
-
-
-def _pair(name: str, value) -> tuple[int, int]:
-    pair = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
-    if len(pair) != 2 or not all(isinstance(v, int) and v >= 1 for v in pair):
-        raise ValueError(f"depthwise_read_: {name} must be two ints >= 1, got {value!r}")
-    return pair  # type: ignore[return-value]
+    native_rng.check_tensor(_FUNC, name, tensor, shape)
 
 
 def depthwise_read_(
@@ -453,12 +464,14 @@ def depthwise_read_(
     kernel_size: tuple[int, int],
     stride: tuple[int, int] = (1, 1),
     dilation: tuple[int, int] = (1, 1),
+    noise_offset: int = 0,
 ) -> None:
     """One crossbar read of a depthwise convolution, into ``out``.
 
     Args:
         x: images (N, C, H, W), CPU float32, already padded spatially, contiguous NCHW or
             channels-last (NHWC memory; read a block of channels at a time, no copy).
+            N = 0 (or no outputs at all) returns at once.
         s_in: (C, N) DAC full scale of each channel (input tile) and image, or None: the
             DAC auto-ranges, the largest ``|x|`` of each image's channel (1 where it is all
             zero; :func:`sedma_torch.rram.native_rng.tile_absmax`), found in the same pass.
@@ -469,12 +482,15 @@ def depthwise_read_(
             column j of channel t. Written, added to or subtracted from (``spec.mode``).
         spec: DAC rounding, read noise, ADC and mode
             (:class:`~sedma_torch.rram.native_rng.ReadSpec`).
-        kernel_size, stride, dilation: of the convolution (its padding is already in ``x``);
-            ``kh * kw`` must equal the rows of ``weights``.
+        kernel_size, stride, dilation: of the convolution (its padding is already in ``x``),
+            ints >= 1 or pairs; ``kh * kw`` must equal the rows of ``weights``, and ``H' =
+            (H - dh (kh - 1) - 1) // sh + 1`` (W' alike) must be >= 1.
+        noise_offset: the first noise counter (0 unless a read continues another's stream).
 
     The read noise of an output element has standard deviation ``spec.noise_std`` times
     the norm of its window's codes and comes from the stream of the module docstring,
-    keyed by ``spec.key`` with the element's flat NCHW index as counter.
+    keyed by ``spec.key`` with ``noise_offset`` + the element's flat NCHW index as counter.
+    Every operand is checked before the kernel runs (``ValueError`` naming it).
     """
     if not isinstance(x, torch.Tensor) or x.ndim != 4:
         raise ValueError(
@@ -494,14 +510,14 @@ def depthwise_read_(
     if s_in is not None:
         _check_tensor("s_in", s_in, (c, n))
     _check_tensor("col_scale", col_scale, (c, m))
-    (sh, sw), (dh, dw) = _pair("stride", stride), _pair("dilation", dilation)
-    kh, kw = _pair("kernel_size", kernel_size)
+    kh, kw = native_rng.check_pair(_FUNC, "kernel_size", kernel_size)
+    sh, sw = native_rng.check_pair(_FUNC, "stride", stride)
+    dh, dw = native_rng.check_pair(_FUNC, "dilation", dilation)
     if kh * kw != k:
         raise ValueError(
             f"depthwise_read_: kernel_size {kh}x{kw} does not match the {k} rows of weights"
         )
-    if not isinstance(spec, native_rng.ReadSpec):
-        raise ValueError(f"depthwise_read_: spec must be a native_rng.ReadSpec, got {type(spec)}")
+    native_rng.check_spec(_FUNC, spec)
     oh, ow = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
     if oh < 1 or ow < 1:
         raise ValueError(
@@ -511,19 +527,24 @@ def depthwise_read_(
     _check_tensor("out", out, (n, c * m, oh, ow))
     if out.numel() > MAX_OUTPUTS:
         raise ValueError(f"depthwise_read_: {out.numel()} outputs exceed {MAX_OUTPUTS}")
-    if spec.group < 1:
-        raise ValueError(f"depthwise_read_: spec.group must be >= 1, got {spec.group}")
-    if spec.mode not in (-1, 0, 1):
-        raise ValueError(f"depthwise_read_: spec.mode must be -1, 0 or 1, got {spec.mode}")
-    if spec.levels < 1 or spec.dac_levels < 1:
-        raise ValueError(
-            f"depthwise_read_: spec.levels and spec.dac_levels must be >= 1, got "
-            f"{spec.levels}, {spec.dac_levels}"
-        )
-    if spec.fixed_full is not None and not spec.fixed_full > 0:
-        raise ValueError(f"depthwise_read_: spec.fixed_full must be > 0, got {spec.fixed_full}")
-    if not spec.noise_std >= 0:
-        raise ValueError(f"depthwise_read_: spec.noise_std must be >= 0, got {spec.noise_std}")
+    noise_offset = native_rng.check_int(
+        _FUNC, "noise_offset", noise_offset, 0, MAX_OUTPUTS - out.numel()
+    )
+    # the work and buffers the kernel sizes in int64: n C (H W + m H' W' kh kw)
+    native_rng.check_products(_FUNC, "the work", n * c, h * w + m * oh * ow * k)
+    native_rng.check_no_overlap(
+        _FUNC, "out", out, x=x, s_in=s_in, weights=weights, col_scale=col_scale
+    )
+    if not available():
+        raise RuntimeError("native depthwise read kernel unavailable")
+    if out.numel() == 0:
+        return
+    # The same read with the sizes the kernel allocates bounded by the image: a stride
+    # past the image (one output row or column) is the image's size, a dilation with one
+    # tap is 1, a group wider than the m columns is m.
+    sh, sw = min(sh, h), min(sw, w)
+    dh, dw = dh if kh > 1 else 1, dw if kw > 1 else 1
+    group = min(spec.group, m)
     geometry = torch.tensor([n, c, h, w, oh, ow, kh, kw, sh, sw, dh, dw], dtype=torch.int64)
     status = _lib().sedma_depthwise_read_f32(
         x.data_ptr(),
@@ -533,8 +554,8 @@ def depthwise_read_(
         weights.data_ptr(),
         None if s_in is None else s_in.data_ptr(),
         col_scale.data_ptr(),
-        spec.group,
-        int(spec.quantise),
+        group,
+        int(bool(spec.quantise)),
         float(spec.noise_std),
         float(spec.levels),
         float(spec.dac_levels),
@@ -543,18 +564,25 @@ def depthwise_read_(
         spec.key[1] & 0x7FFFFFFF,
         out.data_ptr(),
         spec.mode,
+        noise_offset,
     )
+    if status == -2:
+        raise ValueError(f"depthwise_read_: the kernel rejected the geometry {geometry.tolist()}")
     if status != 0:
         raise MemoryError("depthwise_read_: out of memory")
 
 
 def noise_stream(start: int, count: int, key: tuple[int, int]) -> torch.Tensor:
     """Elements ``start .. start + count - 1`` of the read-noise stream keyed by ``key``
-    (module docstring): float32 (count,)."""
-    if start < 0 or count < 0 or start + count > MAX_OUTPUTS:
-        raise ValueError(
-            f"noise_stream: elements [{start}, {start + count}) are outside [0, {MAX_OUTPUTS})"
-        )
+    (module docstring): float32 (count,). Any range in [0, 2^62)."""
+    start = native_rng.check_int("noise_stream", "start", start, 0, MAX_OUTPUTS)
+    count = native_rng.check_int("noise_stream", "count", count, 0, MAX_OUTPUTS - start)
+    if not (
+        isinstance(key, (tuple, list))
+        and len(key) == 2
+        and all(isinstance(k, int) and not isinstance(k, bool) for k in key)
+    ):
+        raise ValueError(f"noise_stream: key must be two ints, got {key!r}")
     out = torch.empty(count, dtype=torch.float32)
     if count:
         status = _lib().sedma_depthwise_normals_f32(

@@ -30,6 +30,8 @@ the 4096 x 4096 layer, where it is compiled; 7x on small arrays, where it is eag
 from __future__ import annotations
 
 import ctypes
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -57,7 +59,10 @@ static inline uint32_t hh(uint32_t x) {
 
 %INLINE%
 /* rng.hash_normal_at: the standard normal of element `index` of the stream keyed by
-   (lo, hi): Box-Muller cosine on two 24-bit uniforms from the counters 2i and 2i + 1. */
+   (lo, hi): Box-Muller cosine on two 24-bit uniforms from the counters 2i and 2i + 1.
+   32-bit counters, as the PyTorch path's int32 indices: collision free for index < 2^31.
+   The indices used are the cell index (noise) and 2 x and 2 x + 1 the cell index (device
+   spread), below 2^31 since the caller (write_verify_) allows n <= MAX_CELLS = 2^30. */
 static inline float hash_normal(uint32_t index, uint32_t lo, uint32_t hi) {
   uint32_t i2 = index * 2u;
   uint32_t h1 = hh(hh(i2 + lo) ^ hi), h2 = hh(hh(i2 + 1u + lo) ^ hi);
@@ -223,13 +228,16 @@ static void run_block(float *g, const float *target, const float *initial, int64
    var_mode 0: nominal devices, 1: seeded spread keyed by (var_lo, var_hi), 2: per-cell
    arrays var_gmax/var_ascale. counts <- (pulses, iterations, cells within tolerance),
    errs <- (sum |g - t|, max |g - t|). Per-block partial results are combined in block
-   order, so the result does not depend on the thread count. Returns 0, or -1 when out
-   of memory. */
+   order, so the result does not depend on the thread count. The caller (write_verify_)
+   validates the operands: n <= 2^30 cells (32-bit cell indices and noise counters),
+   block x (most pulses of one cell in one iteration) < 2^31 (int32 pulse sums). Returns 0,
+   -1 when out of memory, -2 for invalid sizes. */
 int sedma_write_verify_f32(float *g, const float *target, const float *initial, int64_t n,
                            const float *params, const uint32_t *seeds, int32_t max_iters,
                            int32_t var_mode, uint32_t var_lo, uint32_t var_hi,
                            const float *var_gmax, const float *var_ascale, int64_t block,
                            int64_t *counts, double *errs) {
+  if (n < 0 || n > (1 << 30) || block < 1 || block > (1 << 30) || max_iters < 1) return -2;
   int64_t nblocks = (n + block - 1) / block;
   int64_t *bp = (int64_t *)malloc(sizeof(int64_t) * 2 * (size_t)(nblocks + 1));
   int *bi = (int *)malloc(sizeof(int) * (size_t)(nblocks + 1));
@@ -334,18 +342,28 @@ def available() -> bool:
     return _KERNEL.get() is not None
 
 
+_FUNC = "write_verify_"
+
+
 def _check_f32(name: str, tensor: torch.Tensor, numel: int | None = None) -> None:
-    if not isinstance(tensor, torch.Tensor):
-        raise ValueError(f"write_verify_: {name} must be a torch.Tensor, got {type(tensor)}")
-    if tensor.device.type != "cpu" or tensor.dtype != torch.float32:
-        raise ValueError(
-            f"write_verify_: {name} must be a CPU float32 tensor, got {tensor.dtype} "
-            f"on {tensor.device}"
-        )
-    if not tensor.is_contiguous():
-        raise ValueError(f"write_verify_: {name} must be contiguous")
+    native_rng.check_tensor(_FUNC, name, tensor)
     if numel is not None and tensor.numel() != numel:
         raise ValueError(f"write_verify_: {name} has {tensor.numel()} elements, expected {numel}")
+
+
+def _pulse_reach(a: float, s: float) -> float:
+    """Most pulses between two states of a nominal curve (A, S): |A ln(1 - S)| (the pulse
+    number of Gmax), inf when the curve never reaches Gmax."""
+    try:
+        return abs(a * math.log1p(-s))
+    except (ValueError, OverflowError):
+        return math.inf
+
+
+def _check_real(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"write_verify_: {name} must be a finite real number, got {value!r}")
+    return float(value)
 
 
 def write_verify_(
@@ -388,6 +406,8 @@ def write_verify_(
     if initial is not None:
         _check_f32("initial", initial, n)
     _check_f32("params", params, 10)
+    if params.ndim != 1 or not bool(torch.isfinite(params).all()):
+        raise ValueError(f"write_verify_: params must be 10 finite values, got {params.tolist()}")
     if (
         not isinstance(seeds, torch.Tensor)
         or seeds.dtype != torch.int32
@@ -401,12 +421,21 @@ def write_verify_(
             "write_verify_: seeds must be a contiguous CPU int32 tensor (max_iters >= 1, 2), "
             f"got {getattr(seeds, 'dtype', type(seeds))} {tuple(getattr(seeds, 'shape', ()))}"
         )
-    if n > MAX_CELLS:
+    if seeds.shape[0] >= 2**31:
+        raise ValueError(f"write_verify_: seeds has {seeds.shape[0]} rows (max_iters), >= 2^31")
+    if n > MAX_CELLS:  # the noise counters are 32-bit cell indices (x 2 + 1: device spread)
         raise ValueError(f"write_verify_: {n} cells exceed {MAX_CELLS}")
-    if block < 1:
-        raise ValueError(f"write_verify_: block must be >= 1, got {block}")
-    if not available():
-        raise RuntimeError("native write-verify kernel unavailable")
+    block = native_rng.check_int(_FUNC, "block", block, 1, 1 << 30)
+    g_max = _check_real("g_max", g_max)
+    stats_tolerance = _check_real("stats_tolerance", stats_tolerance)
+    # a block's pulse count is an int32 sum over its cells of at most reach + 2 pulses each
+    a_up, a_dn, s_up, s_dn, l_up, l_dn = params[:6].tolist()
+    reach = max(_pulse_reach(a_up, s_up), _pulse_reach(a_dn, s_dn), abs(l_up), abs(l_dn))
+    if not block * (reach + 2) < 2**31:
+        raise ValueError(
+            f"write_verify_: block {block} x up to {reach:.4g} pulses per cell and iteration "
+            "(from params' curves) must stay below 2^31"
+        )
     (a_ltp, a_ltd, s_ltp, s_ltd, levels_ltp, levels_ltd, g_min, g_range, noise, tol) = (
         params.unbind(0)
     )
@@ -415,10 +444,16 @@ def write_verify_(
     var_mode, var_lo, var_hi, var_g, var_a = 0, 0, 0, None, None
     var_params = [0.0, 0.0, 0.0]
     if isinstance(variation, SeededDeviceVariation):
+        native_rng.check_int(_FUNC, "variation.seed", variation.seed, -(1 << 63), 1 << 63)
+        for name in ("sigma", "g_min", "g_range"):
+            _check_real(f"variation.{name}", getattr(variation, name))
         var_mode = 1
         var_lo, var_hi = variation.seed & 0x7FFFFFFF, (variation.seed >> 31) & 0x7FFFFFFF
         var_params = [variation.sigma, variation.g_min, variation.g_range]
     elif isinstance(variation, DeviceVariation):
+        for name in ("g_max", "a_scale"):
+            if not isinstance(getattr(variation, name), torch.Tensor):
+                raise ValueError(f"write_verify_: variation.{name} must be a torch.Tensor")
         var_mode = 2
         var_g = variation.g_max.reshape(-1).to(torch.float32).contiguous()
         var_a = variation.a_scale.reshape(-1).to(torch.float32).contiguous()
@@ -428,6 +463,26 @@ def write_verify_(
         raise ValueError(
             "write_verify_: variation must be SeededDeviceVariation, DeviceVariation or None, "
             f"got {type(variation).__name__}"
+        )
+    if initial is not None and initial.numel() and initial.data_ptr() == out.data_ptr():
+        inputs = {}  # out may be initial itself (updated in place), but no other overlap
+    else:
+        inputs = {"initial": initial}
+    native_rng.check_no_overlap(
+        _FUNC,
+        "out",
+        out,
+        target=target,
+        seeds=seeds,
+        params=params,
+        **inputs,
+        **{"variation.g_max": var_g, "variation.a_scale": var_a},
+    )
+    if not available():
+        raise RuntimeError("native write-verify kernel unavailable")
+    if n == 0:
+        return WriteVerifyResult(
+            pulses=0, iterations=0, within=0, abs_error_sum=0.0, abs_error_max=0.0
         )
     head = torch.stack(
         [
@@ -466,6 +521,8 @@ def write_verify_(
         counts,
         errs,
     )
+    if status == -2:
+        raise ValueError(f"write_verify_: the kernel rejected the sizes (n={n}, block={block})")
     if status != 0:
         raise MemoryError("write_verify_: out of memory")
     return WriteVerifyResult(

@@ -6,12 +6,17 @@ outputs), and PyTorch's CPU generator (MT19937, serial) costs about as much as t
 matmul. This is a counter-based generator that the C compiler vectorises (8 lanes with
 AVX2, glibc's libmvec for ``logf``/``cosf``): about 3x faster per core than
 ``Tensor.normal_`` here. Pair ``p`` of a draw keyed by two 31-bit words ``(lo, hi)``
-hashes the counters ``2p`` and ``2p + 1`` with two rounds of a 32-bit integer hash each
-(``h(h(i + lo) ^ hi)``, the bijective xorshift-multiply ``lowbias32``), takes 24-bit
-uniforms ``u1`` in (0, 1) and ``u2`` in [0, 1) and returns the Box-Muller pair
+hashes the 64-bit counters ``2p`` and ``2p + 1`` with two rounds of a 32-bit integer hash
+each, ``h(h(i_lo + lo) ^ hi ^ h(i_hi))`` for the low and high 32 bits ``i_lo``, ``i_hi``
+of counter ``i`` (``h``: the bijective xorshift-multiply ``lowbias32``; ``h(0) = 0``, so
+below ``2^32`` this is ``h(h(i + lo) ^ hi)``; each 2^32 counters further on, ``h(i_hi)``
+changes the key word, so the stream never repeats: counters ``i`` and ``i + 2^32 k`` never
+share a hash), takes 24-bit uniforms ``u1`` in (0, 1) and ``u2`` in [0, 1) and returns the
+Box-Muller pair
 ``r cos(2 pi u2)`` and ``r sin(2 pi u2)``, ``r = sqrt(-2 ln u1)``, with the sine taken as
 ``sign * sqrt(1 - cos^2)`` (absolute error below 4e-4 near the zeros of the sine). The
-first output of pair p goes to ``out[p]``, the second to ``out[n // 2 + p]``. The tests
+first output of pair p goes to ``out[p]``, the second to ``out[n // 2 + p]``
+(:func:`fill_normal_`'s ``offset`` starts at pair ``offset`` instead of 0). The tests
 check it against a NumPy reimplementation and for mean, variance, normality and
 independence.
 
@@ -29,12 +34,24 @@ The library is built with the system C compiler (``cc``, or ``$CC``) into
 ``$SEDMA_CACHE_DIR`` (default ``~/.cache/sedma_torch``) the first time it is needed
 (about 1.5 s). Without a compiler, or with ``SEDMA_NATIVE_RNG=0``, callers fall back to
 PyTorch (same distributions, other noise streams).
+
+**Operand checks.** The C code trusts its arguments, so every wrapper that hands it
+pointers (:func:`fill_normal_`, :func:`pack_weights`, :func:`tile_absmax`,
+:func:`fused_read_`, :func:`fused_conv_read_`, and those of
+:mod:`~sedma_torch.rram.native_depthwise` and :mod:`~sedma_torch.rram.native_program`)
+first checks everything it is given -- dtype, CPU, contiguity and strides, shapes
+consistent with each other, kernel size / stride / dilation / tile sizes >= 1, output
+sizes that follow from the input's, sizes, index products and noise counters below
+:data:`INDEX_LIMIT` -- and raises ``ValueError`` naming the operand. Reads of no rows return
+at once.
 """
 
 from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
+import numbers
 import os
 import shutil
 import subprocess
@@ -52,6 +69,14 @@ C_INLINE = r"""
 static inline uint32_t h32(uint32_t x) {
   x ^= x >> 16; x *= 0x7FEB352Du; x ^= x >> 15; x *= 0x846CA68Bu; x ^= x >> 16;
   return x;
+}
+
+/* The key word of the 64-bit counters i with high half i >> 32 = j: hi ^ h32(j). A counter
+   i hashes as h32(h32((uint32_t)i + lo) ^ key_hi(hi, i)): a bijection of the low half for
+   each j, and i, i + 2^32 k (k != 0) never share a hash (h32 is a bijection); since
+   h32(0) = 0, the counters below 2^32 hash as the 32-bit stream h32(h32(i + lo) ^ hi). */
+static inline uint32_t key_hi(uint32_t hi, uint64_t i) {
+  return hi ^ h32((uint32_t)(i >> 32));
 }
 
 /* Inline float32 log, log1p, expm1 and cos/sin(2 pi u), accurate to a few ulp: a loop with
@@ -136,33 +161,46 @@ _SOURCE = r"""
 #endif
 
 %INLINE%
-/* n normals: pair p (counter p + offset) -> out[p] (cosine) and out[n/2 + p] (sine). */
+/* n normals: pair p (pair counter P = offset + p, 64-bit; it hashes the counters 2P and
+   2P + 1) -> out[p] (cosine) and out[n/2 + p] (sine). The pairs go in runs that share the
+   high 32 bits of their counters (2^31 pairs), so the vector loop is 32-bit. */
 static void normal_pairs(float *restrict out, int64_t n, uint32_t lo, uint32_t hi,
-                         uint32_t offset) {
+                         uint64_t offset) {
   int64_t npairs = n / 2;
-  #pragma omp simd
-  for (int64_t p = 0; p < npairs; ++p) {
-    uint32_t i2 = 2u * ((uint32_t)p + offset);
-    uint32_t a = h32(h32(i2 + lo) ^ hi), b = h32(h32(i2 + 1u + lo) ^ hi);
-    float u1 = ((float)(int32_t)(a >> 8) + 0.5f) * (1.0f / 16777216.0f);
-    float u2 = (float)(int32_t)(b >> 8) * (1.0f / 16777216.0f);
-    float r = sqrtf(-2.0f * logf(u1));
-    float c = cosf(6.283185307179586f * u2);
-    float s = sqrtf(fmaxf(1.0f - c * c, 0.0f));
-    out[p] = r * c;
-    out[npairs + p] = (u2 < 0.5f ? r : -r) * s;
+  for (int64_t p0 = 0; p0 < npairs;) {
+    uint64_t first = offset + (uint64_t)p0;
+    int64_t run = (int64_t)((((first >> 31) + 1) << 31) - first);
+    int64_t p1 = npairs - p0 <= run ? npairs : p0 + run;
+    uint32_t khi = key_hi(hi, 2 * first), base = 2u * (uint32_t)first;
+    #pragma omp simd
+    for (int64_t p = p0; p < p1; ++p) {
+      uint32_t i2 = base + 2u * (uint32_t)(p - p0);
+      uint32_t a = h32(h32(i2 + lo) ^ khi), b = h32(h32(i2 + 1u + lo) ^ khi);
+      float u1 = ((float)(int32_t)(a >> 8) + 0.5f) * (1.0f / 16777216.0f);
+      float u2 = (float)(int32_t)(b >> 8) * (1.0f / 16777216.0f);
+      float r = sqrtf(-2.0f * logf(u1));
+      float c = cosf(6.283185307179586f * u2);
+      float s = sqrtf(fmaxf(1.0f - c * c, 0.0f));
+      out[p] = r * c;
+      out[npairs + p] = (u2 < 0.5f ? r : -r) * s;
+    }
+    p0 = p1;
   }
   if (n % 2) {  /* odd n: the cosine of pair npairs */
-    uint32_t i2 = 2u * ((uint32_t)npairs + offset);
-    uint32_t a = h32(h32(i2 + lo) ^ hi), b = h32(h32(i2 + 1u + lo) ^ hi);
+    uint64_t pair = offset + (uint64_t)npairs;
+    uint32_t i2 = 2u * (uint32_t)pair, khi = key_hi(hi, 2 * pair);
+    uint32_t a = h32(h32(i2 + lo) ^ khi), b = h32(h32(i2 + 1u + lo) ^ khi);
     float u1 = ((float)(int32_t)(a >> 8) + 0.5f) * (1.0f / 16777216.0f);
     float u2 = (float)(int32_t)(b >> 8) * (1.0f / 16777216.0f);
     out[n - 1] = sqrtf(-2.0f * logf(u1)) * cosf(6.283185307179586f * u2);
   }
 }
 
-void sedma_normal_f32(float *restrict out, int64_t n, uint32_t lo, uint32_t hi) {
-  normal_pairs(out, n, lo, hi, 0u);
+/* The caller (fill_normal_) checks n >= 0 and offset + n / 2 + 1 <= 2^62. */
+void sedma_normal_f32(float *restrict out, int64_t n, uint32_t lo, uint32_t hi,
+                      uint64_t offset) {
+  if (n <= 0) return;
+  normal_pairs(out, n, lo, hi, offset);
 }
 
 /* ---------------------------------------------------------------------------------------
@@ -227,6 +265,7 @@ static float *alloc64(int64_t n) {  /* 64-byte aligned floats (size rounded up) 
 
 /* Packed size in floats of a (T, K, C) stack with ADC groups of `group` columns. */
 int64_t sedma_packed_size(int64_t T, int64_t K, int64_t C, int64_t group) {
+  if (T < 0 || K < 0 || C < 0 || group < 1) return -1;
   int64_t full = C / group, rest = C % group;
   int64_t strips = full * ceil_div(group, NR) + ceil_div(rest, NR);
   return T * strips * K * NR;
@@ -234,6 +273,8 @@ int64_t sedma_packed_size(int64_t T, int64_t K, int64_t C, int64_t group) {
 
 void sedma_pack_weights_f32(const float *restrict w, int64_t T, int64_t K, int64_t C,
                             int64_t group, float *restrict out) {
+  /* the caller (pack_weights) checks the sizes and passes group <= max(C, 1) */
+  if (T <= 0 || K <= 0 || C <= 0 || group < 1) return;
   int64_t G = ceil_div(C, group), gs = ceil_div(group, NR);
   int64_t per_t = sedma_packed_size(1, K, C, group);
   #pragma omp parallel for collapse(2) schedule(static)
@@ -333,20 +374,33 @@ static void pack_block(const struct source *s, int64_t r0, int64_t valid, int64_
    s_in[t, n]), rounded and clipped to +-dac_levels when `quantise` (else exact: first-order
    correction's full-precision input). s_in is (T, n). noise_std > 0 adds read noise of
    standard deviation noise_std * ||codes of the row's tile input|| to each partial sum; the
-   noise of (t, r, c) is drawn per ADC group, keyed by the counter (t * rows + r) * C + c
-   (rows: the read's n * oh * ow rows). Then the column ADC (`levels`, groups of
-   `group` columns, fixed full scale fixed_full > 0 or auto-range), de-quantisation
-   (s_in / (levels * dac_levels)), the column scale col_scale (T, C) and the sum over t.
+   noise of (t, r, c) is drawn per ADC group, keyed by the 64-bit pair counter counter0 +
+   (t * rows + r) * C + c (rows: the read's n * oh * ow rows). Then the column ADC
+   (`levels`, groups of `group` columns, fixed full scale fixed_full > 0 or auto-range),
+   de-quantisation (s_in / (levels * dac_levels)), the column scale col_scale (T, C) and the
+   sum over t.
    geometry = {n, c_in, h, w, oh, ow, cpt, kh, kw, sh, sw, dh, dw} (struct source).
-   Returns 0, or -1 when out of memory. */
+   The caller (native_rng._read) validates all operands: shapes, strides, index products
+   below 2^62, 1 <= group <= C; the checks here only stop a call that bypasses it from
+   reading outside x. Returns 0, -1 when out of memory, -2 for an invalid geometry. */
 int sedma_fused_read_f32(const float *x, const int64_t *geometry, int64_t T, int64_t C,
                          const float *restrict wp, int64_t group, int quantise,
                          const float *s_in, float noise_std, const float *col_scale,
                          float levels, float dac_levels, float fixed_full, uint32_t lo,
-                         uint32_t hi, float *restrict out, int64_t out_stride, int mode) {
+                         uint32_t hi, float *restrict out, int64_t out_stride, int mode,
+                         int64_t counter0) {
   const int64_t *q = geometry;
   struct source src = {x, q[0], q[1], q[2], q[3], q[4], q[5], q[6], q[7], q[8], q[9],
                        q[10], q[11], q[12]};
+  for (int i = 0; i < 13; ++i)
+    if (q[i] < (i < 6 ? 0 : 1)) return -2;
+  if (T < 1 || C < 0 || group < 1 || counter0 < 0 || src.c_in < 1
+      || (T - 1) * src.cpt >= src.c_in || T * src.cpt < src.c_in
+      || src.h - src.dh * (src.kh - 1) - 1 < 0 || src.w - src.dw * (src.kw - 1) - 1 < 0
+      || src.oh != (src.h - src.dh * (src.kh - 1) - 1) / src.sh + 1
+      || src.ow != (src.w - src.dw * (src.kw - 1) - 1) / src.sw + 1)
+    return -2;
+  if (src.n == 0 || C == 0) return 0;
   int64_t pix = src.oh * src.ow, B = src.n * pix, K = src.cpt * src.kh * src.kw;
   int64_t G = ceil_div(C, group), gs = ceil_div(group, NR), ldc = gs * NR;
   int64_t per_t = sedma_packed_size(1, K, C, group);
@@ -408,8 +462,7 @@ int sedma_fused_read_f32(const float *x, const int64_t *geometry, int64_t T, int
           float *v = cbuf + i * ldc;
           float sdev = sd[b * MR + i];
           if (sdev > 0.0f) {
-            uint32_t counter = (uint32_t)((t * B + r) * C + c0);
-            normal_pairs(noise, width, lo, hi, counter);
+            normal_pairs(noise, width, lo, hi, (uint64_t)(counter0 + (t * B + r) * C + c0));
             #pragma omp simd
             for (int64_t c = 0; c < width; ++c) v[c] += sdev * noise[c];
           }
@@ -445,6 +498,8 @@ int sedma_fused_read_f32(const float *x, const int64_t *geometry, int64_t T, int
    c_in) of image i of NCHW x (n, c_in, hw), or 1 where that is 0 (an all-zero input). */
 void sedma_tile_absmax_f32(const float *x, int64_t n, int64_t c_in, int64_t hw, int64_t cpt,
                            int64_t T, float *out) {
+  /* the caller (tile_absmax) checks that the T tiles of cpt channels cover c_in */
+  if (n <= 0 || c_in <= 0 || hw < 0 || cpt < 1 || T < 1 || (T - 1) * cpt >= c_in) return;
   #pragma omp parallel for collapse(2) schedule(static) if (n * c_in * hw >= 65536)
   for (int64_t i = 0; i < n; ++i)
     for (int64_t t = 0; t < T; ++t) {
@@ -460,8 +515,12 @@ void sedma_tile_absmax_f32(const float *x, int64_t n, int64_t c_in, int64_t hw, 
 """
 _SOURCE = _SOURCE.replace("%INLINE%", C_INLINE)
 
-MAX_ELEMENTS = 1 << 31
-"""Largest draw: pair counters are 32-bit."""
+INDEX_LIMIT = 1 << 62
+"""Bound on every size, index product and noise counter handed to the compiled kernels:
+they compute in int64 (counters in uint64), with room for a sum of two such values."""
+
+MAX_ELEMENTS = INDEX_LIMIT
+"""Largest draw (and largest first pair counter plus pairs): the counters are 64-bit."""
 
 
 def _flags(openmp: bool) -> list[str]:
@@ -515,17 +574,17 @@ def build_library(name: str, source: str) -> ctypes.CDLL | None:
 
 
 def _declare(lib: ctypes.CDLL) -> None:
-    fn = lib.sedma_normal_f32
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint32, ctypes.c_uint32]
-    fn.restype = None
     i64, f32, u32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_uint32, ctypes.c_void_p
+    fn = lib.sedma_normal_f32
+    fn.argtypes = [ptr, i64, u32, u32, ctypes.c_uint64]
+    fn.restype = None
     lib.sedma_packed_size.argtypes = [i64, i64, i64, i64]
     lib.sedma_packed_size.restype = i64
     lib.sedma_pack_weights_f32.argtypes = [ptr, i64, i64, i64, i64, ptr]
     lib.sedma_pack_weights_f32.restype = None
     fused = lib.sedma_fused_read_f32
     fused.argtypes = [ptr, ptr, i64, i64, ptr, i64, ctypes.c_int, ptr, f32, ptr, f32, f32, f32]
-    fused.argtypes += [u32, u32, ptr, i64, ctypes.c_int]
+    fused.argtypes += [u32, u32, ptr, i64, ctypes.c_int, i64]
     fused.restype = ctypes.c_int
     lib.sedma_tile_absmax_f32.argtypes = [ptr, i64, i64, i64, i64, i64, ptr]
     lib.sedma_tile_absmax_f32.restype = None
@@ -581,19 +640,145 @@ def _lib() -> ctypes.CDLL:
     return lib
 
 
-def fill_normal_(out: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+# ----- validation of the operands handed to the compiled kernels ----------------------------
+# Every public wrapper that passes pointers to C checks here, before anything is read or
+# written, all that the C code assumes: dtypes, CPU, contiguity / strides, consistent
+# shapes, geometry >= 1 and the sizes it implies, and index products below INDEX_LIMIT.
+
+
+def check_int(func: str, name: str, value, minimum: int = 0, maximum: int = INDEX_LIMIT) -> int:
+    """``value`` as an int in [minimum, maximum], else ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{func}: {name} must be an int, got {value!r}")
+    value = int(value)
+    if not minimum <= value <= maximum:
+        raise ValueError(f"{func}: {name} must be an int in [{minimum}, {maximum}], got {value}")
+    return value
+
+
+def check_pair(func: str, name: str, value) -> tuple[int, int]:
+    """An int or a pair of ints, each >= 1 (and <= INDEX_LIMIT), as a pair."""
+    pair = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+    if len(pair) != 2 or not all(
+        isinstance(v, numbers.Integral) and not isinstance(v, bool) and 1 <= v <= INDEX_LIMIT
+        for v in pair
+    ):
+        raise ValueError(f"{func}: {name} must be two ints >= 1 (and <= 2^62), got {value!r}")
+    return int(pair[0]), int(pair[1])
+
+
+def check_tensor(
+    func: str,
+    name: str,
+    tensor,
+    shape: tuple[int, ...] | None = None,
+    dtype: torch.dtype = torch.float32,
+    *,
+    contiguous: bool = True,
+) -> None:
+    """A CPU tensor of ``dtype`` (and ``shape``; contiguous unless told), else
+    ``ValueError`` naming ``name``."""
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"{func}: {name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype != dtype or tensor.device.type != "cpu":
+        raise ValueError(
+            f"{func}: {name} must be a CPU {str(dtype).removeprefix('torch.')} tensor, got "
+            f"{tensor.dtype} on {tensor.device}"
+        )
+    if shape is not None and tuple(tensor.shape) != tuple(shape):
+        raise ValueError(
+            f"{func}: {name} must have shape {tuple(shape)}, got {tuple(tensor.shape)}"
+        )
+    if contiguous and not tensor.is_contiguous():
+        raise ValueError(f"{func}: {name} must be contiguous, got strides {tensor.stride()}")
+
+
+def check_products(func: str, what: str, *factors: int) -> None:
+    """The product of ``factors`` must stay below INDEX_LIMIT (int64 in the C code)."""
+    if math.prod(factors) > INDEX_LIMIT:
+        raise ValueError(f"{func}: {what} ({' x '.join(map(str, factors))}) exceeds 2^62")
+
+
+def _extent(tensor: torch.Tensor) -> tuple[int, int]:
+    """The bytes [start, end) a (non-empty) tensor view spans."""
+    span = sum(
+        (size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride(), strict=True)
+    )
+    start = tensor.data_ptr()
+    return start, start + (span + 1) * tensor.element_size()
+
+
+def check_no_overlap(func: str, out_name: str, out: torch.Tensor, **inputs) -> None:
+    """``out`` (written by the kernel while it reads ``inputs``) shares no memory with them."""
+    if out.numel() == 0:
+        return
+    o0, o1 = _extent(out)
+    for name, tensor in inputs.items():
+        if tensor is None or tensor.numel() == 0:
+            continue
+        i0, i1 = _extent(tensor)
+        if i0 < o1 and o0 < i1:
+            raise ValueError(f"{func}: {out_name} must not share memory with {name}")
+
+
+def _check_real(func: str, name: str, value, minimum: float, *, strict: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{func}: {name} must be a real number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or value < minimum or (strict and value <= minimum):
+        bound = f"> {minimum}" if strict else f">= {minimum}"
+        raise ValueError(f"{func}: {name} must be finite and {bound}, got {value}")
+    return value
+
+
+def check_spec(func: str, spec) -> None:
+    """The fields of a :class:`ReadSpec` that the compiled reads use."""
+    if not isinstance(spec, ReadSpec):
+        raise ValueError(f"{func}: spec must be a native_rng.ReadSpec, got {type(spec).__name__}")
+    check_int(func, "spec.group", spec.group, 1)
+    if not isinstance(spec.quantise, (bool, int)):
+        raise ValueError(f"{func}: spec.quantise must be a bool, got {spec.quantise!r}")
+    _check_real(func, "spec.noise_std", spec.noise_std, 0.0)
+    _check_real(func, "spec.levels", spec.levels, 1.0)
+    _check_real(func, "spec.dac_levels", spec.dac_levels, 1.0)
+    if spec.fixed_full is not None:
+        _check_real(func, "spec.fixed_full", spec.fixed_full, 0.0, strict=True)
+    key = spec.key
+    if not (
+        isinstance(key, (tuple, list))
+        and len(key) == 2
+        and all(isinstance(k, numbers.Integral) and not isinstance(k, bool) for k in key)
+    ):
+        raise ValueError(f"{func}: spec.key must be two ints, got {key!r}")
+    if isinstance(spec.mode, bool) or spec.mode not in (-1, 0, 1):
+        raise ValueError(f"{func}: spec.mode must be -1, 0 or 1, got {spec.mode!r}")
+
+
+def packed_size(t: int, k: int, c: int, group: int) -> int:
+    """Floats of :func:`pack_weights` of a (t, k, c) stack with ADC groups of ``group``."""
+    full, rest = divmod(c, group)
+    strips = full * -(-group // 16) + -(-rest // 16)
+    return t * strips * k * 16
+
+
+# ----- the wrappers ---------------------------------------------------------------------------
+def fill_normal_(out: torch.Tensor, lo: int, hi: int, *, offset: int = 0) -> torch.Tensor:
     """Fill a contiguous CPU float32 tensor with the stream keyed by ``(lo, hi)`` (two
-    31-bit words). Raises when the kernel is unavailable; call :func:`available` first."""
+    31-bit words): with ``n = out.numel()``, ``out[p]`` is the cosine and ``out[n // 2 + p]``
+    the sine of pair ``offset + p`` (64-bit pair counters; ``offset`` 0 for a whole draw,
+    larger to read the stream further on). Raises when the kernel is unavailable; call
+    :func:`available` first."""
+    check_tensor("fill_normal_", "out", out)
+    lo = check_int("fill_normal_", "lo", lo, -(1 << 63), 1 << 63)
+    hi = check_int("fill_normal_", "hi", hi, -(1 << 63), 1 << 63)
+    n = out.numel()
+    if n > MAX_ELEMENTS:
+        raise ValueError(f"fill_normal_: out has {n} elements, more than {MAX_ELEMENTS}")
+    offset = check_int("fill_normal_", "offset", offset, 0, INDEX_LIMIT - n // 2 - 1)
     if not available():
         raise RuntimeError("native RNG kernel unavailable")
-    if out.device.type != "cpu" or out.dtype != torch.float32 or not out.is_contiguous():
-        raise ValueError(
-            f"fill_normal_: out must be a contiguous CPU float32 tensor, got "
-            f"{out.dtype} on {out.device} (contiguous={out.is_contiguous()})"
-        )
-    if out.numel() > MAX_ELEMENTS:
-        raise ValueError(f"fill_normal_: {out.numel()} elements exceed {MAX_ELEMENTS}")
-    _lib().sedma_normal_f32(out.data_ptr(), out.numel(), lo & 0x7FFFFFFF, hi & 0x7FFFFFFF)
+    if n:
+        _lib().sedma_normal_f32(out.data_ptr(), n, lo & 0x7FFFFFFF, hi & 0x7FFFFFFF, offset)
     return out
 
 
@@ -602,19 +787,21 @@ def pack_weights(w: torch.Tensor, group: int) -> torch.Tensor:
     group of ``group`` columns, strips of 16 columns stored k-major (zero padded). A 1-D
     float32 tensor of about ``w.numel()`` elements (more when ``group`` is not a multiple
     of 16)."""
-    if w.device.type != "cpu" or w.dtype != torch.float32 or w.ndim != 3:
-        raise ValueError(
-            f"pack_weights: w must be a (T, K, C) CPU float32 tensor, got {tuple(w.shape)} "
-            f"{w.dtype} on {w.device}"
-        )
-    if group < 1:
-        raise ValueError(f"pack_weights: group must be >= 1, got {group}")
+    check_tensor("pack_weights", "w", w, contiguous=False)
+    if w.ndim != 3:
+        raise ValueError(f"pack_weights: w must be a (T, K, C) tensor, got {tuple(w.shape)}")
+    group = check_int("pack_weights", "group", group, 1)
+    t, k, c = w.shape
+    # ADC groups wider than the stack pack as one group of all C columns
+    group = min(group, max(c, 1))
+    size = packed_size(t, k, c, group)
+    check_products("pack_weights", "the packed size", size, 4)
     if not available():
         raise RuntimeError("native kernels unavailable")
-    w = w.contiguous()
-    t, k, c = w.shape
-    out = torch.empty(_lib().sedma_packed_size(t, k, c, group), dtype=torch.float32)
-    _lib().sedma_pack_weights_f32(w.data_ptr(), t, k, c, group, out.data_ptr())
+    out = torch.empty(size, dtype=torch.float32)
+    if size:
+        w = w.contiguous()
+        _lib().sedma_pack_weights_f32(w.data_ptr(), t, k, c, group, out.data_ptr())
     return out
 
 
@@ -645,62 +832,84 @@ class ReadSpec:
 
 
 def _check_input(name: str, x: torch.Tensor, ndim: int) -> None:
-    if x.ndim != ndim or x.dtype != torch.float32 or x.device.type != "cpu":
+    if (
+        not isinstance(x, torch.Tensor)
+        or x.ndim != ndim
+        or x.dtype != torch.float32
+        or x.device.type != "cpu"
+    ):
         raise ValueError(
-            f"{name}: x must be a {ndim}-d CPU float32 tensor, got {tuple(x.shape)} "
-            f"{x.dtype} on {x.device}"
+            f"{name}: x must be a {ndim}-d CPU float32 tensor, got "
+            f"{tuple(getattr(x, 'shape', ()))} {getattr(x, 'dtype', type(x).__name__)} on "
+            f"{getattr(x, 'device', '-')}"
         )
     if not x.is_contiguous():
-        raise ValueError(f"{name}: x must be contiguous")
+        raise ValueError(f"{name}: x must be contiguous, got strides {x.stride()}")
+
+
+def _check_tiles(func: str, tiles: int, cpt: int, c_in: int, what: str) -> None:
+    if tiles * cpt < c_in or (tiles - 1) * cpt >= c_in:
+        raise ValueError(f"{func}: {tiles} tiles of {cpt} {what} do not cover {c_in}")
 
 
 def tile_absmax(x: torch.Tensor, cpt: int, tiles: int) -> torch.Tensor:
     """DAC ranges of an input: (tiles, N), the largest ``|x|`` over each image's (or row's)
     channels ``[t cpt, (t + 1) cpt)``, or 1 where they are all zero. ``x`` is (N, C) or
-    NCHW (N, C, H, W), contiguous float32 on CPU."""
+    NCHW (N, C, H, W), contiguous float32 on CPU; N may be 0."""
+    ndim = x.ndim if isinstance(x, torch.Tensor) and x.ndim in (2, 4) else 2
+    _check_input("tile_absmax", x, ndim)
+    cpt = check_int("tile_absmax", "cpt", cpt, 1)
+    tiles = check_int("tile_absmax", "tiles", tiles, 1)
+    n, c_in = x.shape[:2]
+    _check_tiles("tile_absmax", tiles, cpt, c_in, "channels")
     if not available():
         raise RuntimeError("native kernels unavailable")
-    _check_input("tile_absmax", x, x.ndim if x.ndim in (2, 4) else 2)
-    n, c_in = x.shape[:2]
-    if cpt < 1 or tiles * cpt < c_in or (tiles - 1) * cpt >= c_in:
-        raise ValueError(f"tile_absmax: {tiles} tiles of {cpt} channels do not cover {c_in}")
     out = torch.empty(tiles, n, dtype=torch.float32)
-    hw = x[0, 0].numel()
-    _lib().sedma_tile_absmax_f32(x.data_ptr(), n, c_in, hw, cpt, tiles, out.data_ptr())
+    hw = math.prod(x.shape[2:])
+    if n:
+        _lib().sedma_tile_absmax_f32(x.data_ptr(), n, c_in, hw, cpt, tiles, out.data_ptr())
     return out
 
 
-def _read(name, x, geometry, s_in, packed, col_scale, out, spec: ReadSpec) -> None:
-    """Validate the operands of a fused read and run it; ``geometry`` as in the C source."""
-    if not available():
-        raise RuntimeError("native kernels unavailable")
-    n, _, _, _, oh, ow, cpt, kh, kw = geometry[:9]
+def _read(name, x, geometry, s_in, packed, col_scale, out, spec, noise_offset) -> None:
+    """Validate the operands of a fused read and run it; ``geometry`` as in the C source
+    (its sizes already checked by the caller: x's shape, cpt, kernel, stride, dilation)."""
+    n, c_in, _, _, oh, ow, cpt, kh, kw = geometry[:9]
+    check_tensor(name, "col_scale", col_scale)
+    if col_scale.ndim != 2 or col_scale.shape[0] < 1:
+        raise ValueError(
+            f"{name}: col_scale must be a (T, C) tensor, T >= 1, got {tuple(col_scale.shape)}"
+        )
     t, c = col_scale.shape
+    _check_tiles(name, t, cpt, c_in, "channels" if name == "fused_conv_read_" else "rows")
+    check_spec(name, spec)
     rows, k = n * oh * ow, cpt * kh * kw
-    for label, tensor, shape in (("s_in", s_in, (t, n)), ("col_scale", col_scale, (t, c))):
-        if tuple(tensor.shape) != shape or tensor.dtype != torch.float32:
-            raise ValueError(
-                f"{name}: {label} must be float32 {shape}, got {tuple(tensor.shape)} {tensor.dtype}"
-            )
-        if not tensor.is_contiguous() or tensor.device.type != "cpu":
-            raise ValueError(f"{name}: {label} must be a contiguous CPU tensor")
-    expected = _lib().sedma_packed_size(t, k, c, spec.group)
-    if packed.dtype != torch.float32 or packed.numel() != expected or not packed.is_contiguous():
+    check_tensor(name, "s_in", s_in, (t, n))
+    check_tensor(name, "packed", packed, contiguous=False)
+    group = min(spec.group, max(c, 1))  # a group wider than C is one group of C columns
+    expected = packed_size(t, k, c, group)
+    if packed.numel() != expected or not packed.is_contiguous():
         raise ValueError(
             f"{name}: packed must be pack_weights of a ({t}, {k}, {c}) stack with group "
-            f"{spec.group} ({expected} float32), got {packed.numel()} {packed.dtype}"
+            f"{spec.group} ({expected} contiguous float32), got {packed.numel()} "
+            f"(contiguous={packed.is_contiguous()})"
         )
     if packed.data_ptr() % 32:
         raise ValueError(f"{name}: packed must be 32-byte aligned (pack_weights' output)")
-    if tuple(out.shape) != (rows, c) or out.dtype != torch.float32 or out.stride(1) != 1:
+    check_tensor(name, "out", out, contiguous=False)
+    if tuple(out.shape) != (rows, c) or out.stride(1) != 1 or (rows > 1 and out.stride(0) < c):
         raise ValueError(
-            f"{name}: out must be a ({rows}, {c}) float32 row view, got {tuple(out.shape)} "
-            f"{out.dtype} with strides {out.stride()}"
+            f"{name}: out must be a ({rows}, {c}) float32 row view (unit column stride, rows "
+            f"apart by >= {c}), got {tuple(out.shape)} with strides {out.stride()}"
         )
-    if t * rows * c >= 2**32:
-        raise ValueError(f"{name}: noise counters exceed 32 bits")
-    if spec.mode not in (-1, 0, 1):
-        raise ValueError(f"{name}: mode must be -1, 0 or 1, got {spec.mode}")
+    check_products(name, "rows x K x C x T", rows, k, c, t)
+    # noise pair counters noise_offset + (t rows + r) C + c < noise_offset + T rows C
+    noise_offset = check_int(name, "noise_offset", noise_offset, 0, INDEX_LIMIT - t * rows * c)
+    check_no_overlap(name, "out", out, x=x, s_in=s_in, packed=packed, col_scale=col_scale)
+    if not available():
+        raise RuntimeError("native kernels unavailable")
+    if rows == 0 or c == 0:
+        return  # nothing to read (out has no elements)
     geo = torch.tensor(geometry, dtype=torch.int64)
     status = _lib().sedma_fused_read_f32(
         x.data_ptr(),
@@ -708,8 +917,8 @@ def _read(name, x, geometry, s_in, packed, col_scale, out, spec: ReadSpec) -> No
         t,
         c,
         packed.data_ptr(),
-        spec.group,
-        int(spec.quantise),
+        group,
+        int(bool(spec.quantise)),
         s_in.data_ptr(),
         float(spec.noise_std),
         col_scale.data_ptr(),
@@ -721,7 +930,10 @@ def _read(name, x, geometry, s_in, packed, col_scale, out, spec: ReadSpec) -> No
         out.data_ptr(),
         out.stride(0),
         spec.mode,
+        noise_offset,
     )
+    if status == -2:
+        raise ValueError(f"{name}: the kernel rejected the geometry {geometry}")
     if status != 0:
         raise MemoryError(f"{name}: out of memory")
 
@@ -735,27 +947,28 @@ def fused_read_(
     spec: ReadSpec,
     *,
     tile_rows: int,
+    noise_offset: int = 0,
 ) -> None:
     """One crossbar read of the rows of ``x`` (B, in_features) through the packed weights
     (:func:`pack_weights` of a (T, tile_rows, C) stack) into ``out`` (B, C): the input DAC,
     the matmul of each input tile with its read noise, column ADC, de-quantisation, column
     scale and the digital sum over the tiles, in one pass. Inputs past ``in_features`` in
-    the last tile are zero.
+    the last tile are zero. An empty batch (B = 0) returns at once.
 
     ``s_in`` (T, B) is the DAC full scale of each row and tile (:func:`tile_absmax`);
     ``col_scale`` (T, C). The read-noise standard deviation is ``spec.noise_std`` times the
     norm of the tile's input row in code units; the noise of (tile t, row r, column c) is
-    keyed by ``spec.key`` and the counter ``(t * B + r) * C + c``, drawn per ADC group, so
-    it does not depend on the thread count. Same arithmetic as the eager path (a batched matmul, then
-    ``crossbar.adc_dequantise_``) up to float rounding.
+    keyed by ``spec.key`` and the 64-bit counter ``noise_offset + (t * B + r) * C + c``
+    (``noise_offset`` 0 unless a read continues another's stream), drawn per ADC group, so
+    it does not depend on the thread count. Same arithmetic as the eager path (a batched
+    matmul, then ``crossbar.adc_dequantise_``) up to float rounding. Every operand is
+    checked first (``ValueError`` naming it).
     """
     _check_input("fused_read_", x, 2)
     b, c_in = x.shape
-    t = col_scale.shape[0]
-    if tile_rows < 1 or t * tile_rows < c_in or (t - 1) * tile_rows >= c_in:
-        raise ValueError(f"fused_read_: {t} tiles of {tile_rows} rows do not cover {c_in} inputs")
+    tile_rows = check_int("fused_read_", "tile_rows", tile_rows, 1)
     geometry = [b, c_in, 1, 1, 1, 1, tile_rows, 1, 1, 1, 1, 1, 1]
-    _read("fused_read_", x, geometry, s_in, packed, col_scale, out, spec)
+    _read("fused_read_", x, geometry, s_in, packed, col_scale, out, spec, noise_offset)
 
 
 def fused_conv_read_(
@@ -770,37 +983,49 @@ def fused_conv_read_(
     kernel_size: tuple[int, int],
     stride: tuple[int, int],
     dilation: tuple[int, int],
+    noise_offset: int = 0,
 ) -> None:
     """:func:`fused_read_` of a convolution (implicit im2col: each output pixel's window is
     gathered while the input is packed, so no patch matrix is stored).
 
     ``x`` (N, C_in, H, W) is NCHW, contiguous and already padded spatially. Tile t holds
     channels ``[t cpt, (t + 1) cpt)`` (those past C_in are zero) and its ``cpt * kh * kw``
-    weight rows are ordered (channel, i, j). The output rows are the ``N * H' * W'`` output
-    pixels: ``out`` is (N * H' * W', C), NHWC. ``s_in`` (T, N) holds one DAC range per image
-    and tile (:func:`tile_absmax`).
+    weight rows are ordered (channel, i, j). ``kernel_size``, ``stride`` and ``dilation``
+    are ints >= 1 (or pairs). The output rows are the ``N * H' * W'`` output pixels, ``H'
+    = (H - dh (kh - 1) - 1) // sh + 1`` (W' alike, both >= 1): ``out`` is (N * H' * W', C),
+    NHWC. ``s_in`` (T, N) holds one DAC range per image and tile (:func:`tile_absmax`).
+    N = 0 returns at once.
     """
-    _check_input("fused_conv_read_", x, 4)
+    func = "fused_conv_read_"
+    _check_input(func, x, 4)
     n, c_in, h, w = x.shape
-    t = col_scale.shape[0]
-    (kh, kw), (sh, sw), (dh, dw) = kernel_size, stride, dilation
-    if cpt < 1 or t * cpt < c_in or (t - 1) * cpt >= c_in:
-        raise ValueError(f"fused_conv_read_: {t} tiles of {cpt} channels do not cover {c_in}")
+    cpt = check_int(func, "cpt", cpt, 1)
+    kh, kw = check_pair(func, "kernel_size", kernel_size)
+    sh, sw = check_pair(func, "stride", stride)
+    dh, dw = check_pair(func, "dilation", dilation)
     oh, ow = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
     if oh < 1 or ow < 1:
-        raise ValueError(f"fused_conv_read_: images {h}x{w} are smaller than the kernel")
+        raise ValueError(
+            f"{func}: images {h}x{w} are smaller than the kernel {kh}x{kw} with dilation {dh}x{dw}"
+        )
     geometry = [n, c_in, h, w, oh, ow, cpt, kh, kw, sh, sw, dh, dw]
-    _read("fused_conv_read_", x, geometry, s_in, packed, col_scale, out, spec)
+    _read(func, x, geometry, s_in, packed, col_scale, out, spec, noise_offset)
 
 
 __all__ = [
+    "INDEX_LIMIT",
     "MAX_ELEMENTS",
     "ReadSpec",
     "available",
     "build_library",
+    "check_int",
+    "check_pair",
+    "check_spec",
+    "check_tensor",
     "fill_normal_",
     "fused_conv_read_",
     "fused_read_",
     "pack_weights",
+    "packed_size",
     "tile_absmax",
 ]

@@ -36,16 +36,23 @@ def _np_h32(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint32(16))
 
 
+def np_hash64(i: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """The documented hash of 64-bit counters ``i``: h(h(i_lo + lo) ^ hi ^ h(i_hi)) on their
+    low and high 32 bits (h(0) = 0: h(h(i + lo) ^ hi) below 2^32)."""
+    i_lo = (i & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+    i_hi = (i >> np.uint64(32)).astype(np.uint32)
+    with np.errstate(over="ignore"):
+        return _np_h32(_np_h32(i_lo + np.uint32(lo)) ^ np.uint32(hi) ^ _np_h32(i_hi))
+
+
 def np_stream(start: int, count: int, key: tuple[int, int]) -> np.ndarray:
     """The documented stream in float64: element e takes pair q = 8 (e >> 4) + (e & 7),
-    the cosine when e & 8 == 0, else the sine of its Box-Muller pair."""
+    the cosine when e & 8 == 0, else the sine of its Box-Muller pair (64-bit counters 2q
+    and 2q + 1)."""
     e = np.arange(start, start + count, dtype=np.int64)
     q = 8 * (e >> 4) + (e & 7)
-    lo, hi = np.uint32(key[0]), np.uint32(key[1])
-    with np.errstate(over="ignore"):
-        i2 = (2 * q).astype(np.uint32)
-        a = _np_h32(_np_h32(i2 + lo) ^ hi)
-        b = _np_h32(_np_h32(i2 + np.uint32(1) + lo) ^ hi)
+    i2 = (2 * q).astype(np.uint64)
+    a, b = np_hash64(i2, *key), np_hash64(i2 + np.uint64(1), *key)
     u1 = ((a >> np.uint32(8)).astype(np.float64) + 0.5) / 2**24
     u2 = (b >> np.uint32(8)).astype(np.float64) / 2**24
     r = np.sqrt(-2 * np.log(u1))
@@ -67,10 +74,12 @@ def np_windows(planes: np.ndarray, kernel, stride, dilation) -> np.ndarray:
     return np.stack(taps, axis=-1)
 
 
-def np_depthwise_read(x, s_in, w, col_scale, spec, kernel, stride=(1, 1), dilation=(1, 1)):
+def np_depthwise_read(
+    x, s_in, w, col_scale, spec, kernel, stride=(1, 1), dilation=(1, 1), noise_offset=0
+):
     """Float64 reference of one read: (output (N, C m, H', W'), one ADC step per output).
     The DAC multiplies in float32 as the kernel does (a code is then exact); the rest is
-    float64."""
+    float64. The noise of output e (NCHW index) is stream element noise_offset + e."""
     n, c = x.shape[:2]
     m = w.shape[-1]
     mult = (np.float32(spec.dac_levels) / s_in.T).astype(np.float32)[:, :, None, None]
@@ -82,7 +91,7 @@ def np_depthwise_read(x, s_in, w, col_scale, spec, kernel, stride=(1, 1), dilati
     u = np.einsum("ncyxk,ckj->ncjyx", win, w.astype(np.float64))
     if spec.noise_std > 0:
         sd = spec.noise_std * np.sqrt((win**2).sum(-1))  # (N, C, H', W')
-        z = np_stream(0, n * c * m * oh * ow, spec.key).reshape(n, c, m, oh, ow)
+        z = np_stream(noise_offset, n * c * m * oh * ow, spec.key).reshape(n, c, m, oh, ow)
         u = u + sd[:, :, None] * z
     levels, dac_levels = spec.levels, spec.dac_levels
     out, steps = np.empty_like(u), np.empty_like(u)
@@ -332,6 +341,226 @@ def test_kernel_rejects_operands_naming_them():
         call(*args, out, spec=_spec(group=0))
     with pytest.raises(ValueError, match="smaller than"):
         call(args[0][..., :2, :2].contiguous(), *args[1:], out)
+
+
+@needs_kernel
+@pytest.mark.parametrize("start", [2**31 - 100, 2**32 - 100, 2**33 - 100, 2**62 - 200])
+def test_noise_stream_counters_do_not_wrap_near_2_32(start):
+    # element e hashes counters about e: 2^32 and 2^33 are crossed inside these ranges
+    key = (123456, 7890)
+    got = native_depthwise.noise_stream(start, 200, key).numpy()
+    want = np_stream(start, 200, key)
+    assert np.median(np.abs(got - want)) < 1e-6
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    for shift in (2**31, 2**32):  # other draws, not the same ones again
+        if start + shift + 200 <= native_depthwise.MAX_OUTPUTS:
+            later = native_depthwise.noise_stream(start + shift, 200, key).numpy()
+            assert np.mean(np.abs(later - got) < 1e-6) < 0.02
+
+
+def test_64_bit_counters_hash_as_32_bit_ones_below_2_32_only():
+    # seeded results stay: below 2^32 the hash is h(h(i + lo) ^ hi), as with 32-bit counters
+    i = np.arange(2**32 - 1000, 2**32 + 1000, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        old = _np_h32(_np_h32(i.astype(np.uint32) + np.uint32(5)) ^ np.uint32(6))
+    new = np_hash64(i, 5, 6)
+    below = i < 2**32
+    np.testing.assert_array_equal(new[below], old[below])
+    assert np.all(new[~below] != old[~below])  # where 32-bit counters wrapped onto 0, 1, ...
+    assert len(np.unique(new)) == new.size
+
+
+@needs_kernel
+@pytest.mark.parametrize("offset", [2**32 - 1000, 2**40 + 3])
+def test_kernel_noise_offset_follows_the_stream_past_2_32(offset):
+    x, weights, col_scale, s_in = _case(12, m=2)
+    spec = _spec(group=2, noise_std=0.2, key=(99, 98), fixed_full=64.0, levels=4095)
+    out = torch.empty(3, 10, 11, 12)
+    native_depthwise.depthwise_read_(
+        *(torch.from_numpy(v) for v in (x, s_in, weights, col_scale)),
+        out,
+        spec,
+        kernel_size=(3, 3),
+        noise_offset=offset,
+    )
+    want, steps = np_depthwise_read(x, s_in, weights, col_scale, spec, (3, 3), noise_offset=offset)
+    err = np.abs(out.double().numpy() - want)
+    assert np.all(err <= steps + 1e-5 * np.abs(want) + 1e-6)
+    again = torch.empty_like(out)
+    native_depthwise.depthwise_read_(
+        *(torch.from_numpy(v) for v in (x, s_in, weights, col_scale)),
+        again,
+        spec,
+        kernel_size=(3, 3),
+        noise_offset=offset + 2**32,
+    )
+    assert np.mean(np.abs(again.numpy() - out.numpy()) <= steps) < 0.2  # other noise
+
+
+def _dw_operands(**case):
+    x, weights, col_scale, s_in = _case(9, **{"m": 2, **case})
+    return dict(
+        x=torch.from_numpy(x),
+        s_in=torch.from_numpy(s_in),
+        weights=torch.from_numpy(weights),
+        col_scale=torch.from_numpy(col_scale),
+    )
+
+
+def _dw(ops, out, spec=None, **geometry):
+    native_depthwise.depthwise_read_(
+        *ops.values(), out, spec or _spec(group=2, noise_std=0.1, key=(1, 2)), **geometry
+    )
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("argument", "geometry"),
+    [
+        ("dilation", dict(dilation=(-10000000, 1))),
+        ("dilation", dict(dilation=-2)),
+        ("dilation", dict(dilation=(0, 1))),
+        ("dilation", dict(dilation=(1, 2**70))),
+        ("dilation", dict(dilation=(1.0, 1))),
+        ("stride", dict(stride=(0, 1))),
+        ("stride", dict(stride=-1)),
+        ("stride", dict(stride=(1, 2**64))),
+        ("stride", dict(stride=(True, 1))),
+        ("kernel_size", dict(kernel_size=(3, 0))),
+        ("kernel_size", dict(kernel_size=(-3, -3))),
+        ("kernel_size", dict(kernel_size=(3, 3, 1))),
+        ("smaller", dict(dilation=(2**40, 1))),
+        ("noise_offset", dict(noise_offset=-1)),
+        ("noise_offset", dict(noise_offset=2**62)),
+        ("noise_offset", dict(noise_offset=0.5)),
+    ],
+)
+def test_kernel_rejects_bad_geometry_naming_it(argument, geometry):
+    out = torch.full((3, 10, 11, 12), float("nan"))
+    with pytest.raises(ValueError, match=argument):
+        _dw(_dw_operands(), out, **{"kernel_size": (3, 3), **geometry})
+    assert torch.isnan(out).all()
+
+
+@needs_kernel
+def test_kernel_rejects_a_negative_dilation_with_the_out_it_implies():
+    # dilation -2 on 9 x 9 images: 13 x 13 outputs, read from outside the image
+    x = torch.randn(2, 3, 9, 9)
+    out = torch.full((2, 3, 13, 13), float("nan"))
+    with pytest.raises(ValueError, match="dilation"):
+        native_depthwise.depthwise_read_(
+            x,
+            None,
+            torch.randn(3, 9, 1),
+            torch.ones(3, 1),
+            out,
+            _spec(noise_std=0.1, key=(1, 2)),
+            kernel_size=(3, 3),
+            dilation=(-2, -2),
+        )
+    assert torch.isnan(out).all()
+
+
+def _respec(**changes):
+    return _spec(**{**dict(group=2, noise_std=0.1, key=(1, 2)), **changes})
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("argument", "change"),
+    [
+        ("x", lambda o: o.update(x=o["x"].to("meta"))),
+        ("x", lambda o: o.update(x=o["x"][:, :, ::2])),
+        ("weights", lambda o: o.update(weights=o["weights"].double())),
+        (
+            "weights",
+            lambda o: o.update(weights=o["weights"].transpose(0, 1).contiguous().transpose(0, 1)),
+        ),
+        ("weights", lambda o: o.update(weights=o["weights"][:4])),
+        ("s_in", lambda o: o.update(s_in=o["s_in"].double())),
+        ("s_in", lambda o: o.update(s_in=o["s_in"].t().contiguous().t())),
+        ("col_scale", lambda o: o.update(col_scale=o["col_scale"].t().contiguous().t())),
+        ("col_scale", lambda o: o.update(col_scale=o["col_scale"].to("meta"))),
+        ("spec.levels", lambda o: o.update(spec=_respec(levels=0.5))),
+        ("spec.noise_std", lambda o: o.update(spec=_respec(noise_std=float("nan")))),
+        ("spec.key", lambda o: o.update(spec=_respec(key=None))),
+        ("spec.group", lambda o: o.update(spec=_respec(group=2.0))),
+        ("spec", lambda o: o.update(spec="spec")),
+    ],
+)
+def test_kernel_rejects_bad_operands_naming_them(argument, change):
+    ops = _dw_operands()
+    change(ops)
+    spec = ops.pop("spec", None)
+    out = torch.full((3, 10, 11, 12), float("nan"))
+    with pytest.raises(ValueError, match=rf"(^|\W){argument}\b"):
+        native_depthwise.depthwise_read_(*ops.values(), out, spec or _respec(), kernel_size=(3, 3))
+    assert torch.isnan(out).all()
+
+
+@needs_kernel
+def test_kernel_rejects_an_out_sharing_memory_with_its_input():
+    ops = _dw_operands(m=1, h=5, w=5)
+    out = ops["x"][:, :, 1:4, 1:4]  # right shape, not contiguous
+    with pytest.raises(ValueError, match="out must be contiguous"):
+        _dw(ops, out, spec=_respec(group=1), kernel_size=(3, 3))
+    alias = ops["x"].view(-1)[: 3 * 5 * 9].view(3, 5, 3, 3)
+    with pytest.raises(ValueError, match="out must not share memory with x"):
+        _dw(ops, alias, spec=_respec(group=1), kernel_size=(3, 3))
+
+
+@needs_kernel
+def test_kernel_reads_huge_strides_and_single_tap_dilations_as_the_image_size():
+    # a stride past the image is one output row / column, a dilation of one tap unused:
+    # the same read as with their smallest equivalents (and nothing of their size allocated)
+    ops = _dw_operands(k=3)
+    small = torch.empty(3, 10, 1, 14)
+    _dw(ops, small, kernel_size=(3, 1), stride=(13, 1), dilation=(6, 1))
+    huge = torch.empty(3, 10, 1, 14)
+    _dw(ops, huge, kernel_size=(3, 1), stride=(2**62, 1), dilation=(6, 2**62))
+    assert torch.equal(small, huge)
+    cl = torch.empty(3, 10, 1, 14)
+    _dw(
+        {**ops, "x": ops["x"].contiguous(memory_format=torch.channels_last)},
+        cl,
+        kernel_size=(3, 1),
+        stride=(2**40, 1),
+        dilation=(6, 1),
+    )
+    assert torch.equal(small, cl)
+    # a group wider than the m columns is one group of all m
+    wide = torch.empty(3, 10, 1, 14)
+    _dw(ops, wide, spec=_respec(group=2**62), kernel_size=(3, 1), stride=(13, 1), dilation=(6, 1))
+    assert torch.equal(small, wide)
+
+
+@needs_kernel
+def test_kernel_returns_at_once_for_an_empty_batch_or_no_columns():
+    ops = _dw_operands()
+    empty = {**ops, "x": ops["x"][:0], "s_in": ops["s_in"][:, :0].contiguous()}
+    _dw(empty, torch.empty(0, 10, 11, 12), kernel_size=(3, 3))
+    _dw({**empty, "s_in": None}, torch.empty(0, 10, 11, 12), kernel_size=(3, 3))
+    no_cols = {**ops, "weights": ops["weights"][..., :0], "col_scale": ops["col_scale"][:, :0]}
+    _dw(no_cols, torch.empty(3, 0, 11, 12), kernel_size=(3, 3))
+    assert native_depthwise.noise_stream(5, 0, (1, 2)).shape == (0,)
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("argument", "args"),
+    [
+        ("start", (-1, 10)),
+        ("count", (0, -1)),
+        ("count", (2**62 - 5, 10)),
+        ("start", (2**63, 1)),
+        ("key", (0, 10, (1, 2.0))),
+        ("key", (0, 10, 5)),
+    ],
+)
+def test_noise_stream_rejects_bad_ranges_naming_them(argument, args):
+    start, count, *key = args
+    with pytest.raises(ValueError, match=argument):
+        native_depthwise.noise_stream(start, count, key[0] if key else (1, 2))
 
 
 # ----- RRAMConv2d -----------------------------------------------------------------------------

@@ -350,6 +350,39 @@ def _params(material, tolerance: float = 0.01) -> torch.Tensor:
         ("seeds", {"seeds": torch.zeros(20, 3, dtype=torch.int32)}),
         ("variation", {"variation": "spread"}),
         ("block", {"block": 0}),
+        ("block", {"block": -5}),
+        ("block", {"block": 2**62}),  # 36 bytes a cell: a size_t overflow in C
+        ("block", {"block": 2048.0}),
+        ("block", {"block": 2**25}),  # x (levels + 2) pulses overflows the int32 sum
+        ("target", {"target": torch.zeros(100, device="meta")}),
+        ("target", {"target": torch.zeros(200)[::2]}),
+        ("out", {"out": torch.zeros(100, device="meta")}),
+        ("out", {"out": torch.zeros(100, dtype=torch.float64)}),
+        ("initial", {"initial": torch.zeros(100, dtype=torch.float64)}),
+        ("initial", {"initial": torch.zeros(200)[::2]}),
+        ("params", {"params": torch.zeros(2, 5)}),
+        ("params", {"params": torch.full((10,), float("nan"))}),
+        ("params", {"params": torch.zeros(20)[::2]}),
+        ("seeds", {"seeds": torch.zeros(0, 2, dtype=torch.int32)}),
+        ("seeds", {"seeds": torch.zeros(2, 20, dtype=torch.int32).t()}),
+        ("seeds", {"seeds": [[1, 2]]}),
+        ("g_max", {"g_max": float("nan")}),
+        ("g_max", {"g_max": "1e-4"}),
+        ("stats_tolerance", {"stats_tolerance": float("inf")}),
+        ("variation.seed", {"variation": SeededDeviceVariation(1.5, 0.1, 1e-6, 1e-4)}),
+        ("variation.sigma", {"variation": SeededDeviceVariation(1, float("nan"), 1e-6, 1e-4)}),
+        (
+            "variation.g_max",
+            {"variation": programming.DeviceVariation(torch.ones(99), torch.ones(100))},
+        ),
+        (
+            "variation.a_scale",
+            {
+                "variation": programming.DeviceVariation(
+                    torch.ones(100), torch.ones(100, device="meta")
+                )
+            },
+        ),
     ],
 )
 def test_bad_input_is_rejected_naming_the_argument(argument, change):
@@ -365,6 +398,76 @@ def test_bad_input_is_rejected_naming_the_argument(argument, change):
     args.update(change)
     with pytest.raises(ValueError, match=rf"\b{argument}\b"):
         native_program.write_verify_(**args)
+
+
+@needs_kernel
+def test_params_whose_curves_need_unbounded_pulses_are_rejected():
+    # S >= 1 puts Gmax at an infinite pulse number: the pulse count of one step overflows
+    params = _params(get_material("epiram"))
+    params[2] = 1.0
+    with pytest.raises(ValueError, match="params"):
+        native_program.write_verify_(
+            torch.zeros(100),
+            torch.zeros(100),
+            torch.zeros(20, 2, dtype=torch.int32),
+            params,
+            g_max=1e-4,
+            stats_tolerance=0.01,
+        )
+
+
+@needs_kernel
+def test_out_may_be_initial_but_must_not_share_memory_with_other_operands():
+    material = get_material("epiram")
+    target = _targets(material, 300, seed=3)
+    seeds = torch.from_numpy(_seeds(4, 10))
+    params = _params(material)
+    kwargs = dict(g_max=material.g_max, stats_tolerance=0.01 * material.g_range)
+    initial = torch.full((300,), material.g_min)
+    separate = torch.empty(300)
+    want = native_program.write_verify_(
+        separate, target, seeds, params, initial=initial.clone(), **kwargs
+    )
+    got = native_program.write_verify_(initial, target, seeds, params, initial=initial, **kwargs)
+    assert got == want and torch.equal(initial, separate)
+    both = torch.zeros(400)
+    with pytest.raises(ValueError, match="out must not share memory with target"):
+        native_program.write_verify_(target, target, seeds, params, **kwargs)
+    with pytest.raises(ValueError, match="out must not share memory with initial"):
+        native_program.write_verify_(
+            both[:300], target, seeds, params, initial=both[100:], **kwargs
+        )
+
+
+@needs_kernel
+def test_no_cells_return_at_once():
+    material = get_material("epiram")
+    result = native_program.write_verify_(
+        torch.empty(0),
+        torch.empty(0),
+        torch.zeros(20, 2, dtype=torch.int32),
+        _params(material),
+        g_max=material.g_max,
+        stats_tolerance=0.01,
+    )
+    assert result == native_program.WriteVerifyResult(0, 0, 0, 0.0, 0.0)
+
+
+def test_cell_limit_keeps_the_32_bit_noise_counters_collision_free(monkeypatch):
+    # the counters are the cell index i (noise) and 2i, 2i + 1 (device spread), hashed as
+    # 2 x counter (+ 1) in 32 bits: distinct for all cells up to MAX_CELLS
+    assert 2 * (2 * native_program.MAX_CELLS - 1) + 1 < 2**32
+    monkeypatch.setattr(native_program, "MAX_CELLS", 64)
+    material = get_material("epiram")
+    with pytest.raises(ValueError, match="cells exceed 64"):
+        native_program.write_verify_(
+            torch.empty(100),
+            torch.zeros(100),
+            torch.zeros(20, 2, dtype=torch.int32),
+            _params(material),
+            g_max=material.g_max,
+            stats_tolerance=0.01,
+        )
 
 
 @pytest.mark.parametrize(

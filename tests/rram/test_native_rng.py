@@ -28,14 +28,23 @@ def _np_h32(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint32(16))
 
 
+def np_hash64(i: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """The documented hash of 64-bit counters ``i``: h(h(i_lo + lo) ^ hi ^ h(i_hi)) on their
+    low and high 32 bits (h(0) = 0: h(h(i + lo) ^ hi) below 2^32)."""
+    i = np.asarray(i, dtype=np.uint64)
+    i_lo = (i & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+    i_hi = (i >> np.uint64(32)).astype(np.uint32)
+    with np.errstate(over="ignore"):
+        return _np_h32(_np_h32(i_lo + np.uint32(lo)) ^ np.uint32(hi) ^ _np_h32(i_hi))
+
+
 def np_stream(n: int, lo: int, hi: int, offset: int = 0) -> np.ndarray:
     """The documented stream in float64 NumPy: Box-Muller on hashed pair counters (pair p
-    hashes the counters 2 (p + offset) and 2 (p + offset) + 1)."""
+    hashes the 64-bit counters 2 (p + offset) and 2 (p + offset) + 1)."""
     npairs = (n + 1) // 2
-    with np.errstate(over="ignore"):
-        i2 = (np.arange(npairs, dtype=np.uint32) + np.uint32(offset)) * np.uint32(2)
-        a = _np_h32(_np_h32(i2 + np.uint32(lo)) ^ np.uint32(hi))
-        b = _np_h32(_np_h32(i2 + np.uint32(1) + np.uint32(lo)) ^ np.uint32(hi))
+    i2 = (np.arange(npairs, dtype=np.uint64) + np.uint64(offset)) * np.uint64(2)
+    a = np_hash64(i2, lo, hi)
+    b = np_hash64(i2 + np.uint64(1), lo, hi)
     u1 = ((a >> np.uint32(8)).astype(np.float64) + 0.5) / 2**24
     u2 = (b >> np.uint32(8)).astype(np.float64) / 2**24
     r = np.sqrt(-2 * np.log(u1))
@@ -108,7 +117,9 @@ def test_switching_it_off_or_a_failing_compiler_falls_back_to_torch(env, tmp_pat
 # ----- the fused crossbar read ------------------------------------------------------------
 
 
-def np_fused_read(a, s_in, w, col_scale, *, group, levels, dac_levels, fixed, noise_std, key, rows):
+def np_fused_read(
+    a, s_in, w, col_scale, *, group, levels, dac_levels, fixed, noise_std, key, rows, offset=0
+):
     """Float64 NumPy reference of one fused read of code-unit inputs ``a`` (B, T, K):
     per tile t, ADC group and row, the partial sums plus keyed read noise, the ADC, the
     de-quantisation and column scale, summed over t. Also returns, per output, the sum
@@ -124,7 +135,7 @@ def np_fused_read(a, s_in, w, col_scale, *, group, levels, dac_levels, fixed, no
             for r in range(b):
                 v = u[r, g0:g1].copy()
                 if noise_std > 0:
-                    counter = (t * rows + r) * c + g0
+                    counter = offset + (t * rows + r) * c + g0
                     v += sd[r] * np_stream(g1 - g0, *key, offset=counter)
                 full = fixed if fixed is not None else (np.abs(v).max() or 1.0)
                 q = np.round(v * levels / full)
@@ -333,3 +344,385 @@ def test_fused_read_rejects_operands_it_cannot_use():
             stride=(1, 1),
             dilation=(1, 1),
         )
+
+
+# ----- 64-bit noise counters ----------------------------------------------------------------
+def _np_stream32(n: int, lo: int, hi: int, offset: int = 0) -> np.ndarray:
+    """The stream as it was with 32-bit counters (2 (p + offset) wrapping at 2^32)."""
+    npairs = (n + 1) // 2
+    with np.errstate(over="ignore"):
+        i2 = (np.arange(npairs, dtype=np.uint32) + np.uint32(offset)) * np.uint32(2)
+        a = _np_h32(_np_h32(i2 + np.uint32(lo)) ^ np.uint32(hi))
+        b = _np_h32(_np_h32(i2 + np.uint32(1) + np.uint32(lo)) ^ np.uint32(hi))
+    u1 = ((a >> np.uint32(8)).astype(np.float64) + 0.5) / 2**24
+    u2 = (b >> np.uint32(8)).astype(np.float64) / 2**24
+    r = np.sqrt(-2 * np.log(u1))
+    cos, sin = r * np.cos(2 * np.pi * u2), r * np.sin(2 * np.pi * u2)
+    return np.concatenate([cos[: n // 2], sin[: n // 2], cos[n // 2 :]])
+
+
+def test_stream_below_2_31_pairs_is_the_32_bit_stream():
+    # seeded results do not change: below 2^31 pairs the 64-bit counters hash as before
+    for offset in (0, 12345, 2**31 - 501):
+        want = _np_stream32(1001, 777, 888, offset)
+        np.testing.assert_array_equal(np_stream(1001, 777, 888, offset), want)
+        got = native_rng.fill_normal_(torch.empty(1001), 777, 888, offset=offset).numpy()
+        np.testing.assert_allclose(got, want, atol=3e-3, rtol=0)
+
+
+@pytest.mark.parametrize("offset", [2**31 - 300, 2**32 - 300, 2**33 + 5, 2**62 - 600])
+def test_stream_counters_do_not_wrap_near_2_31_and_2_32(offset):
+    # pairs offset .. offset + 500: counters 2p cross 2^32 (pair 2^31) and 2^33 (pair 2^32)
+    n, lo, hi = 1000, 4242, 99
+    got = native_rng.fill_normal_(torch.empty(n), lo, hi, offset=offset).numpy()
+    want = np_stream(n, lo, hi, offset)
+    assert np.median(np.abs(got - want)) < 1e-6
+    np.testing.assert_allclose(got, want, atol=3e-3, rtol=0)
+    # the draws 2^31 and 2^32 pairs on (counters + 2^32, + 2^33) are others: no repeats
+    for shift in (2**31, 2**32):
+        if offset + shift + n <= native_rng.INDEX_LIMIT:
+            later = native_rng.fill_normal_(torch.empty(n), lo, hi, offset=offset + shift)
+            assert np.mean(np.abs(later.numpy() - got) < 1e-6) < 0.01
+    # the old 32-bit counters 2 (offset + p) mod 2^32 agree only below pair 2^31
+    old = _np_stream32(n, lo, hi, offset % 2**32)
+    below = (offset + np.arange(n) % (n // 2)) < 2**31
+    np.testing.assert_array_equal(want[below], old[below])
+    assert np.all(want[~below] != old[~below])
+
+
+def test_fill_normal_offset_continues_a_draw():
+    whole = native_rng.fill_normal_(torch.empty(2000), 5, 6).numpy()
+    part = native_rng.fill_normal_(torch.empty(200), 5, 6, offset=300).numpy()
+    # pairs 300 .. 399: cosines at whole[300:400], sines at whole[1300:1400] (up to an ulp:
+    # vector and scalar logf / cosf)
+    np.testing.assert_allclose(part[:100], whole[300:400], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(part[100:], whole[1300:1400], rtol=1e-6, atol=1e-6)
+
+
+def _noise_read(offset, *, b=6, t=2, k=8, c=40, group=16):
+    """A noise-dominated fused read (weights 0: each output is its quantised noise)
+    with its first pair counter at ``offset``, and its float64 reference."""
+    rng = np.random.default_rng(1)
+    x = rng.uniform(0.5, 1.0, (b, t * k)).astype(np.float32)
+    w = np.zeros((t, k, c), dtype=np.float32)
+    col_scale = np.ones((t, c), dtype=np.float32)
+    s_in = np.abs(x.reshape(b, t, k)).max(-1).T.copy()
+    codes = np.clip(np.round(x.reshape(b, t, k) * (np.float32(127) / s_in.T[..., None])), -127, 127)
+    spec = _spec(group=group, noise_std=1.0, levels=2**15 - 1, dac_levels=127, fixed_full=4096.0)
+    spec = native_rng.ReadSpec(**{**spec.__dict__, "key": (31337, 4711)})
+    out = torch.empty(b, c)
+    native_rng.fused_read_(
+        torch.from_numpy(x),
+        torch.from_numpy(s_in),
+        native_rng.pack_weights(torch.from_numpy(w), group),
+        torch.from_numpy(col_scale),
+        out,
+        spec,
+        tile_rows=k,
+        noise_offset=offset,
+    )
+    want, steps = np_fused_read(
+        codes.astype(np.float64),
+        s_in,
+        w,
+        col_scale,
+        group=group,
+        levels=spec.levels,
+        dac_levels=spec.dac_levels,
+        fixed=spec.fixed_full,
+        noise_std=spec.noise_std,
+        key=spec.key,
+        rows=b,
+        offset=offset,
+    )
+    return out.numpy(), want, steps
+
+
+@pytest.mark.parametrize("base", [0, 2**31, 2**32, 2**40])
+def test_fused_read_noise_counters_do_not_wrap_at_2_31_or_2_32(base):
+    # the read's 480 pair counters straddle base (pair 2^31: counter 2^32; pair 2^32)
+    offset = max(base - 240, 0)
+    got, want, steps = _noise_read(offset)
+    assert np.all(np.abs(got - want) <= steps + 1e-4 * np.abs(want) + 1e-5)
+    for shift in (2**31, 2**32):  # the draws 2^31 / 2^32 pairs on are not the same ones
+        later, _, _ = _noise_read(offset + shift)
+        assert np.mean(np.abs(later - got) <= steps) < 0.05
+
+
+def test_fused_read_noise_offset_is_bounded_by_index_limit():
+    x, _, w, col_scale, s_in = _read_case(5)
+    args = [torch.from_numpy(v) for v in (x, s_in)]
+    packed = native_rng.pack_weights(torch.from_numpy(w), 16)
+    out = torch.empty(13, 50)
+    counters = 3 * 13 * 50
+    spec = _spec(noise_std=0.1, key=(1, 2))
+    top = native_rng.INDEX_LIMIT - counters
+    native_rng.fused_read_(
+        *args, packed, torch.from_numpy(col_scale), out, spec, tile_rows=37, noise_offset=top
+    )
+    assert torch.isfinite(out).all()
+    for bad in (top + 1, -1, 2**64, 1.5):
+        with pytest.raises(ValueError, match="noise_offset"):
+            native_rng.fused_read_(
+                *args,
+                packed,
+                torch.from_numpy(col_scale),
+                out,
+                spec,
+                tile_rows=37,
+                noise_offset=bad,
+            )
+
+
+# ----- operand checks of every entry point (never a crash) ----------------------------------
+META = torch.device("meta")  # not CPU memory: must never reach the kernels
+
+
+@pytest.mark.parametrize(
+    ("argument", "call"),
+    [
+        ("out", lambda: native_rng.fill_normal_(torch.empty(10, dtype=torch.float64), 1, 2)),
+        ("out", lambda: native_rng.fill_normal_(torch.empty(10, 4).t(), 1, 2)),
+        ("out", lambda: native_rng.fill_normal_(torch.empty(10, device=META), 1, 2)),
+        ("out", lambda: native_rng.fill_normal_(np.zeros(10, np.float32), 1, 2)),
+        ("lo", lambda: native_rng.fill_normal_(torch.empty(10), 1.5, 2)),
+        ("offset", lambda: native_rng.fill_normal_(torch.empty(10), 1, 2, offset=-1)),
+        ("offset", lambda: native_rng.fill_normal_(torch.empty(10), 1, 2, offset=2**62)),
+        ("w", lambda: native_rng.pack_weights(torch.zeros(4, 5), 16)),
+        ("w", lambda: native_rng.pack_weights(torch.zeros(2, 4, 5, dtype=torch.float64), 16)),
+        ("w", lambda: native_rng.pack_weights(torch.zeros(2, 4, 5, device=META), 16)),
+        ("group", lambda: native_rng.pack_weights(torch.zeros(2, 4, 5), 0)),
+        ("group", lambda: native_rng.pack_weights(torch.zeros(2, 4, 5), -3)),
+        ("group", lambda: native_rng.pack_weights(torch.zeros(2, 4, 5), 2**70)),
+        ("group", lambda: native_rng.pack_weights(torch.zeros(2, 4, 5), 16.0)),
+        ("x", lambda: native_rng.tile_absmax(torch.zeros(3, 8, dtype=torch.float64), 4, 2)),
+        ("x", lambda: native_rng.tile_absmax(torch.zeros(8, 3).t(), 4, 2)),
+        ("x", lambda: native_rng.tile_absmax(torch.zeros(3, 8, device=META), 4, 2)),
+        ("cpt", lambda: native_rng.tile_absmax(torch.zeros(3, 8), 0, 2)),
+        ("cpt", lambda: native_rng.tile_absmax(torch.zeros(3, 8), -4, 2)),
+        ("tiles", lambda: native_rng.tile_absmax(torch.zeros(3, 8), 4, 0)),
+        ("tiles", lambda: native_rng.tile_absmax(torch.zeros(3, 8), 4, 3)),
+        ("tiles", lambda: native_rng.tile_absmax(torch.zeros(3, 8), 2**62, 2**62)),
+    ],
+)
+def test_small_entry_points_reject_bad_operands_naming_them(argument, call):
+    with pytest.raises(ValueError, match=rf"\b{argument}\b"):
+        call()
+
+
+def test_pack_weights_of_a_view_and_of_a_group_wider_than_the_columns():
+    w = torch.randn(2, 5, 40)
+    view = torch.randn(40, 5, 2).permute(2, 1, 0)  # not contiguous: packed from a copy
+    assert torch.equal(
+        native_rng.pack_weights(view, 16), native_rng.pack_weights(view.contiguous(), 16)
+    )
+    # any group >= C is one group of all C columns (no allocation of the group's size)
+    assert torch.equal(native_rng.pack_weights(w, 2**62), native_rng.pack_weights(w, 40))
+    assert native_rng.packed_size(2, 5, 40, 2**62) == native_rng.packed_size(2, 5, 40, 40)
+
+
+def _fused_operands():
+    x, _, w, col_scale, s_in = _read_case(5)
+    return dict(
+        x=torch.from_numpy(x),
+        s_in=torch.from_numpy(s_in),
+        packed=native_rng.pack_weights(torch.from_numpy(w), 16),
+        col_scale=torch.from_numpy(col_scale),
+        out=torch.empty(x.shape[0], w.shape[-1]),
+        spec=_spec(noise_std=0.1),
+    )
+
+
+def _respec(**changes):
+    return lambda ops: ops.update(spec=native_rng.ReadSpec(**{**ops["spec"].__dict__, **changes}))
+
+
+def _set(name, make):
+    return lambda ops: ops.update({name: make(ops[name])})
+
+
+FUSED_BAD = [
+    ("x", _set("x", lambda x: x.double())),
+    ("x", _set("x", lambda x: x.t().contiguous().t())),
+    ("x", _set("x", lambda x: x.to(META))),
+    ("x", _set("x", lambda x: x[None])),
+    ("s_in", _set("s_in", lambda s: s[:, :-1])),
+    ("s_in", _set("s_in", lambda s: s.double())),
+    ("s_in", _set("s_in", lambda s: s.t().contiguous().t())),
+    ("s_in", _set("s_in", lambda s: s.to(META))),
+    ("col_scale", _set("col_scale", lambda c: c[0])),
+    ("col_scale", _set("col_scale", lambda c: c[:, :-1])),
+    ("col_scale", _set("col_scale", lambda c: c.double())),
+    ("col_scale", _set("col_scale", lambda c: c.t().contiguous().t())),
+    ("col_scale", _set("col_scale", lambda c: c[:0])),
+    ("packed", _set("packed", lambda p: p[:-16])),
+    ("packed", _set("packed", lambda p: p.to(META))),
+    ("packed", _set("packed", lambda p: p.double())),
+    ("packed", _set("packed", lambda p: torch.empty(2 * p.numel())[::2])),
+    ("packed", _set("packed", lambda p: torch.empty(p.numel() + 1)[1:])),  # misaligned
+    ("out", _set("out", lambda o: o[:, :-1])),
+    ("out", _set("out", lambda o: o[:-1])),
+    ("out", _set("out", lambda o: o.double())),
+    ("out", _set("out", lambda o: o.t().contiguous().t())),  # column stride != 1
+    ("out", _set("out", lambda o: o[:1].expand_as(o))),  # rows overlap (stride 0)
+    ("out", _set("out", lambda o: o.to(META))),
+    ("out", lambda ops: ops.update(out=ops["x"][:, :50])),  # out is x's memory
+    ("spec", _set("spec", lambda s: s.__dict__)),
+    ("spec.group", _respec(group=0)),  # a division by zero in C
+    ("spec.group", _respec(group=-16)),
+    ("spec.levels", _respec(levels=0)),
+    ("spec.dac_levels", _respec(dac_levels=float("nan"))),
+    ("spec.noise_std", _respec(noise_std=-1.0)),
+    ("spec.noise_std", _respec(noise_std=float("inf"))),
+    ("spec.fixed_full", _respec(fixed_full=0.0)),
+    ("spec.key", _respec(key=(1,))),
+    ("spec.key", _respec(key=(1.0, 2))),
+    ("spec.mode", _respec(mode=2)),
+]
+
+
+@pytest.mark.parametrize(("argument", "change"), FUSED_BAD)
+def test_fused_read_rejects_bad_operands_naming_them(argument, change):
+    ops = _fused_operands()
+    change(ops)
+    spec = ops.pop("spec")
+    with pytest.raises(ValueError, match=rf"(^|\W){argument}\b"):
+        native_rng.fused_read_(*ops.values(), spec, tile_rows=37)
+
+
+@pytest.mark.parametrize("tile_rows", [0, -37, 2**70, 37.0, 20, 60])
+def test_fused_read_rejects_bad_tile_rows(tile_rows):
+    ops = _fused_operands()
+    spec = ops.pop("spec")
+    with pytest.raises(ValueError, match=r"tile_rows|do not cover"):
+        native_rng.fused_read_(*ops.values(), spec, tile_rows=tile_rows)
+
+
+def _conv_operands(n=2, c_in=3, h=8, w=4, kernel=(3, 1), t=1, c=5):
+    cpt = -(-c_in // t)
+    wts = torch.randn(t, cpt * kernel[0] * kernel[1], c) * 0.1
+    x = torch.randn(n, c_in, h, w)
+    return dict(
+        x=x,
+        s_in=native_rng.tile_absmax(x, cpt, t),
+        packed=native_rng.pack_weights(wts, 16),
+        col_scale=torch.ones(t, c),
+        cpt=cpt,
+    )
+
+
+def _conv(ops, out, *, kernel=(3, 1), stride=(1, 1), dilation=(1, 1), spec=None):
+    native_rng.fused_conv_read_(
+        ops["x"],
+        ops["s_in"],
+        ops["packed"],
+        ops["col_scale"],
+        out,
+        spec or _spec(noise_std=0.1, key=(1, 2)),
+        cpt=ops["cpt"],
+        kernel_size=kernel,
+        stride=stride,
+        dilation=dilation,
+    )
+
+
+@pytest.mark.parametrize(
+    ("argument", "geometry"),
+    [
+        ("dilation", dict(dilation=(-10000000, 1))),  # segfaulted
+        ("dilation", dict(dilation=(-2, -2))),  # read outside the image (13 x 13 from 9 x 9)
+        ("dilation", dict(dilation=(0, 1))),
+        ("dilation", dict(dilation=(1, 2**70))),
+        ("dilation", dict(dilation=(1, 1, 1))),
+        ("dilation", dict(dilation=(1.0, 1))),
+        ("stride", dict(stride=(0, 1))),
+        ("stride", dict(stride=(1, -1))),
+        ("stride", dict(stride=-3)),
+        ("stride", dict(stride=(2**70, 1))),
+        ("kernel_size", dict(kernel=(0, 1))),
+        ("kernel_size", dict(kernel=(-3, 1))),
+        ("kernel_size", dict(kernel=(3, 2**64))),
+        ("smaller", dict(dilation=(2**40, 1))),  # huge, but an int64
+        ("smaller", dict(kernel=(9, 1))),
+    ],
+)
+def test_fused_conv_read_rejects_bad_geometry_naming_it(argument, geometry):
+    ops = _conv_operands()
+    out = torch.full((2 * 6 * 4, 5), float("nan"))
+    with pytest.raises(ValueError, match=argument):
+        _conv(ops, out, **geometry)
+    assert torch.isnan(out).all()  # nothing written
+
+
+@pytest.mark.parametrize(
+    ("size", "kernel", "dilation"), [((9, 9), (3, 3), (-2, -2)), ((8, 4), (3, 1), (-10000000, 1))]
+)
+def test_fused_conv_read_rejects_negative_dilations_with_the_out_they_imply(size, kernel, dilation):
+    # the two reported cases, with the output a layer would allocate for them (13 x 13 from
+    # 9 x 9; 20000008 x 4 from 8 x 4, never touched): it read outside x, or crashed
+    (h, w), (kh, kw), (dh, dw) = size, kernel, dilation
+    oh, ow = h - dh * (kh - 1), w - dw * (kw - 1)
+    x = torch.randn(1, 1, h, w)
+    packed = native_rng.pack_weights(torch.randn(1, kh * kw, 1), 1)
+    spec = _spec(group=1, noise_std=0.1, key=(1, 2))
+    out = torch.empty(oh * ow, 1)
+    with pytest.raises(ValueError, match="dilation"):
+        native_rng.fused_conv_read_(
+            x,
+            native_rng.tile_absmax(x, 1, 1),
+            packed,
+            torch.ones(1, 1),
+            out,
+            spec,
+            cpt=1,
+            kernel_size=kernel,
+            stride=(1, 1),
+            dilation=dilation,
+        )
+
+
+def test_fused_conv_read_rejects_inconsistent_shapes_naming_them():
+    ops = _conv_operands()
+    out = torch.empty(2 * 6 * 4, 5)
+    _conv(ops, out)  # valid
+    with pytest.raises(ValueError, match="out must be"):
+        _conv(ops, torch.empty(2 * 7 * 4, 5))  # the rows of another output size
+    with pytest.raises(ValueError, match="packed must be"):
+        _conv(ops, out, kernel=(2, 1), dilation=(2, 1))  # same output size, other K
+    with pytest.raises(ValueError, match="s_in"):
+        _conv({**ops, "s_in": ops["s_in"][:, :1]}, out)
+    with pytest.raises(ValueError, match="cpt"):
+        _conv({**ops, "cpt": 0}, out)
+    with pytest.raises(ValueError, match="do not cover"):
+        _conv({**ops, "cpt": 2}, out)
+    with pytest.raises(ValueError, match="x must be"):
+        _conv({**ops, "x": ops["x"].transpose(2, 3)}, out)
+    with pytest.raises(ValueError, match="x must be"):
+        _conv({**ops, "x": ops["x"][0]}, out)
+
+
+def test_fused_conv_read_takes_a_stride_past_the_image_as_one_output():
+    ops = _conv_operands()
+    one = torch.empty(2 * 1 * 1, 5)
+    _conv(ops, one, stride=(8, 4))
+    huge = torch.empty(2 * 1 * 1, 5)
+    _conv(ops, huge, stride=(2**40, 2**62))
+    assert torch.equal(one, huge)
+
+
+# ----- reads of no rows -----------------------------------------------------------------------
+def test_empty_batches_return_at_once_leaving_out_untouched():
+    ops = _fused_operands()
+    spec = ops.pop("spec")
+    x, s_in = ops["x"][:0], ops["s_in"][:, :0].contiguous()
+    assert native_rng.tile_absmax(x, 37, 3).shape == (3, 0)  # was an IndexError
+    out = torch.empty(0, 50)
+    native_rng.fused_read_(x, s_in, ops["packed"], ops["col_scale"], out, spec, tile_rows=37)
+    assert native_rng.fill_normal_(torch.empty(0), 1, 2).shape == (0,)
+    assert native_rng.pack_weights(torch.zeros(0, 37, 50), 16).shape == (0,)
+    conv = _conv_operands(n=0)
+    assert conv["s_in"].shape == (1, 0)
+    _conv(conv, torch.empty(0, 5))
+    # no output columns: nothing to do either
+    cols = _conv_operands(c=0)
+    _conv({**cols, "col_scale": torch.ones(1, 0)}, torch.empty(2 * 6 * 4, 0))
