@@ -218,6 +218,19 @@ def _keep_fused_fast_paths_off(module: nn.Module, args: tuple) -> None:
     crossbars."""
 
 
+def _copied_from(new: Any, digital: nn.Module, program: bool) -> Any:
+    """``new`` with ``digital``'s weight and bias values (and its weight's requires_grad),
+    programmed now when ``program``: the end of every ``from_*`` constructor."""
+    with torch.no_grad():
+        new.weight.copy_(digital.weight)
+        if digital.bias is not None:
+            new.bias.copy_(digital.bias)
+    new.weight.requires_grad_(digital.weight.requires_grad)
+    if program:
+        new.program_()
+    return new
+
+
 class _CrossbarMixin:
     """State and programming shared by the RRAM layers."""
 
@@ -811,14 +824,7 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
             config=config,
             seed=seed,
         )
-        with torch.no_grad():
-            new.weight.copy_(linear.weight)
-            if linear.bias is not None:
-                new.bias.copy_(linear.bias)
-        new.weight.requires_grad_(linear.weight.requires_grad)
-        if program:
-            new.program_()
-        return new
+        return _copied_from(new, linear, program)
 
     # layout ------------------------------------------------------------------------------
     def _geometry(self) -> tuple[int, int]:
@@ -1128,6 +1134,12 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
         """A copy of ``conv`` on crossbars (same weights, device, dtype), programmed now."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"from_conv expects nn.Conv2d, got {type(conv).__name__}")
+        return cls._from_conv_module(conv, config, seed, program)
+
+    @classmethod
+    def _from_conv_module(cls, conv, config, seed, program):
+        """A layer with ``conv``'s arguments, weights, device and dtype (``nn.Conv2d`` for
+        this class, ``nn.Conv1d`` for :class:`RRAMConv1d`)."""
         new = cls(
             conv.in_channels,
             conv.out_channels,
@@ -1143,14 +1155,7 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
             config=config,
             seed=seed,
         )
-        with torch.no_grad():
-            new.weight.copy_(conv.weight)
-            if conv.bias is not None:
-                new.bias.copy_(conv.bias)
-        new.weight.requires_grad_(conv.weight.requires_grad)
-        if program:
-            new.program_()
-        return new
+        return _copied_from(new, conv, program)
 
     def _digital_module(self) -> nn.Module:
         return nn.Conv2d(
@@ -1650,29 +1655,7 @@ class RRAMConv1d(RRAMConv2d):
         """A copy of ``conv`` on crossbars (same weights, device, dtype), programmed now."""
         if not isinstance(conv, nn.Conv1d):
             raise TypeError(f"from_conv1d expects nn.Conv1d, got {type(conv).__name__}")
-        new = cls(
-            conv.in_channels,
-            conv.out_channels,
-            conv.kernel_size,
-            stride=conv.stride,
-            padding=conv.padding,
-            dilation=conv.dilation,
-            groups=conv.groups,
-            bias=conv.bias is not None,
-            padding_mode=conv.padding_mode,
-            device=conv.weight.device,
-            dtype=conv.weight.dtype,
-            config=config,
-            seed=seed,
-        )
-        with torch.no_grad():
-            new.weight.copy_(conv.weight)
-            if conv.bias is not None:
-                new.bias.copy_(conv.bias)
-        new.weight.requires_grad_(conv.weight.requires_grad)
-        if program:
-            new.program_()
-        return new
+        return cls._from_conv_module(conv, config, seed, program)
 
     def _conv_weight(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.unsqueeze(2) if weight.ndim == 3 else weight

@@ -83,7 +83,7 @@ static void normal_blocks(float *restrict out, int64_t b0, int64_t nblocks, uint
     uint64_t q0 = 8u * (uint64_t)(b0 + first);
     for (int64_t p0 = 0; p0 < 8 * blocks;) {
       uint64_t q = q0 + (uint64_t)p0;
-      int64_t run = (int64_t)((((q >> 31) + 1) << 31) - q);
+      int64_t run = pairs_in_run(q);
       int64_t p1 = 8 * blocks - p0 <= run ? 8 * blocks : p0 + run;
       uint32_t khi = key_hi(hi, 2 * q), base = 2u * (uint32_t)q;
       #pragma omp simd

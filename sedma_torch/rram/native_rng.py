@@ -79,6 +79,12 @@ static inline uint32_t key_hi(uint32_t hi, uint64_t i) {
   return hi ^ h32((uint32_t)(i >> 32));
 }
 
+/* Normal pairs from pair q on whose counters 2q, 2q + 1 share their high 32 bits (one
+   key_hi): the pairs up to the next multiple of 2^31. */
+static inline int64_t pairs_in_run(uint64_t q) {
+  return (int64_t)((((q >> 31) + 1) << 31) - q);
+}
+
 /* Inline float32 log, log1p, expm1 and cos/sin(2 pi u), accurate to a few ulp: a loop with
    no calls stays in vector registers (libmvec calls spill them). They avoid expressions
    -ffast-math could reassociate into a cancellation. */
@@ -169,7 +175,7 @@ static void normal_pairs(float *restrict out, int64_t n, uint32_t lo, uint32_t h
   int64_t npairs = n / 2;
   for (int64_t p0 = 0; p0 < npairs;) {
     uint64_t first = offset + (uint64_t)p0;
-    int64_t run = (int64_t)((((first >> 31) + 1) << 31) - first);
+    int64_t run = pairs_in_run(first);
     int64_t p1 = npairs - p0 <= run ? npairs : p0 + run;
     uint32_t khi = key_hi(hi, 2 * first), base = 2u * (uint32_t)first;
     #pragma omp simd
