@@ -34,6 +34,7 @@ simulated crossbars.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import weakref
@@ -67,6 +68,7 @@ from .fingerprint import fingerprint
 from .rng import seed_pair
 
 _construction_counter = itertools.count()
+_NO_CONTEXT = contextlib.nullcontext()
 _STATE_KEYS = ("g_pos", "g_neg", "col_scale")
 _READ_KEYS = ("w_read", "w_exact")
 _COUNTER_KEYS = ("rram_seed_", "read_calls", "program_events", "programmed_fp")
@@ -208,7 +210,9 @@ class _CrossbarFn(torch.autograd.Function):
 def _crossbar(layer: Any, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return crossbar_read(x, weight, layer._handle)
-    return _CrossbarFn.apply(x, weight, layer)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _CrossbarFn.apply(x, weight, layer)
+    return layer._read(x.detach(), weight.detach())  # nothing to differentiate
 
 
 def _keep_fused_fast_paths_off(module: nn.Module, args: tuple) -> None:
@@ -436,9 +440,14 @@ class _CrossbarMixin:
             self._program(w, fp)
 
     def _bump_read_calls(self) -> int:
-        call = int(self.read_calls)  # type: ignore[attr-defined]
-        with torch.inference_mode(False):
-            self.read_calls = self.read_calls + 1  # type: ignore[attr-defined]
+        counter = self.read_calls  # type: ignore[attr-defined]
+        call = int(counter)
+        if counter.is_inference():  # made under inference_mode: replace by a normal tensor
+            with torch.inference_mode(False):
+                self.read_calls = counter + 1  # type: ignore[attr-defined]
+        else:  # in place, as BatchNorm's num_batches_tracked (allowed in inference mode)
+            with torch.no_grad():
+                counter.add_(1)
         return call
 
     def _next_read_noise(self) -> NoiseSource:
@@ -450,7 +459,8 @@ class _CrossbarMixin:
         ``weight`` changed, then read. Autocast is off inside (the simulation picks its
         own precision)."""
         self._check_read_args()
-        with torch.autocast(x.device.type, enabled=False):
+        dev = x.device.type
+        with torch.autocast(dev, enabled=False) if torch.is_autocast_enabled(dev) else _NO_CONTEXT:
             if self.rram_config.check_finite:
                 _check_finite(type(self).__name__, x)
             self._ensure_programmed(weight)

@@ -185,7 +185,9 @@ def test_tile_absmax_equals_numpy_and_maps_zero_inputs_to_one():
 
 
 @pytest.mark.parametrize(
-    ("group", "fixed", "noise_std"), [(50, None, 0.0), (24, None, 0.02), (16, 3000.0, 0.02)]
+    ("group", "fixed", "noise_std"),
+    # strips of 16 columns per group: 4 (pairs only), 2+2+1, 3+1 (pair and single), 1
+    [(50, None, 0.0), (24, None, 0.02), (40, None, 0.02), (16, 3000.0, 0.02)],
 )
 def test_fused_read_equals_numpy_reference_within_one_adc_step(group, fixed, noise_std):
     x, xt, w, col_scale, s_in = _read_case(30 + group)
@@ -726,3 +728,44 @@ def test_empty_batches_return_at_once_leaving_out_untouched():
     # no output columns: nothing to do either
     cols = _conv_operands(c=0)
     _conv({**cols, "col_scale": torch.ones(1, 0)}, torch.empty(2 * 6 * 4, 0))
+
+
+_ISA_SCRIPT = """
+import sys, numpy as np, torch
+from sedma_torch.rram import native_rng
+rng = np.random.default_rng(7)
+x = torch.from_numpy((rng.standard_normal((19, 90)) * 2).astype(np.float32))
+w = torch.from_numpy((rng.standard_normal((3, 30, 70)) * 0.1).astype(np.float32))
+cs = torch.from_numpy(rng.uniform(0.5, 2.0, (3, 70)).astype(np.float32))
+s_in = native_rng.tile_absmax(x, 30, 3)
+out = torch.empty(19, 70)
+spec = native_rng.ReadSpec(group=56, quantise=True, noise_std=0.05, levels=2**15 - 1,
+                           dac_levels=127, fixed_full=None, key=(11, 22))
+native_rng.fused_read_(x, s_in, native_rng.pack_weights(w, 56), cs, out, spec, tile_rows=30)
+np.save(sys.argv[1], out.numpy())
+"""
+
+
+@pytest.mark.skipif(
+    torch.backends.cpu.get_cpu_capability() != "AVX512" or not native_rng.available(),
+    reason="needs an AVX-512 CPU and a C compiler",
+)
+def test_avx512_and_avx2_builds_of_the_fused_read_agree(tmp_path):
+    """The AVX-512 register block (two strips at once) against the AVX2 build of the same
+    source (SEDMA_NATIVE_AVX512=0): same read, up to float rounding of the sums."""
+    outs = []
+    for flag in ("1", "0"):
+        target = tmp_path / f"out_{flag}.npy"
+        env = {**os.environ, "SEDMA_NATIVE_AVX512": flag, "SEDMA_CACHE_DIR": str(tmp_path / flag)}
+        subprocess.run(
+            [sys.executable, "-c", _ISA_SCRIPT, str(target)], env=env, check=True, timeout=300
+        )
+        outs.append(np.load(target))
+    built = {p.parent.name: p.name for p in tmp_path.glob("*/*.so")}
+    assert set(built) == {"0", "1"} and built["0"] != built["1"]  # two different builds
+    # the 15-bit ADC makes float-rounding differences of the sums at most one ADC step
+    step = np.abs(outs[1]).max() / (2**15 - 1) * 4
+    np.testing.assert_allclose(outs[0], outs[1], rtol=0, atol=step)
+    # an auto-ranged group's full scale may differ in its last bit, so most values differ
+    # by rounding; an ADC decision flips only rarely
+    assert np.mean(np.abs(outs[0] - outs[1]) > 1e-5 * (np.abs(outs[1]) + 1e-3)) < 0.02
