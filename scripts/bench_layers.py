@@ -170,14 +170,18 @@ def without_weight_check(layer: nn.Module):
     """The layer's reads skip the per-read weight fingerprint that keeps them from going
     stale (benchmark only: the A/B of what that check costs; nothing changes the weight
     while it is off)."""
-    from sedma_torch.rram import layers as rram_layers
+    # the layers' fingerprint calls live in these modules (once all in ``layers``)
+    from sedma_torch.rram import lambda_control, state
 
-    real = rram_layers.fingerprint
-    rram_layers.fingerprint = lambda w, backend="auto": layer._programmed_fp  # type: ignore[assignment]
+    modules = (state, lambda_control)
+    real = [m.fingerprint for m in modules]
+    for m in modules:
+        m.fingerprint = lambda w, backend="auto": layer._programmed_fp  # type: ignore[assignment]
     try:
         yield
     finally:
-        rram_layers.fingerprint = real  # type: ignore[assignment]
+        for m, fn in zip(modules, real, strict=True):
+            m.fingerprint = fn  # type: ignore[assignment]
 
 
 def weight_check_rows(

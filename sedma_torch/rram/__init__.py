@@ -2,10 +2,12 @@
 
 from .attention import RRAMMultiheadAttention
 from .config import CORRECTIONS, DENOISERS, PRESETS, RRAMConfig, preset
+from .conv import RRAMConv1d, RRAMConv2d
 from .convert import ConversionReport, RRAMConv1D, RRAMSummary, conversion_report, convert_, summary
 from .correction import denoise, estimate_lambda, gcv_lambda, lambda_errors
 from .crossbar import CrossbarStats
-from .layers import RRAMConv1d, RRAMConv2d, RRAMLinear, to_digital
+from .layers import to_digital
+from .linear import RRAMLinear
 from .materials import Material, get_material, list_materials, register_material
 from .mvm import MVMResult, mvm
 from .partition import (

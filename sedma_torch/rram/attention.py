@@ -46,7 +46,8 @@ from torch import nn
 
 from .config import RRAMConfig
 from .crossbar import CrossbarStats, derive_seed
-from .layers import RRAMLinear, _check_config
+from .linear import RRAMLinear
+from .read_op import _check_config
 
 _SHARED_PARAMETERS = (
     "in_proj_weight",

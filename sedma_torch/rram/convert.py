@@ -27,9 +27,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import RRAMConfig
+from .conv import RRAMConv1d, RRAMConv2d
 from .crossbar import derive_seed
-from .layers import RRAMConv1d, RRAMConv2d, RRAMLinear, _CrossbarMixin
+from .linear import RRAMLinear
 from .partition import tile_sizes_of
+from .state import _CrossbarMixin
 
 FilterFn = Callable[[nn.Module, str], bool]
 log = logging.getLogger(__name__)

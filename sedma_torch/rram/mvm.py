@@ -10,7 +10,7 @@ import torch
 
 from .config import RRAMConfig
 from .crossbar import derive_seed
-from .layers import RRAMLinear
+from .linear import RRAMLinear
 
 
 @dataclass

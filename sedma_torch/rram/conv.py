@@ -1,0 +1,653 @@
+"""`RRAMConv2d` and `RRAMConv1d`: ``nn.Conv2d`` / ``nn.Conv1d`` on simulated crossbars.
+
+Part of the split of :mod:`sedma_torch.rram.layers` (which re-exports them); the state
+and programming they share with the linear layer are :mod:`.state`'s ``_CrossbarMixin``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import native_depthwise, native_rng
+from .config import RRAMConfig
+from .correction import denoise
+from .crossbar import (
+    NoiseSource,
+    absmax,
+    chunk_rows,
+    dac,
+    noisy_read_,
+    positive_or_one,
+    quant_levels,
+)
+from .read_op import _add_bias, _check_config, _check_input, _copied_from, _crossbar, _output_dtype
+from .state import _CrossbarMixin
+
+
+class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
+    """``nn.Conv2d`` computed on simulated RRAM crossbars.
+
+    Kernels are mapped whole: each input tile holds ``tile_rows // (kh * kw)`` input
+    channels (all their kernel taps) of one group, so a tile's partial sum is a grouped
+    convolution; the T partial sums are added digitally. Supports stride, padding
+    (numbers, tuples, ``"same"``/``"valid"``; zero padding mode), dilation, groups, bias.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+        *,
+        config: RRAMConfig | None = None,
+        seed: int | None = None,
+    ) -> None:
+        nn.Conv2d.__init__(
+            self,
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            bias=bias,
+            padding_mode=padding_mode,
+            device=device,
+            dtype=dtype,
+        )
+        cfg = _check_config(config)
+        self._check_read_args()
+        self._check_config_fits(cfg)
+        self._rram_init(cfg, seed)
+
+    def _check_config_fits(self, config: RRAMConfig) -> None:
+        kh, kw = self.kernel_size
+        if kh * kw > config.tile_rows:
+            raise ValueError(
+                f"{type(self).__name__}: kernel {kh}x{kw} = {kh * kw} taps does not fit "
+                f"tile_rows={config.tile_rows}; use tile_rows >= {kh * kw}"
+            )
+
+    @classmethod
+    def from_conv(
+        cls,
+        conv: nn.Conv2d,
+        config: RRAMConfig | None = None,
+        seed: int | None = None,
+        program: bool = True,
+    ) -> RRAMConv2d:
+        """A copy of ``conv`` on crossbars (same weights, device, dtype), programmed now."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"from_conv expects nn.Conv2d, got {type(conv).__name__}")
+        return cls._from_conv_module(conv, config, seed, program)
+
+    @classmethod
+    def _from_conv_module(cls, conv, config, seed, program):
+        """A layer with ``conv``'s arguments, weights, device and dtype (``nn.Conv2d`` for
+        this class, ``nn.Conv1d`` for :class:`RRAMConv1d`)."""
+        new = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+            device=conv.weight.device,
+            dtype=conv.weight.dtype,
+            config=config,
+            seed=seed,
+        )
+        return _copied_from(new, conv, program)
+
+    def _digital_module(self) -> nn.Module:
+        return nn.Conv2d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            groups=self.groups,
+            bias=self.bias is not None,
+            padding_mode=self.padding_mode,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
+
+    def _geometry(self) -> tuple[int, int, int]:
+        """(channels per tile, input tiles per group, rows used per tile).
+
+        As few input tiles as fit, with the channels spread evenly over them (64 channels
+        of 3x3 kernels on 256-row tiles: 3 tiles of 22 channels, not 28 + 28 + 8)."""
+        kh, kw = self.kernel_size
+        c_g = self.in_channels // self.groups
+        n_it = math.ceil(c_g / min(c_g, self.rram_config.tile_rows // (kh * kw)))
+        cpt = math.ceil(c_g / n_it)
+        return cpt, n_it, cpt * kh * kw
+
+    def _check_read_args(self) -> None:
+        """Stride and dilation >= 1, padding >= 0 (as ``nn.Conv2d`` requires at its first
+        call; the compiled reads index the input with them)."""
+        name = type(self).__name__
+        for what, values, low in (
+            ("kernel_size", self.kernel_size, 1),
+            ("stride", self.stride, 1),
+            ("dilation", self.dilation, 1),
+        ):
+            if len(values) != 2 or any(not isinstance(v, int) or v < low for v in values):
+                raise ValueError(f"{name}: {what} must be two ints >= {low}, got {values}")
+        if not isinstance(self.padding, str) and any(
+            not isinstance(v, int) or v < 0 for v in self.padding
+        ):
+            raise ValueError(f"{name}: padding must be ints >= 0, got {self.padding}")
+
+    def _conv_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` as a 2-D convolution's (out, in / groups, kh, kw)."""
+        return weight
+
+    def weight_tiles(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Digital weights as the (groups * tiles, cpt*kh*kw, out/groups) stack."""
+        cpt, n_it, rows = self._geometry()
+        g = self.groups
+        out_g = self.out_channels // g
+        kh, kw = self.kernel_size
+        c_g = self.in_channels // g
+        w = (self.weight if weight is None else weight).detach().reshape(g, out_g, c_g, kh, kw)
+        pad = n_it * cpt - c_g
+        if pad:
+            w = F.pad(w, (0, 0, 0, 0, 0, pad))
+        w = w.reshape(g, out_g, n_it, cpt, kh, kw).permute(0, 2, 3, 4, 5, 1)
+        return w.reshape(g * n_it, rows, out_g).contiguous()
+
+    def _stack_to_conv(self, stack: torch.Tensor) -> torch.Tensor:
+        """(T, R, out_g) -> grouped-conv weight (T*out_g, cpt, kh, kw)."""
+        cpt, _, _ = self._geometry()
+        kh, kw = self.kernel_size
+        t, _, out_g = stack.shape
+        return (
+            stack.reshape(t, cpt, kh, kw, out_g)
+            .permute(0, 4, 1, 2, 3)
+            .reshape(t * out_g, cpt, kh, kw)
+        )
+
+    def _rebuild_cache(self) -> None:
+        if not self.w_read.numel():
+            return
+        cs = self.col_scale.unsqueeze(1).to(self.w_read.dtype)
+        if self.rram_config.adc_bits is None and self.rram_config.correction == "none":
+            # tile sum collapses: one grouped conv with the original groups
+            cpt, n_it, _ = self._geometry()
+            kh, kw = self.kernel_size
+            g, out_g = self.groups, self.out_channels // self.groups
+            self._w_conv = (
+                self._stack_to_conv(self.w_read * cs)
+                .reshape(g, n_it, out_g, cpt, kh, kw)
+                .permute(0, 2, 1, 3, 4, 5)
+                .reshape(g * out_g, n_it * cpt, kh, kw)
+                .contiguous(memory_format=torch.channels_last)
+            )
+        else:
+            self._w_conv = self._stack_to_conv(self.w_read).contiguous(
+                memory_format=torch.channels_last
+            )
+        self._w_conv_exact = (
+            self._stack_to_conv(self.w_exact).contiguous(memory_format=torch.channels_last)
+            if self.w_exact.numel()
+            else None
+        )
+
+    def _spatial_pad(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the layer's spatial padding, so tile convolutions run with padding 0."""
+        if self.padding_mode != "zeros":
+            return F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+        if isinstance(self.padding, str):
+            return self._same_pad(x) if self.padding == "same" else x
+        ph, pw = self.padding
+        return F.pad(x, (pw, pw, ph, ph)) if (ph or pw) else x
+
+    def _channel_pad(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, T*cpt, H, W): each group's channels padded to whole tiles."""
+        cpt, n_it, _ = self._geometry()
+        g = self.groups
+        c_g = self.in_channels // g
+        pad = n_it * cpt - c_g
+        if not pad:
+            return x
+        b, _, h, w = x.shape
+        return F.pad(x.reshape(b, g, c_g, h, w), (0, 0, 0, 0, 0, pad)).reshape(
+            b, g * n_it * cpt, h, w
+        )
+
+    def _same_pad(self, x: torch.Tensor) -> torch.Tensor:
+        kh, kw = self.kernel_size
+        dh, dw = self.dilation
+        th, tw = dh * (kh - 1), dw * (kw - 1)
+        return F.pad(x, (tw // 2, tw - tw // 2, th // 2, th - th // 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(
+            type(self).__name__,
+            x,
+            lambda t: t.ndim in (3, 4) and t.shape[-3] == self.in_channels,
+            f"(N, {self.in_channels}, H, W) or ({self.in_channels}, H, W)",
+        )
+        unbatched = x.ndim == 3
+        cdt = self._compute_dtype()
+        xin = x.unsqueeze(0) if unbatched else x
+        if xin.dtype != cdt:
+            xin = xin.to(cdt)
+        y = _crossbar(self, self._spatial_pad(xin), self.weight)
+        if self.bias is not None:
+            y = _add_bias(y, self.bias.to(cdt).view(1, -1, 1, 1))
+        y = y.to(_output_dtype(x))
+        return y.squeeze(0) if unbatched else y
+
+    def _output_size(self, xp: torch.Tensor) -> tuple[int, int]:
+        """Output height and width for spatially padded input ``xp``."""
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        h, w = xp.shape[-2:]
+        hh, ww = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+        if hh < 1 or ww < 1:
+            raise ValueError(
+                f"{type(self).__name__}: input of spatial size {tuple(xp.shape[-2:])} (after "
+                f"padding) is smaller than the dilated kernel {(dh * (kh - 1) + 1, dw * (kw - 1) + 1)}"
+            )
+        return hh, ww
+
+    def _read_fake(self, xp: torch.Tensor) -> torch.Tensor:
+        return xp.new_empty((xp.shape[0], self.out_channels, *self._output_size(xp)))
+
+    def _read_backward(self, grad, xp, weight, needs):
+        """Straight-through: the digital convolution's gradients (input in the compute
+        dtype, weight in its own dtype)."""
+        dt = grad.dtype
+        gx, gw, _ = torch.ops.aten.convolution_backward(
+            grad,
+            xp.to(dt),
+            self._conv_weight(weight).to(dt),
+            None,
+            self.stride,
+            (0, 0),
+            self.dilation,
+            False,
+            [0, 0],
+            self.groups,
+            [needs[0], needs[1], False],
+        )
+        gx = gx.to(xp.dtype) if gx is not None else None
+        gw = gw.reshape(weight.shape).to(weight.dtype) if gw is not None else None
+        return gx, gw
+
+    def _hardware_forward(self, xp: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        cfg = self.rram_config
+        material = cfg.device
+        _, n_it, rows = self._geometry()
+        g = self.groups
+        t_tiles = g * n_it
+        x_spatial = xp
+        b = xp.shape[0]
+        sigma = material.read_noise if cfg.read_noise else 0.0
+        gen = self._next_read_noise() if sigma > 0 else None
+        out_g = self.out_channels // g
+        kh, kw = self.kernel_size
+        n_ot = math.ceil(out_g / cfg.tile_cols)
+        reads = 3 if cfg.correction == "first_order" else 1
+        stats = self.rram_stats
+        if cfg.adc_bits is None and cfg.correction == "none":
+            y = self._single_read(xp, sigma, gen)
+        else:
+            hh, ww = self._output_size(xp)  # spatially padded already
+            if self._depthwise_native_ok(xp):
+                # the compiled depthwise read writes whole NCHW planes
+                y = xp.new_empty((b, self.out_channels, hh, ww))
+                self._depthwise_reads(xp, sigma, gen, y)
+            else:
+                # NCHW in channels-last memory: image chunks are NHWC slices of it
+                y = torch.empty(
+                    (b, self.out_channels, hh, ww),
+                    dtype=xp.dtype,
+                    device=xp.device,
+                    memory_format=torch.channels_last,
+                )
+                if self.groups == 1 and self._native_ok(xp):  # other groups: PyTorch
+                    self._fused_reads(xp, sigma, gen, y)
+                else:
+                    # images in chunks: a chunk's partial sums of the T input tiles take
+                    # about one output (the PyTorch path holds their read noise too, and
+                    # first-order correction one more stack)
+                    step = chunk_rows(b, t_tiles)
+                    for start in range(0, b, step):
+                        part = self._tiled_read(xp[start : start + step], sigma, gen)  # NHWC
+                        y.permute(0, 2, 3, 1)[start : start + step] = part
+                        del part
+        hh, ww = y.shape[-2:]
+        stats.matrix_products += reads * b * hh * ww
+        stats.tile_reads += reads * b * hh * ww * t_tiles * n_ot
+        stats.dac_conversions += reads * b * hh * ww * self.in_channels * kh * kw
+        if cfg.adc_bits:
+            stats.adc_conversions += reads * b * hh * ww * t_tiles * out_g
+        if cfg.correction == "first_order":
+            stats.input_programming_pulses += b * hh * ww * t_tiles * rows * (cfg.dac_bits or 16)
+        lam = self._lambda(
+            y.movedim(1, -1),
+            lambda rows: F.conv2d(
+                x_spatial[:rows],
+                self._conv_weight(weight).to(x_spatial.dtype),
+                stride=self.stride,
+                dilation=self.dilation,
+                groups=self.groups,
+            ).movedim(1, -1),
+        )
+        if lam is not None:
+            y = denoise(y.movedim(1, -1), lam).movedim(-1, 1)
+        return y
+
+    def _conv_args(self) -> dict[str, Any]:
+        return dict(stride=self.stride, padding=0, dilation=self.dilation)
+
+    def _patch_norm2(self, inp: torch.Tensor) -> torch.Tensor:
+        """Sum of squares of each tile's input patch, (B, T, H', W'): channels first summed
+        per tile (a norm reduction, no squared copy), then a kh x kw box filter."""
+        cpt, n_it, _ = self._geometry()
+        t_tiles = self.groups * n_it
+        b, _, h, w = inp.shape
+        per_tile = torch.linalg.vector_norm(inp.view(b, t_tiles, cpt, h, w), dim=2).square_()
+        ones = torch.ones(t_tiles, 1, *self.kernel_size, dtype=inp.dtype, device=inp.device)
+        return F.conv2d(per_tile, ones, groups=t_tiles, **self._conv_args()).clamp_min_(0)
+
+    def _single_read(self, xp: torch.Tensor, sigma: float, gen: NoiseSource | None) -> torch.Tensor:
+        """No ADC: the tile sum is linear, so one convolution on the de-quantised input,
+        with the summed per-tile read noise added once per output."""
+        cfg = self.rram_config
+        cpt, n_it, _ = self._geometry()
+        g = self.groups
+        t_tiles = g * n_it
+        out_g = self.out_channels // g
+        xp = self._channel_pad(xp)
+        b, _, h, w = xp.shape
+        codes, s_in, levels = dac(xp.view(b, t_tiles, cpt, h, w), cfg, (2, 3, 4))
+        x_deq = (codes * (s_in / levels)).reshape(b, t_tiles * cpt, h, w)
+        cl = torch.channels_last  # oneDNN runs grouped convolutions far faster in NHWC
+        y = F.conv2d(
+            x_deq.contiguous(memory_format=cl), self._w_conv, groups=g, **self._conv_args()
+        )
+        if sigma > 0:
+            n2 = self._patch_norm2(x_deq)  # (B, T, H', W')
+            cs2 = (self.col_scale.to(y.dtype) ** 2).reshape(g, n_it, out_g)
+            var = torch.einsum("bgthw,gto->bgohw", n2.reshape(b, g, n_it, *n2.shape[-2:]), cs2)
+            var = var.reshape(b, g * out_g, *n2.shape[-2:]) * (2 * sigma * sigma)
+            y = y + gen.randn(y.shape, y.device, y.dtype) * var.sqrt()  # type: ignore[union-attr]
+        return y
+
+    def _dac_images(
+        self, xp: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, int]:
+        """One channels-last copy of the images ``xp`` (spatially padded), each group's
+        channels padded to whole tiles and converted in place by the DACs (one range per
+        image and input tile; oneDNN runs grouped convolutions far faster in NHWC).
+
+        Returns (codes (B, T*cpt, H, W), the input at full precision in code units when
+        first-order correction needs it (else None), DAC full scales (B, T, 1, 1, 1), DAC
+        levels)."""
+        cfg = self.rram_config
+        cpt, n_it, _ = self._geometry()
+        g = self.groups
+        t_tiles = g * n_it
+        b, _, h, w = xp.shape
+        c_g = self.in_channels // g
+        buf = xp.new_zeros((b, t_tiles * cpt, h, w)).contiguous(memory_format=torch.channels_last)
+        buf.view(b, g, n_it * cpt, h, w)[:, :, :c_g] = xp.view(b, g, c_g, h, w)
+        xt = buf.view(b, t_tiles, cpt, h, w)
+        exact_in = None
+        if cfg.correction == "first_order":  # the DAC's own range: fixed or auto
+            if cfg.dac_range is not None:
+                scale: torch.Tensor | float = cfg.dac_range
+            else:
+                scale = positive_or_one(absmax(xt, (2, 3, 4)))
+            exact_in = (xt * (quant_levels(cfg.dac_bits) / scale) if cfg.dac_bits else xt).view(
+                b, t_tiles * cpt, h, w
+            )
+        _, s_in, levels = dac(xt, cfg, (2, 3, 4), out=xt)
+        return buf, exact_in, s_in, levels
+
+    def _fused_reads(
+        self, xp: torch.Tensor, sigma: float, gen: NoiseSource | None, y: torch.Tensor
+    ) -> None:
+        """The read of :meth:`_tiled_read` with the compiled kernel
+        (``native_rng.fused_conv_read_``), written to ``y`` (NCHW in channels-last memory):
+        per read, one pass that gathers each output pixel's kernel window per input tile
+        straight from the (spatially padded) NCHW images -- implicit im2col, channels past
+        the input's zero --, runs the DAC on it, multiplies it with the tile's packed
+        weights and sends the partial sums through read noise, ADC, de-quantisation, column
+        scale and the tile sum. First-order correction adds its second read (exact input)
+        and subtracts its third. No copy of the images, patch matrix, codes or partial sums
+        is stored."""
+        cpt, t_tiles, _ = self._geometry()
+        xp = xp.contiguous()
+        b = xp.shape[0]
+        hh, ww = y.shape[-2:]
+        s_in = self._dac_ranges(xp, cpt, t_tiles)  # one range per image and input tile
+        out = y.permute(0, 2, 3, 1).view(b * hh * ww, self.out_channels)
+        self._run_fused_reads(
+            sigma,
+            gen,
+            lambda spec, packed: native_rng.fused_conv_read_(
+                xp,
+                s_in,
+                packed,
+                self.col_scale,  # type: ignore[arg-type]
+                out,
+                spec,
+                cpt=cpt,
+                kernel_size=self.kernel_size,  # type: ignore[arg-type]
+                stride=self.stride,  # type: ignore[arg-type]
+                dilation=self.dilation,  # type: ignore[arg-type]
+            ),
+        )
+
+    def _depthwise_native_ok(self, xp: torch.Tensor) -> bool:
+        """True when the compiled depthwise read (:mod:`.native_depthwise`) applies: a
+        depthwise convolution (one input channel per group, hence one channel per input
+        tile) under the conditions of the compiled fused read (:meth:`_native_ok`)."""
+        return (
+            self.groups > 1
+            and self.groups == self.in_channels
+            and self._native_ok(xp)
+            and self.w_read.dtype == torch.float32  # type: ignore[attr-defined]
+            and native_depthwise.available()
+        )
+
+    def _depthwise_reads(
+        self, xp: torch.Tensor, sigma: float, gen: NoiseSource | None, y: torch.Tensor
+    ) -> None:
+        """The read of :meth:`_tiled_read` for a depthwise convolution with the compiled
+        kernel (``native_depthwise.depthwise_read_``), into ``y`` (NCHW, contiguous): per
+        image and channel, one pass over the (spatially padded) plane for DAC, window
+        products and norms, read noise, ADC, de-quantisation and column scale. Images in
+        channels-last memory (the output of the compiled 1x1 reads) are read as they are.
+        The reads (one, or three with first-order correction) are :meth:`_read_specs`'."""
+        cfg = self.rram_config
+        if not xp.is_contiguous(memory_format=torch.channels_last):
+            xp = xp.contiguous()  # the kernel reads NCHW or channels-last images
+        channels = self.groups
+        m = self.out_channels // channels
+        # one DAC range per image and channel; auto-ranging happens in the kernel's pass
+        auto = cfg.dac_bits is not None and cfg.dac_range is None
+        s_in = None if auto else self._dac_ranges(xp, 1, channels)
+        for weights, spec in self._read_specs(sigma, gen, m):
+            native_depthwise.depthwise_read_(
+                xp,
+                s_in,
+                getattr(self, weights).contiguous(),
+                self.col_scale,  # type: ignore[arg-type]
+                y,
+                spec,
+                kernel_size=self.kernel_size,  # type: ignore[arg-type]
+                stride=self.stride,  # type: ignore[arg-type]
+                dilation=self.dilation,  # type: ignore[arg-type]
+            )
+
+    def _tiled_read(self, xp: torch.Tensor, sigma: float, gen: NoiseSource | None) -> torch.Tensor:
+        """Images ``xp`` (spatially padded) through DAC, tile convolutions, read noise, ADC
+        and the digital tile sum: (B, H', W', out_channels), channels last."""
+        cfg = self.rram_config
+        _, n_it, _ = self._geometry()
+        g = self.groups
+        t_tiles = g * n_it
+        out_g = self.out_channels // g
+        cl = torch.channels_last
+        b = xp.shape[0]
+        codes_flat, exact_in, s_in, levels = self._dac_images(xp)
+        s_in_nhwc = s_in.view(b, 1, 1, t_tiles, 1)
+
+        def read(inp: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+            """(B, T*cpt, H, W) codes -> (B, H', W', T, out_g) partial sums after read
+            noise, ADC and de-quantisation (input units, before the column scale)."""
+            u = F.conv2d(
+                inp.contiguous(memory_format=cl), weight, groups=t_tiles, **self._conv_args()
+            )
+            hh, ww = u.shape[-2:]
+            u = u.permute(0, 2, 3, 1).reshape(b, hh, ww, t_tiles, out_g)  # NHWC: no copy
+            std = None
+            if sigma > 0:
+                std = self._patch_norm2(inp).sqrt_().mul_(2**0.5 * sigma)
+                std = std.permute(0, 2, 3, 1).unsqueeze(-1)
+            return noisy_read_(u, std, gen, cfg, levels, s_in_nhwc)
+
+        if exact_in is not None:
+            u = read(codes_flat, self._w_conv_exact)
+            u += read(exact_in, self._w_conv)
+            u -= read(codes_flat, self._w_conv)
+        else:
+            u = read(codes_flat, self._w_conv)
+        # digital: per-column scale of each tile, then add the tiles of each group
+        u.mul_(self.col_scale.to(u.dtype).view(1, 1, 1, t_tiles, out_g))
+        hh, ww = u.shape[1:3]
+        return u.view(b, hh, ww, g, n_it, out_g).sum(4).reshape(b, hh, ww, g * out_g)
+
+    def extra_repr(self) -> str:
+        cfg = self.rram_config
+        return (
+            f"{nn.Conv2d.extra_repr(self)}, material={cfg.device.name}, "
+            f"tiles={cfg.tile_rows}x{cfg.tile_cols}, dac={cfg.dac_bits}, adc={cfg.adc_bits}, "
+            f"correction={cfg.correction}, denoise={cfg.denoise}"
+        )
+
+
+class RRAMConv1d(RRAMConv2d):
+    """``nn.Conv1d`` computed on simulated RRAM crossbars (timm's ECA, audio models).
+
+    A 1-D convolution is the 2-D one of ``(N, C, 1, L)`` with a ``1 x k`` kernel, so it
+    runs on :class:`RRAMConv2d`'s crossbar mapping and reads. ``weight`` keeps
+    ``nn.Conv1d``'s shape ``(out, in / groups, k)`` (state dicts and optimisers see the
+    digital layer's tensors); ``kernel_size``, ``stride``, ``padding`` and ``dilation``
+    are the 2-D ``(1, ...)`` tuples the crossbar uses. Input ``(N, C, L)`` or ``(C, L)``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        device=None,
+        dtype=None,
+        *,
+        config: RRAMConfig | None = None,
+        seed: int | None = None,
+    ) -> None:
+        def one(value, name: str):
+            v = tuple(value) if isinstance(value, tuple | list) else (value,)
+            if len(v) != 1:
+                raise ValueError(f"RRAMConv1d: {name} must be an int or a 1-tuple, got {value!r}")
+            return v[0]
+
+        pad = padding if isinstance(padding, str) else (0, one(padding, "padding"))
+        super().__init__(
+            in_channels,
+            out_channels,
+            (1, one(kernel_size, "kernel_size")),
+            stride=(1, one(stride, "stride")),
+            padding=pad,
+            dilation=(1, one(dilation, "dilation")),
+            groups=groups,
+            bias=bias,
+            padding_mode=padding_mode,
+            device=device,
+            dtype=dtype,
+            config=config,
+            seed=seed,
+        )
+        # nn.Conv2d's initialisation has nn.Conv1d's fan-in (in / groups x k): keep it
+        self.weight = nn.Parameter(self.weight.detach().squeeze(2))
+
+    @classmethod
+    def from_conv1d(
+        cls,
+        conv: nn.Conv1d,
+        config: RRAMConfig | None = None,
+        seed: int | None = None,
+        program: bool = True,
+    ) -> RRAMConv1d:
+        """A copy of ``conv`` on crossbars (same weights, device, dtype), programmed now."""
+        if not isinstance(conv, nn.Conv1d):
+            raise TypeError(f"from_conv1d expects nn.Conv1d, got {type(conv).__name__}")
+        return cls._from_conv_module(conv, config, seed, program)
+
+    def _conv_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.unsqueeze(2) if weight.ndim == 3 else weight
+
+    def _digital_module(self) -> nn.Module:
+        return nn.Conv1d(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size[1],
+            stride=self.stride[1],
+            padding=self.padding if isinstance(self.padding, str) else self.padding[1],
+            dilation=self.dilation[1],
+            groups=self.groups,
+            bias=self.bias is not None,
+            padding_mode=self.padding_mode,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(
+            type(self).__name__,
+            x,
+            lambda t: t.ndim in (2, 3) and t.shape[-2] == self.in_channels,
+            f"(N, {self.in_channels}, L) or ({self.in_channels}, L)",
+        )
+        return super().forward(x.unsqueeze(-2)).squeeze(-2)
+
+    def extra_repr(self) -> str:
+        cfg = self.rram_config
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size[1]}, "
+            f"stride={self.stride[1]}, material={cfg.device.name}, "
+            f"tiles={cfg.tile_rows}x{cfg.tile_cols}, dac={cfg.dac_bits}, adc={cfg.adc_bits}, "
+            f"correction={cfg.correction}, denoise={cfg.denoise}"
+        )

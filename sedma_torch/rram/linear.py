@@ -1,0 +1,319 @@
+"""`RRAMLinear`: ``nn.Linear`` on simulated crossbars.
+
+Part of the split of :mod:`sedma_torch.rram.layers` (which re-exports it); the state
+and programming it shares with the conv layers are :mod:`.state`'s ``_CrossbarMixin``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import native_rng
+from .config import RRAMConfig
+from .correction import denoise
+from .crossbar import (
+    NoiseSource,
+    ReadBlocks,
+    adc_dequantise_,
+    dac,
+    fused_read_enabled,
+    noisy_read_,
+    read_blocks,
+)
+from .read_op import _add_bias, _check_input, _copied_from, _crossbar, _output_dtype
+from .state import _CrossbarMixin
+
+
+class RRAMLinear(_CrossbarMixin, nn.Linear):
+    """``nn.Linear`` computed on simulated RRAM crossbars.
+
+    Args: as ``nn.Linear`` plus ``config`` (an :class:`RRAMConfig`) and ``seed`` (this
+    layer's seed; by default derived from ``config.seed`` and the construction order).
+    Input ``(..., in_features)``, output ``(..., out_features)``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        config: RRAMConfig | None = None,
+        seed: int | None = None,
+    ) -> None:
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"RRAMLinear: {name} must be a positive int, got {value!r}")
+        nn.Linear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._rram_init(config, seed)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        config: RRAMConfig | None = None,
+        seed: int | None = None,
+        program: bool = True,
+    ) -> RRAMLinear:
+        """A copy of ``linear`` (same weights, device, dtype) on crossbars, programmed now."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear expects nn.Linear, got {type(linear).__name__}")
+        new = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            device=linear.weight.device,
+            dtype=linear.weight.dtype,
+            config=config,
+            seed=seed,
+        )
+        return _copied_from(new, linear, program)
+
+    # layout ------------------------------------------------------------------------------
+    def _geometry(self) -> tuple[int, int]:
+        rows = self.rram_config.tile_rows
+        tiles = math.ceil(self.in_features / rows)
+        return tiles, rows
+
+    _transposed_weight = False
+    """Whether ``weight`` is stored as (in, out) instead of (out, in)."""
+
+    def _digital_module(self) -> nn.Module:
+        return nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
+
+    def _weight_oi(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """The digital weight (``weight`` or ``self.weight``) as (out_features, in_features)."""
+        w = (self.weight if weight is None else weight).detach()
+        return w.t() if self._transposed_weight else w
+
+    def weight_tiles(self, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Digital weights as the (T, R, out) tile stack (zero padded)."""
+        t, r = self._geometry()
+        w = self._weight_oi(weight)
+        pad = t * r - self.in_features
+        if pad:
+            w = F.pad(w, (0, pad))
+        return w.reshape(self.out_features, t, r).permute(1, 2, 0).contiguous()
+
+    def _rebuild_cache(self) -> None:
+        if self.rram_config.adc_bits is None and self.w_read.numel():
+            t, r = self._geometry()
+            fold = self.w_read * self.col_scale.unsqueeze(1).to(self.w_read.dtype)
+            self._w_fold = fold.reshape(t * r, self.out_features)
+        else:
+            self._w_fold = None
+
+    # forward -----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(
+            type(self).__name__,
+            x,
+            lambda t: t.ndim >= 1 and t.shape[-1] == self.in_features,
+            f"(..., {self.in_features})",
+        )
+        lead = x.shape[:-1]
+        cdt = self._compute_dtype()
+        x2d = x.reshape(-1, self.in_features)
+        if x2d.dtype != cdt:
+            x2d = x2d.to(cdt)
+        y = _crossbar(self, x2d, self.weight)
+        if self.bias is not None:
+            y = _add_bias(y, self.bias.to(cdt))
+        return y.to(_output_dtype(x)).reshape(*lead, self.out_features)
+
+    def _read_fake(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_empty(x.shape[0], self.out_features)
+
+    def _read_backward(self, grad, x2d, weight, needs):
+        """Straight-through: the digital layer's gradients (input in the compute dtype,
+        weight in its own dtype)."""
+        w_oi = weight.t() if self._transposed_weight else weight
+        gx = grad @ w_oi.to(grad.dtype) if needs[0] else None
+        gw = None
+        if needs[1]:
+            gw_oi = grad.t() @ x2d.to(grad.dtype)
+            gw = (gw_oi.t() if self._transposed_weight else gw_oi).to(weight.dtype)
+        return gx, gw
+
+    def _hardware_forward(self, x2d: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        cfg = self.rram_config
+        material = cfg.device
+        batch = x2d.shape[0]
+        t, r = self._geometry()
+        sigma = material.read_noise if cfg.read_noise else 0.0
+        gen = self._next_read_noise() if sigma > 0 else None
+        n_ot = math.ceil(self.out_features / cfg.tile_cols)
+        stats = self.rram_stats
+        reads = 3 if cfg.correction == "first_order" else 1
+        stats.matrix_products += reads * batch
+        stats.tile_reads += reads * batch * t * n_ot
+        stats.dac_conversions += reads * batch * self.in_features
+        stats.adc_conversions += reads * batch * t * self.out_features if cfg.adc_bits else 0
+        if cfg.correction == "first_order":
+            stats.input_programming_pulses += batch * self.in_features * (cfg.dac_bits or 16)
+
+        if self._native_ok(x2d):
+            y = x2d.new_empty(batch, self.out_features)
+            self._fused_reads(x2d.contiguous(), sigma, gen, y)
+            return self._denoised(y, x2d, weight)
+        pad = t * r - self.in_features  # the PyTorch paths read (B, T, R) input tiles
+        xt = (F.pad(x2d, (0, pad)) if pad else x2d).view(batch, t, r)
+        if cfg.adc_bits is None and cfg.correction == "none":
+            codes, s_in, levels = dac(xt, cfg, -1)
+            y = self._fast_read(codes, s_in, levels, sigma, gen, batch, t, r)
+        else:
+            # The T partial sums of a read are T times the output's size: the read runs in
+            # blocks of rows x whole physical column tiles (``read_blocks``) so that a
+            # forward pass needs a few times the digital layer's memory at any tile count.
+            # When the DAC codes of the whole batch fit in one output, they are made once
+            # and the blocks go column by column, so each block of weight columns is
+            # streamed from memory once and reused from cache by the row chunks; otherwise
+            # rows go outside and each row chunk has its own codes.
+            y = x2d.new_empty(batch, self.out_features)
+            stacks = 2 if cfg.correction == "first_order" else 1
+            plan = read_blocks(batch, t * r, self.out_features, t, cfg.tile_cols, stacks)
+            for start in range(0, batch, plan.codes_rows):
+                rows = slice(start, start + plan.codes_rows)
+                self._tiled_read(xt[rows], sigma, gen, plan, y[rows])
+        return self._denoised(y, x2d, weight)
+
+    def _denoised(self, y: torch.Tensor, x2d: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``y`` after the configured denoiser (calibrated against exact products)."""
+        lam = self._lambda(y, lambda rows: x2d[:rows] @ self._weight_oi(weight).t().to(x2d.dtype))
+        return y if lam is None else denoise(y, lam)
+
+    def _fast_read(self, codes, s_in, levels, sigma, gen, batch, t, r) -> torch.Tensor:
+        """No ADC: the tile sum is linear, so one GEMM on the de-quantised input."""
+        x_deq = (codes * (s_in / levels)).reshape(batch, t * r)
+        y = x_deq @ self._w_fold
+        if sigma > 0:
+            # var_o = 2 sigma^2 sum_t ||x~_t||^2 col_scale[t, o]^2  (per-tile noise, summed)
+            norms = (codes * codes).sum(-1) * (s_in.squeeze(-1) / levels) ** 2  # (B, T)
+            var = (2 * sigma * sigma) * (norms @ (self.col_scale.to(y.dtype) ** 2))
+            y = y + gen.randn(y.shape, y.device, y.dtype) * var.clamp_min(0).sqrt()
+        return y
+
+    def _read_stack(
+        self,
+        inputs: torch.Tensor,
+        weights: torch.Tensor,
+        std: torch.Tensor | None,
+        gen: NoiseSource | None,
+        levels: int,
+        s_in_t: torch.Tensor,
+    ) -> torch.Tensor:
+        """inputs (T, B, R) in DAC code units @ weights (T, R, C) with read noise of
+        standard deviation ``std`` (T, B, 1), then ADC and de-quantisation: (T, B, C)
+        partial sums in input units (before the column scale)."""
+        if std is None or fused_read_enabled(inputs.shape[0] * inputs.shape[1] * weights.shape[-1]):
+            u = torch.bmm(inputs, weights)
+            return noisy_read_(u, std, gen, self.rram_config, levels, s_in_t)
+        # the noise is drawn into the output first and the product accumulated onto it: no
+        # separate noise tensor, no extra pass
+        u = gen.randn((*inputs.shape[:2], weights.shape[-1]), inputs.device, inputs.dtype)  # type: ignore[union-attr]
+        u.mul_(std).baddbmm_(inputs, weights)
+        return adc_dequantise_(u, self.rram_config, levels, s_in_t, col_dim=-1)
+
+    def _tiled_read(
+        self,
+        xt: torch.Tensor,
+        sigma: float,
+        gen: NoiseSource | None,
+        plan: ReadBlocks,
+        out: torch.Tensor,
+    ) -> None:
+        """Rows ``xt`` (B, T, R) through DAC, tiles, noise, ADC and the digital tile sum in
+        PyTorch, written to ``out`` (B, out_features) block by block (columns outside, rows
+        inside); each read of a block is :meth:`_read_stack`."""
+        cfg = self.rram_config
+        codes, s_in, levels = dac(xt, cfg, -1)
+        codes_t = codes.transpose(0, 1)  # (T, B, R)
+        s_in_t = s_in.transpose(0, 1)  # (T, B, 1)
+
+        def std_of(inputs: torch.Tensor) -> torch.Tensor | None:
+            return (2**0.5 * sigma) * inputs.norm(dim=-1, keepdim=True) if sigma > 0 else None
+
+        std_codes = std_of(codes_t)
+        # (inputs, weights, their read-noise std, sign in A x~ + A~ x - A~ x~)
+        reads = [(codes_t, self.w_read, std_codes, 0)]
+        if cfg.correction == "first_order":
+            exact_in = (xt * (levels / s_in)).transpose(0, 1)  # x at full precision, code units
+            reads = [
+                (codes_t, self.w_exact, std_codes, 0),
+                (exact_in, self.w_read, std_of(exact_in), 1),
+                (codes_t, self.w_read, std_codes, -1),
+            ]
+        n_rows = xt.shape[0]
+        col_scale = self.col_scale.unsqueeze(1).to(codes.dtype)  # (T, 1, C)
+        for c0 in range(0, self.out_features, plan.cols):
+            cols = slice(c0, c0 + plan.cols)
+            for r0 in range(0, n_rows, plan.rows):
+                rows = slice(r0, r0 + plan.rows)
+                u = None  # one read at a time: at most two partial-sum stacks alive
+                for inputs, weights, std, sign in reads:
+                    part = self._read_stack(
+                        inputs[:, rows],
+                        weights[..., cols],
+                        None if std is None else std[:, rows],
+                        gen,
+                        levels,
+                        s_in_t[:, rows],
+                    )
+                    if u is None:
+                        u = part
+                    elif sign > 0:
+                        u += part
+                    else:
+                        u -= part
+                    del part
+                # digital: per-column scale of each tile, then add the tiles
+                torch.sum(u.mul_(col_scale[..., cols]), 0, out=out[rows, cols])  # type: ignore[union-attr]
+                del u  # before the next block's stack is allocated
+
+    def _fused_reads(
+        self, x2d: torch.Tensor, sigma: float, gen: NoiseSource | None, out: torch.Tensor
+    ) -> None:
+        """The read of :meth:`_tiled_read` with the compiled kernel (``native_rng.fused_read_``):
+        per read, one pass that runs the DAC on the rows ``x2d`` (B, in_features) as it
+        packs them, multiplies each input tile with its packed crossbar weights and sends
+        the partial sums -- a few rows x one ADC group at a time, in cache -- through read
+        noise, ADC, de-quantisation, column scale and the tile sum into ``out``. First-order
+        correction adds its second read (exact input on the programmed weights) and
+        subtracts its third. Neither DAC codes nor a partial-sum stack are ever stored: a
+        forward pass needs little more than its output. The weights are packed once per
+        programming. Noise is keyed per read and element (:meth:`_epilogue_keys`)."""
+        t, r = self._geometry()
+        s_in = self._dac_ranges(x2d, r, t)  # (T, B)
+        self._run_fused_reads(
+            sigma,
+            gen,
+            lambda spec, packed: native_rng.fused_read_(
+                x2d,
+                s_in,
+                packed,
+                self.col_scale,  # type: ignore[arg-type]
+                out,
+                spec,
+                tile_rows=r,
+            ),
+        )
+
+    def extra_repr(self) -> str:
+        cfg = self.rram_config
+        return (
+            f"{nn.Linear.extra_repr(self)}, material={cfg.device.name}, "
+            f"tiles={cfg.tile_rows}x{cfg.tile_cols}, dac={cfg.dac_bits}, adc={cfg.adc_bits}, "
+            f"correction={cfg.correction}, denoise={cfg.denoise}"
+        )
