@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .materials import Material, get_material
+from .materials import READ_NOISE_MODELS, Material, check_cmo_window, get_material
 
 CORRECTIONS = ("none", "first_order")
 DENOISERS = ("none", "fixed", "adaptive")
@@ -59,6 +59,11 @@ class RRAMConfig:
     """Apply the material's device-to-device spread of Gmax and curvature."""
     read_noise: bool = True
     """Apply the material's per-cell Gaussian read noise at every read."""
+    read_noise_model: str | None = None
+    """How read noise depends on a cell's conductance: ``None`` (the material's
+    ``read_noise_model``; state-dependent ``"proportional"`` for the published materials)
+    or one of ``"independent"``, ``"proportional"``, ``"shot"``, ``"cmo_1f"``
+    (:func:`sedma_torch.rram.materials.read_noise_variance`)."""
     stuck_at_gmin_prob: float = 0.0
     """Probability that a cell is stuck at Gmin (drawn once per chip), in [0, 1)."""
     stuck_at_gmax_prob: float = 0.0
@@ -151,6 +156,14 @@ class RRAMConfig:
             raise ValueError(
                 f"RRAMConfig.denoise_alpha must be in [0, 1], got {self.denoise_alpha!r}"
             )
+        if self.read_noise_model is not None:
+            if self.read_noise_model not in READ_NOISE_MODELS:
+                raise ValueError(
+                    f"RRAMConfig.read_noise_model must be None or one of {READ_NOISE_MODELS}, "
+                    f"got {self.read_noise_model!r}"
+                )
+            if self.read_noise_model == "cmo_1f" and self.device.read_noise > 0:
+                check_cmo_window(self.device)
         if self.correction not in CORRECTIONS:
             raise ValueError(
                 f"RRAMConfig.correction must be one of {CORRECTIONS}, got {self.correction!r}"
@@ -164,6 +177,11 @@ class RRAMConfig:
     def device(self) -> Material:
         """The resolved :class:`Material` record."""
         return get_material(self.material)
+
+    @property
+    def noise_model(self) -> str:
+        """The read-noise model in force (the config's, else the material's)."""
+        return self.read_noise_model or self.device.read_noise_model
 
     @property
     def is_exact(self) -> bool:

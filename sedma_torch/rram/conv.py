@@ -212,6 +212,13 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
             if self.w_exact.numel()
             else None
         )
+        w_var = self._read_variance()
+        # the read-noise variance per weight as a grouped conv over the tiles (T*out_g, ...)
+        self._w_conv_var = (
+            None
+            if w_var is None
+            else self._stack_to_conv(w_var).contiguous(memory_format=torch.channels_last)
+        )
 
     def _spatial_pad(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the layer's spatial padding, so tile convolutions run with padding 0."""
@@ -389,12 +396,30 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
             x_deq.contiguous(memory_format=cl), self._w_conv, groups=g, **self._conv_args()
         )
         if sigma > 0:
-            n2 = self._patch_norm2(x_deq)  # (B, T, H', W')
             cs2 = (self.col_scale.to(y.dtype) ** 2).reshape(g, n_it, out_g)
-            var = torch.einsum("bgthw,gto->bgohw", n2.reshape(b, g, n_it, *n2.shape[-2:]), cs2)
-            var = var.reshape(b, g * out_g, *n2.shape[-2:]) * (2 * sigma * sigma)
-            y = y + gen.randn(y.shape, y.device, y.dtype) * var.sqrt()  # type: ignore[union-attr]
+            if self._w_conv_var is None:
+                n2 = self._patch_norm2(x_deq)  # (B, T, H', W')
+                var = torch.einsum("bgthw,gto->bgohw", n2.reshape(b, g, n_it, *n2.shape[-2:]), cs2)
+                var = var.reshape(b, g * out_g, *n2.shape[-2:]) * (2 * sigma * sigma)
+            else:  # state-dependent: sum_t col_scale^2 conv(x~^2, w_var) per tile
+                v = self._tile_variance(x_deq.square())  # (B, T*out_g, H', W')
+                hh, ww = v.shape[-2:]
+                v = v.view(b, g, n_it, out_g, hh, ww) * cs2.view(1, g, n_it, out_g, 1, 1)
+                var = v.sum(2).reshape(b, g * out_g, hh, ww)
+            y = y + gen.randn(y.shape, y.device, y.dtype) * var.clamp_min(0).sqrt()  # type: ignore[union-attr]
         return y
+
+    def _tile_variance(self, inp2: torch.Tensor) -> torch.Tensor:
+        """State-dependent read-noise variance of every tile's partial sums, (B, T*out_g,
+        H', W'): the squared inputs ``inp2`` (B, T*cpt, H, W) convolved with the variance
+        per weight, tile by tile."""
+        _, n_it, _ = self._geometry()
+        return F.conv2d(
+            inp2.contiguous(memory_format=torch.channels_last),
+            self._w_conv_var,
+            groups=self.groups * n_it,
+            **self._conv_args(),
+        ).clamp_min_(0)
 
     def _dac_images(
         self, xp: torch.Tensor
@@ -448,7 +473,7 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
         self._run_fused_reads(
             sigma,
             gen,
-            lambda spec, packed: native_rng.fused_conv_read_(
+            lambda spec, packed, packed_var: native_rng.fused_conv_read_(
                 xp,
                 s_in,
                 packed,
@@ -459,6 +484,7 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
                 kernel_size=self.kernel_size,  # type: ignore[arg-type]
                 stride=self.stride,  # type: ignore[arg-type]
                 dilation=self.dilation,  # type: ignore[arg-type]
+                packed_var=packed_var,
             ),
         )
 
@@ -491,6 +517,7 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
         # one DAC range per image and channel; auto-ranging happens in the kernel's pass
         auto = cfg.dac_bits is not None and cfg.dac_range is None
         s_in = None if auto else self._dac_ranges(xp, 1, channels)
+        w_var = self._read_variance() if sigma > 0 else None
         for weights, spec in self._read_specs(sigma, gen, m):
             native_depthwise.depthwise_read_(
                 xp,
@@ -502,6 +529,7 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
                 kernel_size=self.kernel_size,  # type: ignore[arg-type]
                 stride=self.stride,  # type: ignore[arg-type]
                 dilation=self.dilation,  # type: ignore[arg-type]
+                variances=None if w_var is None else w_var.contiguous(),
             )
 
     def _tiled_read(self, xp: torch.Tensor, sigma: float, gen: NoiseSource | None) -> torch.Tensor:
@@ -526,9 +554,12 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
             hh, ww = u.shape[-2:]
             u = u.permute(0, 2, 3, 1).reshape(b, hh, ww, t_tiles, out_g)  # NHWC: no copy
             std = None
-            if sigma > 0:
+            if sigma > 0 and self._w_conv_var is None:
                 std = self._patch_norm2(inp).sqrt_().mul_(2**0.5 * sigma)
                 std = std.permute(0, 2, 3, 1).unsqueeze(-1)
+            elif sigma > 0:  # state-dependent: one std per partial sum
+                std = self._tile_variance(inp * inp).sqrt_()
+                std = std.permute(0, 2, 3, 1).reshape(b, hh, ww, t_tiles, out_g)
             return noisy_read_(u, std, gen, cfg, levels, s_in_nhwc)
 
         if exact_in is not None:

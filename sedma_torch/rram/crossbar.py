@@ -18,9 +18,11 @@ Read path for one input vector (all tiles at once, one batched matmul):
    ``s_in`` = the vector's |max| within each input tile (or ``dac_range``).
 2. Array: column currents ``u = codes @ W_read`` where W_read is the read-back matrix
    (programming error, stuck cells, drift and IR drop folded in when programmed).
-3. Read noise: independent Gaussian noise on every cell, sigma = ``read_noise`` of
-   (Gmax - Gmin) per cell of the pair, is exactly Gaussian at the output with variance
-   ``2 sigma^2 ||codes||^2`` per column: drawn there (one draw per output).
+3. Read noise: Gaussian noise on every cell at every read, of variance s(G) per cell
+   (``materials.read_noise_variance``: independent of the state, proportional to G, ...),
+   is exactly Gaussian at the output with variance ``sum_j (s(G+_jc) + s(G-_jc))
+   codes_j^2`` per column (``codes^2 @ w_var``; ``2 sigma^2 ||codes||^2`` for the
+   state-independent model): drawn there (one draw per output).
 4. ADC per column: ``round(u / r * L_adc) * r / L_adc`` with ``r`` the per-read auto range
    (largest |u| of the physical tile for this vector) or ``adc_range * L``, saturating.
 5. Digital: scale by ``s_in / L * col_scale`` and add the T partial sums.
@@ -67,7 +69,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import RRAMConfig
-from .materials import Material
+from .materials import Material, read_noise_variance
 from .programming import ProgrammingStats, SeededDeviceVariation, program_conductances
 from .rng import NoiseSource, derive_seed, hash_normal, make_generator, seed_words
 
@@ -133,6 +135,8 @@ class ProgrammedTiles:
     w_read: torch.Tensor
     """Normalised read-back matrix, (T, R, C), everything folded in."""
     stats: ProgrammingStats
+    w_var: torch.Tensor | None = None
+    """Read-noise variance per weight (:func:`read_variance`), (T, R, C), or None."""
 
 
 def column_scale(w_tiles: torch.Tensor) -> torch.Tensor:
@@ -233,7 +237,14 @@ def program_tiles(
     if stuck is not None:  # g is this event's own array: overwrite in place
         g.masked_fill_(stuck == -1, g_min).masked_fill_(stuck == 1, material.g_max)
     w_read = read_back(g, cfg, material, nu)
-    return ProgrammedTiles(g_pos=g[0], g_neg=g[1], col_scale=col_scale, w_read=w_read, stats=stats)
+    return ProgrammedTiles(
+        g_pos=g[0],
+        g_neg=g[1],
+        col_scale=col_scale,
+        w_read=w_read,
+        stats=stats,
+        w_var=read_variance(g, cfg, material, nu),
+    )
 
 
 def read_back(
@@ -261,6 +272,23 @@ def read_back(
             ]
         )
     return torch.sub(g[0], g[1]).div_(material.g_range)
+
+
+def read_variance(
+    g: torch.Tensor, cfg: RRAMConfig, material: Material, nu: torch.Tensor | None
+) -> torch.Tensor | None:
+    """Read-noise variance of each weight from stacked (2, T, R, C) conductances, in units
+    of the normalised weight squared: the sum over the pair of each cell's variance at its
+    read-time conductance (after drift; IR drop, a few per cent at most in its range of
+    validity, is not applied to the noise). ``None`` when read noise is off or
+    independent of the state (the read then uses the input's norm alone)."""
+    if not cfg.read_noise or material.read_noise == 0 or cfg.noise_model == "independent":
+        return None
+    if nu is not None:
+        g = g * (cfg.drift_time_s / DRIFT_T0_S) ** (-nu)
+    t_s = max(cfg.drift_time_s, DRIFT_T0_S)
+    var = read_noise_variance(g[0], material, cfg.noise_model, t_s)
+    return var.add_(read_noise_variance(g[1], material, cfg.noise_model, t_s))
 
 
 def dac(
@@ -311,8 +339,8 @@ def noisy_read_(
 ) -> torch.Tensor:
     """Read noise, column ADC and de-quantisation of column outputs ``u`` (columns last).
 
-    ``std`` (broadcastable, size 1 in the last dim) is the read-noise standard deviation
-    of each output. By default noise is drawn with ``NoiseSource.randn`` and the ADC runs
+    ``std`` (broadcastable: size 1 in the last dim, one per row, or one per output) is the
+    read-noise standard deviation of each output. By default noise is drawn with ``NoiseSource.randn`` and the ADC runs
     in eager passes. With SEDMA_FUSED_READ=1, large reads run as one compiled kernel whose
     Gaussian noise comes from the counter-based ``hash_normal`` (same distribution,
     different stream).
@@ -337,7 +365,10 @@ def noisy_read_(
     seed = seed_words(noise.next_seed() if has_noise else 0, u.device)  # type: ignore[union-attr]
     ug = u.view(*u.shape[:-1], n_ot, width)
     std_g = std if has_noise else torch.zeros((), dtype=u.dtype, device=u.device)
-    std_g = std_g.unsqueeze(-1) if std_g.ndim else std_g
+    if std_g.ndim and std_g.shape[-1] == cols and cols > 1:  # one std per output
+        std_g = std_g.reshape(*std_g.shape[:-1], n_ot, width)
+    elif std_g.ndim:  # one std per row (size 1 in the last dim)
+        std_g = std_g.unsqueeze(-1)
     try:
         out = _fused_read()(ug, std_g, s_in.unsqueeze(-1), seed, params)  # type: ignore[misc]
     except Exception as exc:  # no compiler for this device: use the eager path from now on

@@ -199,9 +199,16 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
         x_deq = (codes * (s_in / levels)).reshape(batch, t * r)
         y = x_deq @ self._w_fold
         if sigma > 0:
-            # var_o = 2 sigma^2 sum_t ||x~_t||^2 col_scale[t, o]^2  (per-tile noise, summed)
-            norms = (codes * codes).sum(-1) * (s_in.squeeze(-1) / levels) ** 2  # (B, T)
-            var = (2 * sigma * sigma) * (norms @ (self.col_scale.to(y.dtype) ** 2))
+            cs2 = self.col_scale.to(y.dtype) ** 2  # (T, C)
+            w_var = self._read_variance()
+            if w_var is None:
+                # var_o = 2 sigma^2 sum_t ||x~_t||^2 col_scale[t, o]^2  (per-tile noise, summed)
+                norms = (codes * codes).sum(-1) * (s_in.squeeze(-1) / levels) ** 2  # (B, T)
+                var = (2 * sigma * sigma) * (norms @ cs2)
+            else:
+                # var_o = sum_t col_scale[t, o]^2 sum_j x~_tj^2 w_var[t, j, o]
+                x2 = (codes * (s_in / levels)).square_().transpose(0, 1)  # (T, B, R)
+                var = torch.bmm(x2, w_var.to(y.dtype)).mul_(cs2.unsqueeze(1)).sum(0)
             y = y + gen.randn(y.shape, y.device, y.dtype) * var.clamp_min(0).sqrt()
         return y
 
@@ -215,7 +222,7 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
         s_in_t: torch.Tensor,
     ) -> torch.Tensor:
         """inputs (T, B, R) in DAC code units @ weights (T, R, C) with read noise of
-        standard deviation ``std`` (T, B, 1), then ADC and de-quantisation: (T, B, C)
+        standard deviation ``std`` ((T, B, 1) or (T, B, C)), then ADC and de-quantisation: (T, B, C)
         partial sums in input units (before the column scale)."""
         if std is None or fused_read_enabled(inputs.shape[0] * inputs.shape[1] * weights.shape[-1]):
             u = torch.bmm(inputs, weights)
@@ -242,18 +249,25 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
         codes_t = codes.transpose(0, 1)  # (T, B, R)
         s_in_t = s_in.transpose(0, 1)  # (T, B, 1)
 
-        def std_of(inputs: torch.Tensor) -> torch.Tensor | None:
-            return (2**0.5 * sigma) * inputs.norm(dim=-1, keepdim=True) if sigma > 0 else None
+        w_var = self._read_variance()
 
-        std_codes = std_of(codes_t)
-        # (inputs, weights, their read-noise std, sign in A x~ + A~ x - A~ x~)
-        reads = [(codes_t, self.w_read, std_codes, 0)]
+        def std_of(inputs: torch.Tensor, cols: slice) -> torch.Tensor | None:
+            """Read-noise std of each partial sum: (T, B, 1) for the state-independent
+            model, (T, B, C) for a state-dependent one (``sqrt(inputs^2 @ w_var)``)."""
+            if sigma <= 0:
+                return None
+            if w_var is None:
+                return (2**0.5 * sigma) * inputs.norm(dim=-1, keepdim=True)
+            return torch.bmm(inputs * inputs, w_var[..., cols]).clamp_min_(0).sqrt_()
+
+        # (inputs, weights, sign in A x~ + A~ x - A~ x~)
+        reads = [(codes_t, self.w_read, 0)]
         if cfg.correction == "first_order":
             exact_in = (xt * (levels / s_in)).transpose(0, 1)  # x at full precision, code units
             reads = [
-                (codes_t, self.w_exact, std_codes, 0),
-                (exact_in, self.w_read, std_of(exact_in), 1),
-                (codes_t, self.w_read, std_codes, -1),
+                (codes_t, self.w_exact, 0),
+                (exact_in, self.w_read, 1),
+                (codes_t, self.w_read, -1),
             ]
         n_rows = xt.shape[0]
         col_scale = self.col_scale.unsqueeze(1).to(codes.dtype)  # (T, 1, C)
@@ -262,11 +276,11 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
             for r0 in range(0, n_rows, plan.rows):
                 rows = slice(r0, r0 + plan.rows)
                 u = None  # one read at a time: at most two partial-sum stacks alive
-                for inputs, weights, std, sign in reads:
+                for inputs, weights, sign in reads:
                     part = self._read_stack(
                         inputs[:, rows],
                         weights[..., cols],
-                        None if std is None else std[:, rows],
+                        std_of(inputs[:, rows], cols),
                         gen,
                         levels,
                         s_in_t[:, rows],
@@ -299,7 +313,7 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
         self._run_fused_reads(
             sigma,
             gen,
-            lambda spec, packed: native_rng.fused_read_(
+            lambda spec, packed, packed_var: native_rng.fused_read_(
                 x2d,
                 s_in,
                 packed,
@@ -307,6 +321,7 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
                 out,
                 spec,
                 tile_rows=r,
+                packed_var=packed_var,
             ),
         )
 

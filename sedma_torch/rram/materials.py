@@ -67,8 +67,12 @@ class Material:
     """Device-to-device variation: relative standard deviation of each cell's
     Gmax and of its curvature A (drawn once per cell); >= 0. Assumed default."""
     read_noise: float = 0.0
-    """Read noise: standard deviation of a cell's conductance at each read, as a
-    fraction of (Gmax - Gmin), independent per cell and read; >= 0. Assumed default."""
+    """Read-noise magnitude ``r`` (>= 0): the scale of the Gaussian noise on a cell's
+    conductance at each read, independent per cell and read; how it depends on the cell's
+    state is ``read_noise_model``. Assumed default for the published materials."""
+    read_noise_model: str = "independent"
+    """How a cell's read-noise standard deviation depends on its conductance G (one of
+    :data:`READ_NOISE_MODELS`; :func:`read_noise_variance` has the formulas and sources)."""
     drift_nu: float = 0.0
     """Drift exponent nu: G(t) = G(t0) * (t / t0)^-nu with t0 = 1 s; >= 0. Assumed default."""
     drift_nu_std: float = 0.0
@@ -96,6 +100,13 @@ class Material:
                 raise ValueError(
                     f"material {self.name!r}: {field} must satisfy |NL| <= 9, got {value!r}"
                 )
+        if self.read_noise_model not in READ_NOISE_MODELS:
+            raise ValueError(
+                f"material {self.name!r}: read_noise_model must be one of {READ_NOISE_MODELS}, "
+                f"got {self.read_noise_model!r}"
+            )
+        if self.read_noise_model == "cmo_1f" and self.read_noise > 0:
+            check_cmo_window(self)
         for field in ("sigma_c2c", "sigma_d2d", "read_noise", "drift_nu", "drift_nu_std"):
             value = getattr(self, field)
             if not (math.isfinite(value) and value >= 0):
@@ -127,6 +138,67 @@ class Material:
         if levels is None:
             return math.inf
         return normalised_curvature(nl) * levels
+
+
+READ_NOISE_MODELS = ("independent", "proportional", "shot", "cmo_1f")
+"""Read-noise models (per cell and read; see :func:`read_noise_variance`)."""
+
+CMO_READ_K_US = 0.0277316483
+"""``cmo_1f``: K in sigma = K log10(G / 1 uS) sqrt(ln((t + t_read) / (2 t_read))) (uS)."""
+CMO_T_READ_S = 1e-6
+"""``cmo_1f``: read duration t_read in seconds."""
+CMO_WINDOW_S = (8e-6, 90e-6)
+"""``cmo_1f``: the conductance range (S) the fit was made on."""
+
+
+def check_cmo_window(material: Material) -> None:
+    """The ``cmo_1f`` fit holds for 8-90 uS only: a material outside it is refused."""
+    lo, hi = CMO_WINDOW_S
+    if material.g_min < lo or material.g_max > hi:
+        raise ValueError(
+            f"material {material.name!r}: read_noise_model 'cmo_1f' is a fit for "
+            f"{lo * 1e6:g}-{hi * 1e6:g} uS, but the window is "
+            f"{material.g_min * 1e6:.3g}-{material.g_max * 1e6:.3g} uS"
+        )
+
+
+def read_noise_variance(
+    g: torch.Tensor, material: Material, model: str | None = None, t_s: float = 1.0
+) -> torch.Tensor:
+    """Read-noise variance of cells of conductance ``g`` (S), in units of (Gmax - Gmin)^2:
+    the variance of a normalised weight's cell at one read. ``model`` overrides the
+    material's ``read_noise_model``; ``r`` is ``material.read_noise``.
+
+    * ``independent``: sigma = r (Gmax - Gmin), whatever the state. CrossSim's
+      ``NormalIndependentDevice`` (sigma normalised to the conductance range), and the
+      output-referred ``ADDITIVE_CONSTANT`` weight noise of aihwkit (``forward.w_noise``).
+    * ``proportional``: sigma = r G. CrossSim's ``NormalProportionalDevice``
+      (``G (1 + N(0, r))``): a cell at Gmin storing a zero has Gmin-level noise only.
+    * ``shot``: sigma^2 = r^2 (Gmax - Gmin) G, variance proportional to the conductance,
+      as aihwkit's ``PCM_READ`` output noise (variance ``w_noise^2 sum_j |w_ij| x_j^2``)
+      and shot noise of the cell current.
+    * ``cmo_1f``: the measured 1/f read noise of IBM's CMO/HfOx ReRAM (Lombardo et al.,
+      DRC 2024; aihwkit ``ReRamCMONoiseModel``): sigma = K log10(G / 1 uS)
+      sqrt(ln((t + t_read) / (2 t_read))) uS, K = 0.0277316483, t_read = 1 us, ``t_s`` the
+      time since programming (>= 1 s here), scaled by r (1 = the measured size). Valid
+      for 8-90 uS only.
+    """
+    model = material.read_noise_model if model is None else model
+    r = material.read_noise
+    rng = material.g_range
+    if model == "independent":
+        return torch.full_like(g, r * r)
+    if model == "proportional":
+        return (g * (r / rng)).square_()
+    if model == "shot":
+        return g * (r * r / rng)
+    if model == "cmo_1f":
+        check_cmo_window(material)
+        t = max(t_s, 1.0)
+        factor = CMO_READ_K_US * math.sqrt(math.log((t + CMO_T_READ_S) / (2 * CMO_T_READ_S)))
+        sigma_us = torch.log10(g.clamp_min(1e-12) * 1e6).mul_(factor * r)
+        return sigma_us.mul_(1e-6 / rng).square_()
+    raise ValueError(f"read_noise_model must be one of {READ_NOISE_MODELS}, got {model!r}")
 
 
 @functools.lru_cache(maxsize=256)
@@ -224,7 +296,12 @@ def list_materials() -> list[str]:
     return sorted(_REGISTRY)
 
 
-_MELISO = "NeuroSim device table as used by MELISO+ (SPEC.md); d2d/read/drift: simulator defaults"
+_MELISO = (
+    "NeuroSim device table as used by MELISO+ (SPEC.md); d2d, drift and read noise are "
+    "assumptions of this simulator: no source measures read noise for these devices. Read "
+    "noise is state-dependent (proportional: sigma = read_noise * G, the form of CrossSim's "
+    "NormalProportionalDevice), so a zero weight (both cells at Gmin) has Gmin-level noise"
+)
 
 IDEAL = register_material(
     Material(
@@ -250,6 +327,7 @@ EPIRAM = register_material(
         read_noise=0.005,
         drift_nu=0.005,
         drift_nu_std=0.002,
+        read_noise_model="proportional",
         source="EpiRAM (Ag:SiGe); " + _MELISO,
     )
 )
@@ -267,6 +345,7 @@ AG_ASI = register_material(
         read_noise=0.01,
         drift_nu=0.01,
         drift_nu_std=0.004,
+        read_noise_model="proportional",
         source="Ag-aSi; " + _MELISO,
     )
 )
@@ -284,6 +363,7 @@ ALOX_HFO2 = register_material(
         read_noise=0.01,
         drift_nu=0.01,
         drift_nu_std=0.004,
+        read_noise_model="proportional",
         source="AlOx/HfO2; " + _MELISO,
     )
 )
@@ -301,17 +381,20 @@ TAOX_HFOX = register_material(
         read_noise=0.01,
         drift_nu=0.005,
         drift_nu_std=0.002,
+        read_noise_model="proportional",
         source="TaOx/HfOx; " + _MELISO,
     )
 )
 
 __all__ = [
     "NL_SCALE",
+    "READ_NOISE_MODELS",
     "Material",
     "get_material",
     "inverse_pulse_curve",
     "list_materials",
     "normalised_curvature",
     "pulse_curve",
+    "read_noise_variance",
     "register_material",
 ]

@@ -175,7 +175,7 @@ static void window_sums(const float *restrict codes, const int64_t *restrict off
 struct read_args {
   int64_t n, C, H, W, oh, ow, K, m, P, S, wph, rows, CH, plane, group;
   const int64_t *offs;
-  const float *w, *col_scale;
+  const float *w, *v, *col_scale;
   float noise_std, levels, dac_levels, fixed_full, sign;
   int noisy, saturate, mode;
   uint32_t lo, hi;
@@ -187,7 +187,7 @@ struct read_args {
    read noise, window sums, ADC, de-quantisation, column scale, output. */
 static void read_channel(const struct read_args *q, int64_t img, int64_t t, float s,
                          const float *codes, float *acc, float *sd, float *full,
-                         float *noise) {
+                         float *noise, float *codes2, float *var) {
   const int64_t m = q->m, P = q->P, ow = q->ow, wph = q->wph, CH = q->CH;
   /* the read noise of this image and channel: its output elements' counters (e_offset +
      the NCHW index of the output) are e_offset + (img C + t) m P .. e_offset + (img C + t
@@ -199,6 +199,11 @@ static void read_channel(const struct read_args *q, int64_t img, int64_t t, floa
     nz = noise + (e0 & 15);
   }
   const float *wt = q->w + t * q->K * m, *cs = q->col_scale + t * m;
+  const float *vt = q->v ? q->v + t * q->K * m : NULL;
+  if (vt) {  /* squared codes of the channel: the state-dependent variance product */
+    #pragma omp simd
+    for (int64_t k = 0; k < q->plane; ++k) codes2[k] = codes[k] * codes[k];
+  }
   const float unit = s / (q->levels * q->dac_levels), levels = q->levels;
   for (int64_t y0 = 0; y0 < q->oh; y0 += q->rows) {
     int64_t y1 = y0 + q->rows < q->oh ? y0 + q->rows : q->oh, len = (y1 - y0) * wph;
@@ -210,11 +215,21 @@ static void read_channel(const struct read_args *q, int64_t img, int64_t t, floa
       #pragma omp simd
       for (int64_t f = 0; f < len; ++f) sd[f] = q->noise_std * sqrtf(sd[f]);
     }
+    if (vt)  /* var[j][f] = sum_k codes_k^2 V[k, j] */
+      for (int64_t j = 0; j < m; ++j)
+        window_sums(codes2 + y0 * wph, q->offs, q->K, vt + j, m, len, var + j * CH, NULL);
     /* per output row: read noise, ADC per group of columns, de-quantisation, column
        scale, output */
     for (int64_t y = y0; y < y1; ++y) {
       int64_t cb = (y - y0) * wph;
-      if (q->noisy)
+      if (q->noisy && vt)
+        for (int64_t j = 0; j < m; ++j) {
+          float *a = acc + j * CH + cb;
+          const float *z = nz + j * P + y * ow, *d = sd + cb, *vv = var + j * CH + cb;
+          #pragma omp simd
+          for (int64_t p = 0; p < ow; ++p) a[p] += sqrtf(fmaxf(d[p] * d[p] + vv[p], 0.0f)) * z[p];
+        }
+      else if (q->noisy)
         for (int64_t j = 0; j < m; ++j) {
           float *a = acc + j * CH + cb;
           const float *z = nz + j * P + y * ow, *d = sd + cb;
@@ -292,7 +307,7 @@ static inline float dac_code(float v, float mult, int quantise, float dac_levels
    computed but unused): window sums in registers, then per row the read noise, ADC and
    output. */
 int sedma_depthwise_read_f32(const float *x, const int64_t *geometry, int channels_last,
-                             int64_t m, const float *w, const float *s_in,
+                             int64_t m, const float *w, const float *v, const float *s_in,
                              const float *col_scale, int64_t group, int quantise,
                              float noise_std, float levels, float dac_levels, float fixed_full,
                              uint32_t lo, uint32_t hi, float *out, int mode, int64_t e_offset) {
@@ -319,8 +334,9 @@ int sedma_depthwise_read_f32(const float *x, const int64_t *geometry, int channe
       offs[i * kw + k] = ((ry % sh) * sw + rx % sw) * S + (ry / sh) * wph + rx / sw;
     }
   struct read_args q = {n, C, H, W, oh, ow, K, m, P, S, wph, rows, rows * wph, plane, group,
-                        offs, w, col_scale, noise_std, levels, dac_levels, fixed_full,
-                        mode < 0 ? -1.0f : 1.0f, noise_std > 0.0f, fixed_full > 0.0f, mode,
+                        offs, w, v, col_scale, noise_std, levels, dac_levels, fixed_full,
+                        mode < 0 ? -1.0f : 1.0f, noise_std > 0.0f || v != NULL,
+                        fixed_full > 0.0f, mode,
                         lo, hi, e_offset, out};
   int status = 0;
   int64_t tasks = n * blocks;
@@ -332,7 +348,9 @@ int sedma_depthwise_read_f32(const float *x, const int64_t *geometry, int channe
   float *sd = (float *)malloc((size_t)(q.CH + 16) * sizeof(float));
   float *full = (float *)malloc((size_t)(wph + 16) * sizeof(float));
   float *noise = q.noisy ? (float *)malloc((size_t)(m * P + 32) * sizeof(float)) : NULL;
-  int ok = codes && acc && sd && full && (!q.noisy || noise);
+  float *codes2 = v ? (float *)calloc((size_t)plane, sizeof(float)) : NULL;
+  float *var = v ? (float *)malloc((size_t)(m * q.CH + 16) * sizeof(float)) : NULL;
+  int ok = codes && acc && sd && full && (!q.noisy || noise) && (!v || (codes2 && var));
   if (!ok) {
     #pragma omp atomic write
     status = -1;
@@ -393,13 +411,15 @@ int sedma_depthwise_read_f32(const float *x, const int64_t *geometry, int channe
       }
     }
     for (int64_t c = 0; c < cb; ++c)
-      read_channel(&q, img, t0 + c, s[c], codes + c * plane, acc, sd, full, noise);
+      read_channel(&q, img, t0 + c, s[c], codes + c * plane, acc, sd, full, noise, codes2, var);
   }
   free(codes);
   free(acc);
   free(sd);
   free(full);
   free(noise);
+  free(codes2);
+  free(var);
   }
   free(offs);
   return status;
@@ -417,7 +437,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         ctypes.c_int,
     )
     read = lib.sedma_depthwise_read_f32
-    read.argtypes = [ptr, ptr, cint, i64, ptr, ptr, ptr, i64, cint, f32, f32, f32, f32]
+    read.argtypes = [ptr, ptr, cint, i64, ptr, ptr, ptr, ptr, i64, cint, f32, f32, f32, f32]
     read.argtypes += [u32, u32, ptr, cint, i64]
     read.restype = cint
     lib.sedma_depthwise_normals_f32.argtypes = [ptr, i64, i64, u32, u32]
@@ -465,6 +485,7 @@ def depthwise_read_(
     stride: tuple[int, int] = (1, 1),
     dilation: tuple[int, int] = (1, 1),
     noise_offset: int = 0,
+    variances: torch.Tensor | None = None,
 ) -> None:
     """One crossbar read of a depthwise convolution, into ``out``.
 
@@ -486,9 +507,12 @@ def depthwise_read_(
             ints >= 1 or pairs; ``kh * kw`` must equal the rows of ``weights``, and ``H' =
             (H - dh (kh - 1) - 1) // sh + 1`` (W' alike) must be >= 1.
         noise_offset: the first noise counter (0 unless a read continues another's stream).
+        variances: (C, kh * kw, m) read-noise variance of each weight (a state-dependent
+            noise model, ``RRAMConv2d.w_var``), or None.
 
-    The read noise of an output element has standard deviation ``spec.noise_std`` times
-    the norm of its window's codes and comes from the stream of the module docstring,
+    The read noise of an output element has variance ``spec.noise_std^2`` times the
+    squared norm of its window's codes, plus with ``variances`` the sum over the window of
+    codes^2 times the weight's variance, and comes from the stream of the module docstring,
     keyed by ``spec.key`` with ``noise_offset`` + the element's flat NCHW index as counter.
     Every operand is checked before the kernel runs (``ValueError`` naming it).
     """
@@ -510,6 +534,8 @@ def depthwise_read_(
     if s_in is not None:
         _check_tensor("s_in", s_in, (c, n))
     _check_tensor("col_scale", col_scale, (c, m))
+    if variances is not None:
+        _check_tensor("variances", variances, (c, k, m))
     kh, kw = native_rng.check_pair(_FUNC, "kernel_size", kernel_size)
     sh, sw = native_rng.check_pair(_FUNC, "stride", stride)
     dh, dw = native_rng.check_pair(_FUNC, "dilation", dilation)
@@ -533,7 +559,14 @@ def depthwise_read_(
     # the work and buffers the kernel sizes in int64: n C (H W + m H' W' kh kw)
     native_rng.check_products(_FUNC, "the work", n * c, h * w + m * oh * ow * k)
     native_rng.check_no_overlap(
-        _FUNC, "out", out, x=x, s_in=s_in, weights=weights, col_scale=col_scale
+        _FUNC,
+        "out",
+        out,
+        x=x,
+        s_in=s_in,
+        weights=weights,
+        col_scale=col_scale,
+        variances=variances,
     )
     if not available():
         raise RuntimeError("native depthwise read kernel unavailable")
@@ -552,6 +585,7 @@ def depthwise_read_(
         int(channels_last),
         m,
         weights.data_ptr(),
+        None if variances is None else variances.data_ptr(),
         None if s_in is None else s_in.data_ptr(),
         col_scale.data_ptr(),
         group,

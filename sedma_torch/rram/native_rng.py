@@ -412,8 +412,10 @@ static void pack_block(const struct source *s, int64_t r0, int64_t valid, int64_
 
    The DAC converts input v of image n and tile t to code units as v * (dac_levels /
    s_in[t, n]), rounded and clipped to +-dac_levels when `quantise` (else exact: first-order
-   correction's full-precision input). s_in is (T, n). noise_std > 0 adds read noise of
-   standard deviation noise_std * ||codes of the row's tile input|| to each partial sum; the
+   correction's full-precision input). s_in is (T, n). Read noise is added to each partial
+   sum with variance noise_std^2 ||codes of the row's tile input||^2 (state-independent
+   cells) plus, when vp is not NULL, sum_k codes_k^2 V[t, k, c] (a state-dependent
+   variance per weight V, packed as the weights: one more product, codes^2 @ V); the
    noise of (t, r, c) is drawn per ADC group, keyed by the 64-bit pair counter counter0 +
    (t * rows + r) * C + c (rows: the read's n * oh * ow rows). Then the column ADC
    (`levels`, groups of `group` columns, fixed full scale fixed_full > 0 or auto-range),
@@ -424,7 +426,8 @@ static void pack_block(const struct source *s, int64_t r0, int64_t valid, int64_
    below 2^62, 1 <= group <= C; the checks here only stop a call that bypasses it from
    reading outside x. Returns 0, -1 when out of memory, -2 for an invalid geometry. */
 int sedma_fused_read_f32(const float *x, const int64_t *geometry, int64_t T, int64_t C,
-                         const float *restrict wp, int64_t group, int quantise,
+                         const float *restrict wp, const float *restrict vp, int64_t group,
+                         int quantise,
                          const float *s_in, float noise_std, const float *col_scale,
                          float levels, float dac_levels, float fixed_full, uint32_t lo,
                          uint32_t hi, float *restrict out, int64_t out_stride, int mode,
@@ -463,9 +466,11 @@ int sedma_fused_read_f32(const float *x, const int64_t *geometry, int64_t T, int
   {
   float *apack = alloc64(chunk_blocks * MR * K);
   float *cbuf = alloc64(MR * ldc);
+  float *vbuf = vp ? alloc64(MR * ldc) : NULL;
+  float *apack2 = vp ? alloc64(chunk_blocks * MR * K) : NULL;
   float *noise = alloc64(ldc);
   float sd[MR * 32], si[MR * 32];
-  int ok = apack && cbuf && noise;
+  int ok = apack && cbuf && noise && (!vp || (vbuf && apack2));
   if (!ok) {
     #pragma omp atomic write
     status = -1;
@@ -490,6 +495,12 @@ int sedma_fused_read_f32(const float *x, const int64_t *geometry, int64_t T, int
         pack_block(&src, rb, valid, t, K, mult, quantise, dac_levels, apack + b * MR * K, ss);
         for (int64_t m = 0; m < MR; ++m) sd[b * MR + m] = noise_std * sqrtf(ss[m]);
       }
+      if (vp) {  /* squared codes for the variance product */
+        const float *a = apack;
+        #pragma omp simd
+        for (int64_t k = 0; k < nb * MR * K; ++k) apack2[k] = a[k] * a[k];
+      }
+      const float *vt = vp ? vp + t * per_t + g * gs * K * NR : NULL;
       const float *wt = wp + t * per_t + g * gs * K * NR;
       const float *cs = col_scale + t * C + c0;
       int first = (t == 0) && (mode == 0);
@@ -502,12 +513,29 @@ int sedma_fused_read_f32(const float *x, const int64_t *geometry, int64_t T, int
 #endif
         for (; s < strips; ++s)
           kernel_6x16(apack + b * MR * K, wt + s * K * NR, K, cbuf + s * NR, ldc);
+        if (vt) {
+          s = 0;
+#ifdef SEDMA_KERNEL_6X32
+          for (; s + 1 < strips; s += 2)
+            kernel_6x32(apack2 + b * MR * K, vt + s * K * NR, vt + (s + 1) * K * NR, K,
+                        vbuf + s * NR, ldc);
+#endif
+          for (; s < strips; ++s)
+            kernel_6x16(apack2 + b * MR * K, vt + s * K * NR, K, vbuf + s * NR, ldc);
+        }
         for (int64_t i = 0; i < MR; ++i) {
           int64_t r = r0 + b * MR + i;
           if (r >= r1) break;
           float *v = cbuf + i * ldc;
           float sdev = sd[b * MR + i];
-          if (sdev > 0.0f) {
+          if (vt) {
+            const float *var = vbuf + i * ldc;
+            float s2 = sdev * sdev;
+            normal_pairs(noise, width, lo, hi, (uint64_t)(counter0 + (t * B + r) * C + c0));
+            #pragma omp simd
+            for (int64_t c = 0; c < width; ++c)
+              v[c] += sqrtf(fmaxf(s2 + var[c], 0.0f)) * noise[c];
+          } else if (sdev > 0.0f) {
             normal_pairs(noise, width, lo, hi, (uint64_t)(counter0 + (t * B + r) * C + c0));
             #pragma omp simd
             for (int64_t c = 0; c < width; ++c) v[c] += sdev * noise[c];
@@ -535,6 +563,8 @@ int sedma_fused_read_f32(const float *x, const int64_t *geometry, int64_t T, int
   }
   free(apack);
   free(cbuf);
+  free(vbuf);
+  free(apack2);
   free(noise);
   }
   return status;
@@ -632,7 +662,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sedma_pack_weights_f32.argtypes = [ptr, i64, i64, i64, i64, ptr]
     lib.sedma_pack_weights_f32.restype = None
     fused = lib.sedma_fused_read_f32
-    fused.argtypes = [ptr, ptr, i64, i64, ptr, i64, ctypes.c_int, ptr, f32, ptr, f32, f32, f32]
+    fused.argtypes = [ptr, ptr, i64, i64, ptr, ptr, i64, ctypes.c_int, ptr, f32, ptr, f32, f32]
+    fused.argtypes += [f32]
     fused.argtypes += [u32, u32, ptr, i64, ctypes.c_int, i64]
     fused.restype = ctypes.c_int
     lib.sedma_tile_absmax_f32.argtypes = [ptr, i64, i64, i64, i64, i64, ptr]
@@ -924,7 +955,7 @@ def tile_absmax(x: torch.Tensor, cpt: int, tiles: int) -> torch.Tensor:
     return out
 
 
-def _read(name, x, geometry, s_in, packed, col_scale, out, spec, noise_offset) -> None:
+def _read(name, x, geometry, s_in, packed, col_scale, out, spec, noise_offset, packed_var) -> None:
     """Validate the operands of a fused read and run it; ``geometry`` as in the C source
     (its sizes already checked by the caller: x's shape, cpt, kernel, stride, dilation)."""
     n, c_in, _, _, oh, ow, cpt, kh, kw = geometry[:9]
@@ -949,6 +980,14 @@ def _read(name, x, geometry, s_in, packed, col_scale, out, spec, noise_offset) -
         )
     if packed.data_ptr() % 32:
         raise ValueError(f"{name}: packed must be 32-byte aligned (pack_weights' output)")
+    if packed_var is not None:
+        check_tensor(name, "packed_var", packed_var)
+        if packed_var.numel() != expected or packed_var.data_ptr() % 32:
+            raise ValueError(
+                f"{name}: packed_var must be pack_weights of a ({t}, {k}, {c}) variance stack "
+                f"with group {spec.group} ({expected} float32, 32-byte aligned), got "
+                f"{packed_var.numel()}"
+            )
     check_tensor(name, "out", out, contiguous=False)
     if tuple(out.shape) != (rows, c) or out.stride(1) != 1 or (rows > 1 and out.stride(0) < c):
         raise ValueError(
@@ -958,7 +997,9 @@ def _read(name, x, geometry, s_in, packed, col_scale, out, spec, noise_offset) -
     check_products(name, "rows x K x C x T", rows, k, c, t)
     # noise pair counters noise_offset + (t rows + r) C + c < noise_offset + T rows C
     noise_offset = check_int(name, "noise_offset", noise_offset, 0, INDEX_LIMIT - t * rows * c)
-    check_no_overlap(name, "out", out, x=x, s_in=s_in, packed=packed, col_scale=col_scale)
+    check_no_overlap(
+        name, "out", out, x=x, s_in=s_in, packed=packed, col_scale=col_scale, packed_var=packed_var
+    )
     if not available():
         raise RuntimeError("native kernels unavailable")
     if rows == 0 or c == 0:
@@ -970,6 +1011,7 @@ def _read(name, x, geometry, s_in, packed, col_scale, out, spec, noise_offset) -
         t,
         c,
         packed.data_ptr(),
+        None if packed_var is None else packed_var.data_ptr(),
         group,
         int(bool(spec.quantise)),
         s_in.data_ptr(),
@@ -1001,6 +1043,7 @@ def fused_read_(
     *,
     tile_rows: int,
     noise_offset: int = 0,
+    packed_var: torch.Tensor | None = None,
 ) -> None:
     """One crossbar read of the rows of ``x`` (B, in_features) through the packed weights
     (:func:`pack_weights` of a (T, tile_rows, C) stack) into ``out`` (B, C): the input DAC,
@@ -1009,8 +1052,10 @@ def fused_read_(
     the last tile are zero. An empty batch (B = 0) returns at once.
 
     ``s_in`` (T, B) is the DAC full scale of each row and tile (:func:`tile_absmax`);
-    ``col_scale`` (T, C). The read-noise standard deviation is ``spec.noise_std`` times the
-    norm of the tile's input row in code units; the noise of (tile t, row r, column c) is
+    ``col_scale`` (T, C). The read-noise variance is ``spec.noise_std^2`` times the squared
+    norm of the tile's input row in code units, plus, with ``packed_var`` (:func:`pack_weights`
+    of a (T, tile_rows, C) stack V of variances per weight: state-dependent read noise),
+    ``sum_k codes_k^2 V[t, k, c]``; the noise of (tile t, row r, column c) is
     keyed by ``spec.key`` and the 64-bit counter ``noise_offset + (t * B + r) * C + c``
     (``noise_offset`` 0 unless a read continues another's stream), drawn per ADC group, so
     it does not depend on the thread count. Same arithmetic as the eager path (a batched
@@ -1021,7 +1066,7 @@ def fused_read_(
     b, c_in = x.shape
     tile_rows = check_int("fused_read_", "tile_rows", tile_rows, 1)
     geometry = [b, c_in, 1, 1, 1, 1, tile_rows, 1, 1, 1, 1, 1, 1]
-    _read("fused_read_", x, geometry, s_in, packed, col_scale, out, spec, noise_offset)
+    _read("fused_read_", x, geometry, s_in, packed, col_scale, out, spec, noise_offset, packed_var)
 
 
 def fused_conv_read_(
@@ -1037,6 +1082,7 @@ def fused_conv_read_(
     stride: tuple[int, int],
     dilation: tuple[int, int],
     noise_offset: int = 0,
+    packed_var: torch.Tensor | None = None,
 ) -> None:
     """:func:`fused_read_` of a convolution (implicit im2col: each output pixel's window is
     gathered while the input is packed, so no patch matrix is stored).
@@ -1062,7 +1108,7 @@ def fused_conv_read_(
             f"{func}: images {h}x{w} are smaller than the kernel {kh}x{kw} with dilation {dh}x{dw}"
         )
     geometry = [n, c_in, h, w, oh, ow, cpt, kh, kw, sh, sw, dh, dw]
-    _read(func, x, geometry, s_in, packed, col_scale, out, spec, noise_offset)
+    _read(func, x, geometry, s_in, packed, col_scale, out, spec, noise_offset, packed_var)
 
 
 __all__ = [

@@ -46,7 +46,7 @@ from .rng import seed_pair
 _construction_counter = itertools.count()
 _NO_CONTEXT = contextlib.nullcontext()
 _STATE_KEYS = ("g_pos", "g_neg", "col_scale")
-_READ_KEYS = ("w_read", "w_exact")
+_READ_KEYS = ("w_read", "w_exact", "w_var")
 _COUNTER_KEYS = ("rram_seed_", "read_calls", "program_events", "programmed_fp")
 _MEMORY_ATTRS = ("long_term_memory", "short_term_memory")
 
@@ -104,6 +104,8 @@ class _CrossbarMixin(_LambdaController):
         self.register_buffer("programmed_fp", torch.zeros((), dtype=torch.int64))  # type: ignore[attr-defined]
         self.register_buffer("w_read", torch.empty(0), persistent=False)  # type: ignore[attr-defined]
         self.register_buffer("w_exact", torch.empty(0), persistent=False)  # type: ignore[attr-defined]
+        # read-noise variance per weight (state-dependent models; empty when independent)
+        self.register_buffer("w_var", torch.empty(0), persistent=False)  # type: ignore[attr-defined]
         self._register_load_state_dict_pre_hook(self._resize_state_hook)  # type: ignore[attr-defined]
         self.register_forward_pre_hook(_keep_fused_fast_paths_off)  # type: ignore[attr-defined]
         self.register_load_state_dict_post_hook(self._after_load_hook)  # type: ignore[attr-defined]
@@ -138,7 +140,7 @@ class _CrossbarMixin(_LambdaController):
                 setattr(self, key, torch.empty(0, device=dev, dtype=dtype))
         self._programmed_fp = None
         self.__dict__.pop("_packed_cache", None)
-        self._w_fold = self._w_conv = self._w_conv_exact = None
+        self._w_fold = self._w_conv = self._w_conv_exact = self._w_conv_var = None
         self._lambda_recent = None
         self._calls_since_calibration = 0
         self._recent_history = []
@@ -203,7 +205,7 @@ class _CrossbarMixin(_LambdaController):
             self.g_neg = prog.g_neg
             self.col_scale = prog.col_scale
             self.program_events = self.program_events + 1  # type: ignore[attr-defined]
-            self._set_read_state(prog.w_read, tiles)
+            self._set_read_state(prog.w_read, tiles, prog.w_var)
             self.rram_stats.programming_pulses += prog.stats.pulses
             self.rram_stats.programming_events += 1
             self.rram_stats.last_programming = prog.stats
@@ -218,9 +220,14 @@ class _CrossbarMixin(_LambdaController):
                     fp, dtype=torch.int64, device=self.programmed_fp.device
                 )  # type: ignore[attr-defined]
 
-    def _set_read_state(self, w_read: torch.Tensor, tiles: torch.Tensor) -> None:
+    def _set_read_state(
+        self, w_read: torch.Tensor, tiles: torch.Tensor, w_var: torch.Tensor | None = None
+    ) -> None:
         dtype = tiles.dtype
         self.w_read = w_read.to(dtype)
+        self.w_var = (
+            torch.empty(0, device=tiles.device, dtype=dtype) if w_var is None else w_var.to(dtype)
+        )
         if self.rram_config.correction == "first_order":
             self.w_exact = (tiles / self.col_scale.unsqueeze(1)).to(dtype)  # type: ignore[attr-defined]
         else:
@@ -237,7 +244,7 @@ class _CrossbarMixin(_LambdaController):
 
     def _recompute_read_state(self, w: torch.Tensor) -> None:
         """Rebuild w_read from the stored conductances (after loading a state dict)."""
-        from .crossbar import chip_properties, read_back
+        from .crossbar import chip_properties, read_back, read_variance
 
         with torch.inference_mode(False), torch.no_grad():
             cfg = self.rram_config
@@ -247,7 +254,16 @@ class _CrossbarMixin(_LambdaController):
             )
             del stuck  # stuck cells are already in the stored conductances
             tiles = self.weight_tiles(w).to(g.dtype)
-            self._set_read_state(read_back(g, cfg, cfg.device, nu), tiles)
+            self._set_read_state(
+                read_back(g, cfg, cfg.device, nu), tiles, read_variance(g, cfg, cfg.device, nu)
+            )
+
+    def _read_variance(self) -> torch.Tensor | None:
+        """The read-noise variance per weight (T, R, C) of a state-dependent noise model, in
+        normalised weight units squared; None for the state-independent model (whose
+        variance is ``2 read_noise^2`` per weight)."""
+        var = self.w_var  # type: ignore[attr-defined]
+        return var if var.numel() else None
 
     def _ensure_programmed(self, weight: torch.Tensor) -> None:
         w = weight.detach()
@@ -407,7 +423,8 @@ class _CrossbarMixin(_LambdaController):
                 native_rng.ReadSpec(
                     group=cfg.tile_cols if out_cols > cfg.tile_cols else out_cols,
                     quantise=rounding,
-                    noise_std=2**0.5 * sigma,
+                    # a state-dependent model's variance comes from w_var instead
+                    noise_std=2**0.5 * sigma if self._read_variance() is None else 0.0,
                     levels=quant_levels(cfg.adc_bits),  # type: ignore[arg-type]
                     dac_levels=dac_levels,
                     fixed_full=None if cfg.adc_range is None else cfg.adc_range * dac_levels,
@@ -420,10 +437,14 @@ class _CrossbarMixin(_LambdaController):
 
     def _run_fused_reads(self, sigma: float, gen: NoiseSource | None, read) -> None:
         """The reads of :meth:`_read_specs` with the compiled fused read:
-        ``read(spec, packed weights)`` for each."""
+        ``read(spec, packed weights, packed read-noise variances or None)`` for each (the
+        variances of a state-dependent noise model, the same for the three reads of
+        first-order correction: they all read the programmed cells' noise)."""
         out_c = self.col_scale.shape[-1]  # type: ignore[attr-defined]
+        noisy = sigma > 0 and self._read_variance() is not None
         for weights, spec in self._read_specs(sigma, gen, out_c):
-            read(spec, self._packed(weights, spec.group))
+            var = self._packed("w_var", spec.group) if noisy else None
+            read(spec, self._packed(weights, spec.group), var)
 
     def _packed(self, name: str, group: int) -> torch.Tensor:
         """Buffer ``name`` (``w_read`` or ``w_exact``) packed for the compiled read, cached

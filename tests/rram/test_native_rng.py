@@ -118,7 +118,20 @@ def test_switching_it_off_or_a_failing_compiler_falls_back_to_torch(env, tmp_pat
 
 
 def np_fused_read(
-    a, s_in, w, col_scale, *, group, levels, dac_levels, fixed, noise_std, key, rows, offset=0
+    a,
+    s_in,
+    w,
+    col_scale,
+    *,
+    group,
+    levels,
+    dac_levels,
+    fixed,
+    noise_std,
+    key,
+    rows,
+    offset=0,
+    var=None,
 ):
     """Float64 NumPy reference of one fused read of code-unit inputs ``a`` (B, T, K):
     per tile t, ADC group and row, the partial sums plus keyed read noise, the ADC, the
@@ -129,14 +142,17 @@ def np_fused_read(
     out, steps = np.zeros((b, c)), np.zeros((b, c))
     for t in range(t_tiles):
         u = a[:, t] @ w[t]
-        sd = noise_std * np.linalg.norm(a[:, t], axis=1)
+        sd2 = (noise_std * np.linalg.norm(a[:, t], axis=1))[:, None] ** 2  # (B, 1)
+        if var is not None:  # state-dependent: + codes^2 @ V per partial sum
+            sd2 = sd2 + (a[:, t] ** 2) @ var[t]
+        sd = np.broadcast_to(np.sqrt(sd2), (b, c))
         for g0 in range(0, c, group):
             g1 = min(g0 + group, c)
             for r in range(b):
                 v = u[r, g0:g1].copy()
-                if noise_std > 0:
+                if noise_std > 0 or var is not None:
                     counter = offset + (t * rows + r) * c + g0
-                    v += sd[r] * np_stream(g1 - g0, *key, offset=counter)
+                    v += sd[r, g0:g1] * np_stream(g1 - g0, *key, offset=counter)
                 full = fixed if fixed is not None else (np.abs(v).max() or 1.0)
                 q = np.round(v * levels / full)
                 if fixed is not None:
@@ -769,3 +785,69 @@ def test_avx512_and_avx2_builds_of_the_fused_read_agree(tmp_path):
     # an auto-ranged group's full scale may differ in its last bit, so most values differ
     # by rounding; an ADC decision flips only rarely
     assert np.mean(np.abs(outs[0] - outs[1]) > 1e-5 * (np.abs(outs[1]) + 1e-3)) < 0.02
+
+
+@pytest.mark.parametrize(("group", "noise_std"), [(24, 0.0), (40, 0.01), (16, 0.0)])
+def test_fused_read_with_state_dependent_variances_equals_numpy_reference(group, noise_std):
+    # packed_var: a variance per weight, so each partial sum's noise std is
+    # sqrt(noise_std^2 ||codes||^2 + codes^2 @ V) -- same stream, same counters
+    x, xt, w, col_scale, s_in = _read_case(70 + group)
+    var = (np.random.default_rng(group).uniform(0, 4e-4, w.shape)).astype(np.float32)
+    dac_levels, levels, key = 31, 2**13 - 1, (4242, 99)
+    codes = np.clip(np.round(xt * (np.float32(dac_levels) / s_in.T[..., None])), -31, 31)
+    want, steps = np_fused_read(
+        codes.astype(np.float64),
+        s_in,
+        w,
+        col_scale,
+        group=group,
+        levels=levels,
+        dac_levels=dac_levels,
+        fixed=None,
+        noise_std=noise_std,
+        key=key,
+        rows=x.shape[0],
+        var=var.astype(np.float64),
+    )
+    out = torch.empty(x.shape[0], w.shape[-1])
+    spec = _spec(group=group, noise_std=noise_std, levels=levels, dac_levels=dac_levels, key=key)
+    native_rng.fused_read_(
+        torch.from_numpy(x),
+        torch.from_numpy(s_in),
+        native_rng.pack_weights(torch.from_numpy(w), group),
+        torch.from_numpy(col_scale),
+        out,
+        spec,
+        tile_rows=37,
+        packed_var=native_rng.pack_weights(torch.from_numpy(var), group),
+    )
+    err = np.abs(out.numpy() - want)
+    assert np.all(err <= steps + 1e-4 * np.abs(want) + 1e-5)
+    # the noise is there: without packed_var the read differs by far more than an ADC step
+    quiet = torch.empty_like(out)
+    native_rng.fused_read_(
+        torch.from_numpy(x),
+        torch.from_numpy(s_in),
+        native_rng.pack_weights(torch.from_numpy(w), group),
+        torch.from_numpy(col_scale),
+        quiet,
+        spec,
+        tile_rows=37,
+    )
+    assert float((quiet - out).abs().mean()) > 10 * float(np.mean(steps))
+
+
+def test_fused_read_rejects_a_packed_var_of_another_size():
+    x, _, w, col_scale, s_in = _read_case(3)
+    packed = native_rng.pack_weights(torch.from_numpy(w), 16)
+    with pytest.raises(ValueError, match="packed_var must be pack_weights"):
+        native_rng.fused_read_(
+            torch.from_numpy(x),
+            torch.from_numpy(s_in),
+            packed,
+            torch.from_numpy(col_scale),
+            torch.empty(x.shape[0], w.shape[-1]),
+            _spec(group=16),
+            tile_rows=37,
+            packed_var=packed[:-16].clone(),
+        )
