@@ -261,6 +261,8 @@ def bench_linear(device: torch.device, warmup: int, repeats: int) -> tuple[list[
         ("fwd", layer_config(), 2.0),
         ("fwd first_order", layer_config(correction="first_order"), 5.0),
         ("fwd adc_bits=None (GEMM path)", layer_config(adc_bits=None), None),
+        # the state-independent read noise needs no variance product (one GEMM per read)
+        ("fwd read_noise_model=independent", layer_config(read_noise_model="independent"), None),
     )
     layers = {}
     with torch.no_grad():
@@ -336,6 +338,12 @@ def bench_conv(device: torch.device, warmup: int, repeats: int) -> tuple[list[Ro
     with torch.no_grad():
         times = time_pair_ms(lambda: layer(x), lambda: digital(x), device, warmup, repeats)
     rows = [timed_row("Conv2d 64->64 3x3 8x64x32x32 fwd", times, 4.0)]
+    independent = st.RRAMConv2d.from_conv(
+        digital, config=layer_config(read_noise_model="independent")
+    )
+    with torch.no_grad():
+        times = time_pair_ms(lambda: independent(x), lambda: digital(x), device, warmup, repeats)
+    rows.append(timed_row("Conv2d fwd read_noise_model=independent", times, None))
     rows += weight_check_rows("Conv2d fwd", layer, lambda: layer(x), device, warmup, repeats)
     rram_peak = forward_peak_bytes(lambda: layer(x), device)
     digital_peak = forward_peak_bytes(lambda: digital(x), device)

@@ -106,6 +106,39 @@ def run(
     return results
 
 
+def run_meliso(matrix: np.ndarray, seeds: int) -> list[dict[str, object]]:
+    """Each material on its ``meliso_<material>`` preset (MELISO+'s noise sources, 21
+    write-verify passes, 16-bit inputs, no read noise, no ADC), without correction and
+    with MELISO+'s first-order correction (x written onto cells) and fixed lambda."""
+    a = torch.from_numpy(matrix)
+    results = []
+    modes = {"none": {"correction": "none", "denoise": "none"}, "first_order+fixed": {}}
+    with tqdm(total=len(MATERIALS) * len(modes) * seeds, desc="meliso", unit="mvm") as bar:
+        for material in MATERIALS:
+            for mode, changes in modes.items():
+                rel_l2, rel_linf = [], []
+                for seed in range(seeds):
+                    config = st.preset(f"meliso_{material}", seed=seed, **changes)
+                    generator = torch.Generator().manual_seed(seed)
+                    x = torch.randn(a.shape[1], dtype=torch.float64, generator=generator)
+                    stats = st.rram.mvm(a, x, config, compare=True).stats
+                    rel_l2.append(stats["rel_l2"])
+                    rel_linf.append(stats["rel_linf"])
+                    bar.update()
+                results.append(
+                    {
+                        "material": material,
+                        "mode": mode,
+                        "write_verify_iters": 21,
+                        "rel_l2": rel_l2,
+                        "rel_linf": rel_linf,
+                        "rel_l2_summary": summarise(rel_l2),
+                        "rel_linf_summary": summarise(rel_linf),
+                    }
+                )
+    return results
+
+
 def print_table(results: list[dict[str, object]]) -> None:
     header = (
         f"{'material':<10} {'mode':<30} {'wv':>3}  {'rel L2 median [IQR]':<30} "
@@ -172,10 +205,27 @@ def main() -> None:
         "--threads", type=int, default=1, help="torch threads (1 is fastest for small matrices)"
     )
     parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "results")
+    parser.add_argument(
+        "--preset",
+        choices=("meliso",),
+        default=None,
+        help="meliso: every material on its meliso_<material> preset, without and with "
+        "first-order correction, against MELISO+'s published errors (--published)",
+    )
+    parser.add_argument(
+        "--published",
+        type=Path,
+        default=None,
+        help="JSON {material: {mode: rel_linf}} of MELISO+'s published relative L-inf errors "
+        "(arXiv 2508.13298) to print beside the measured ones",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     matrix = load_matrix(args.matrix)
+    if args.preset == "meliso":
+        main_meliso(args, matrix)
+        return
     read_noise = not args.no_read_noise
     adc_bits = None if args.no_adc else st.RRAMConfig().adc_bits
     setting = (
@@ -206,6 +256,46 @@ def main() -> None:
     json_path.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     plot(results, setting, png_path)
     print(f"wrote {json_path} and {png_path}")
+
+
+def main_meliso(args: argparse.Namespace, matrix: np.ndarray) -> None:
+    print(f"torch {torch.__version__}, sedma_torch {git_revision()}, {args.threads} thread(s)")
+    print(
+        f"{args.matrix.name} {matrix.shape[0]}x{matrix.shape[1]}, meliso presets, {args.seeds} seeds"
+    )
+    results = run_meliso(matrix, args.seeds)
+    published = json.loads(args.published.read_text()) if args.published else {}
+    header = f"{'material':<10} {'mode':<18} {'rel Linf median [IQR]':<30} {'rel L2 median':<14} {'published Linf':<14} ratio"
+    print(header)
+    print("-" * len(header))
+    for row in results:
+        s = row["rel_linf_summary"]
+        pub = published.get(row["material"], {}).get(row["mode"])
+        ratio = f"{s['median'] / pub:.2f}x" if pub else "-"
+        print(
+            f"{row['material']:<10} {row['mode']:<18} "
+            f"{s['median']:.3e} [{s['q25']:.2e}, {s['q75']:.2e}]  "
+            f"{row['rel_l2_summary']['median']:<14.3e} {pub if pub else 'n/a':<14} {ratio}"
+        )
+    if not published:
+        print(
+            "MELISO+'s published per-material errors (arXiv 2508.13298) are not bundled: "
+            "pass --published FILE with {material: {mode: rel_linf}} to compare."
+        )
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    path = args.output_dir / "mvm_table_meliso.json"
+    path.write_text(
+        json.dumps(
+            {
+                "matrix": str(args.matrix),
+                "seeds": args.seeds,
+                "published": published,
+                "results": results,
+            },
+            indent=2,
+        )
+    )
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

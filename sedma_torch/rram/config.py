@@ -218,6 +218,29 @@ def _check_int(name: str, value: object, lo: int, hi: int | None = None) -> None
         raise ValueError(f"RRAMConfig.{name} must be {allowed}, got {value!r}")
 
 
+MELISO_MATERIALS = ("epiram", "ag_asi", "alox_hfo2", "taox_hfox")
+
+
+def _meliso(material: str) -> RRAMConfig:
+    """MELISO+'s setup on ``material`` (``disys-lab/meliso`` and its NeuroSim fork): the
+    noise sources it models -- pulse nonlinearity, finite levels, cycle-to-cycle noise --
+    and no read noise; device-to-device variation off (0 in its configs); write-and-verify
+    up to 21 passes; 16-bit inputs; first-order correction with x written onto cells; the
+    fixed lambda = 1e-12. Its 8-bit ADC converts each bit of the bit-serial input
+    separately (full scale: the whole column), which is not modelled: no ADC here."""
+    return RRAMConfig(
+        material=material,
+        dac_bits=16,
+        adc_bits=None,
+        write_verify_iters=21,
+        device_variation=False,
+        read_noise=False,
+        correction="first_order",
+        denoise="fixed",
+        lambda_fixed=1e-12,
+    )
+
+
 PRESETS: dict[str, RRAMConfig] = {
     "ideal": RRAMConfig(material="ideal", dac_bits=None, adc_bits=None),
     "ideal_8bit": RRAMConfig(material="ideal", dac_bits=8, adc_bits=8),
@@ -225,14 +248,8 @@ PRESETS: dict[str, RRAMConfig] = {
     "ag_asi": RRAMConfig(material="ag_asi"),
     "alox_hfo2": RRAMConfig(material="alox_hfo2"),
     "taox_hfox": RRAMConfig(material="taox_hfox"),
-    "meliso": RRAMConfig(
-        material="taox_hfox",
-        dac_bits=None,
-        adc_bits=None,
-        correction="first_order",
-        denoise="fixed",
-        lambda_fixed=1e-12,
-    ),
+    "meliso": _meliso("taox_hfox"),
+    **{f"meliso_{name}": _meliso(name) for name in MELISO_MATERIALS},
     "corrected": RRAMConfig(material="taox_hfox", correction="first_order", denoise="adaptive"),
     "realistic": RRAMConfig(
         material="taox_hfox",

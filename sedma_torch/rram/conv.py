@@ -23,7 +23,6 @@ from .crossbar import (
     dac,
     noisy_read_,
     positive_or_one,
-    quant_levels,
 )
 from .read_op import _add_bias, _check_config, _check_input, _copied_from, _crossbar, _output_dtype
 from .state import _CrossbarMixin
@@ -423,14 +422,14 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
 
     def _dac_images(
         self, xp: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, int]:
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, Any] | None, torch.Tensor, int]:
         """One channels-last copy of the images ``xp`` (spatially padded), each group's
         channels padded to whole tiles and converted in place by the DACs (one range per
         image and input tile; oneDNN runs grouped convolutions far faster in NHWC).
 
-        Returns (codes (B, T*cpt, H, W), the input at full precision in code units when
-        first-order correction needs it (else None), DAC full scales (B, T, 1, 1, 1), DAC
-        levels)."""
+        Returns (codes (B, T*cpt, H, W), when first-order correction writes the input onto
+        cells (else None) the input over its range, (B, T, cpt, H, W) in [-1, 1], with that
+        range (B, T, 1, 1, 1), DAC full scales (B, T, 1, 1, 1), DAC levels)."""
         cfg = self.rram_config
         cpt, n_it, _ = self._geometry()
         g = self.groups
@@ -440,17 +439,17 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
         buf = xp.new_zeros((b, t_tiles * cpt, h, w)).contiguous(memory_format=torch.channels_last)
         buf.view(b, g, n_it * cpt, h, w)[:, :, :c_g] = xp.view(b, g, c_g, h, w)
         xt = buf.view(b, t_tiles, cpt, h, w)
-        exact_in = None
-        if cfg.correction == "first_order":  # the DAC's own range: fixed or auto
-            if cfg.dac_range is not None:
+        normalised = None
+        if cfg.correction == "first_order":
+            # the input over the range it is written onto cells with (x~ of first-order
+            # correction): the DAC's (fixed or auto), or each tile's |max| without a DAC
+            if cfg.dac_bits is not None and cfg.dac_range is not None:
                 scale: torch.Tensor | float = cfg.dac_range
             else:
                 scale = positive_or_one(absmax(xt, (2, 3, 4)))
-            exact_in = (xt * (quant_levels(cfg.dac_bits) / scale) if cfg.dac_bits else xt).view(
-                b, t_tiles * cpt, h, w
-            )
+            normalised = ((xt / scale).clamp_(-1, 1), scale)
         _, s_in, levels = dac(xt, cfg, (2, 3, 4), out=xt)
-        return buf, exact_in, s_in, levels
+        return buf, normalised, s_in, levels
 
     def _fused_reads(
         self, xp: torch.Tensor, sigma: float, gen: NoiseSource | None, y: torch.Tensor
@@ -542,19 +541,38 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
         out_g = self.out_channels // g
         cl = torch.channels_last
         b = xp.shape[0]
-        codes_flat, exact_in, s_in, levels = self._dac_images(xp)
+        codes_flat, normalised, s_in, levels = self._dac_images(xp)
         s_in_nhwc = s_in.view(b, 1, 1, t_tiles, 1)
 
-        def read(inp: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        def read(
+            inp: torch.Tensor,
+            weight: torch.Tensor,
+            var_in: torch.Tensor | None = None,
+            s_read: torch.Tensor = s_in_nhwc,
+        ) -> torch.Tensor:
             """(B, T*cpt, H, W) codes -> (B, H', W', T, out_g) partial sums after read
-            noise, ADC and de-quantisation (input units, before the column scale)."""
+            noise, ADC and de-quantisation (input units, before the column scale).
+            ``var_in``: the read noise comes from the input cells (first-order
+            correction's x~ array, read with A's codes), variance per input value."""
             u = F.conv2d(
                 inp.contiguous(memory_format=cl), weight, groups=t_tiles, **self._conv_args()
             )
             hh, ww = u.shape[-2:]
             u = u.permute(0, 2, 3, 1).reshape(b, hh, ww, t_tiles, out_g)  # NHWC: no copy
             std = None
-            if sigma > 0 and self._w_conv_var is None:
+            if var_in is not None:
+                std = (
+                    F.conv2d(
+                        var_in.contiguous(memory_format=cl),
+                        weight.square(),
+                        groups=t_tiles,
+                        **self._conv_args(),
+                    )
+                    .clamp_min_(0)
+                    .sqrt_()
+                )
+                std = std.permute(0, 2, 3, 1).reshape(b, hh, ww, t_tiles, out_g)
+            elif sigma > 0 and self._w_conv_var is None:
                 std = self._patch_norm2(inp).sqrt_().mul_(2**0.5 * sigma)
                 std = std.permute(0, 2, 3, 1).unsqueeze(-1)
             elif sigma > 0:  # state-dependent: one std per partial sum
@@ -562,10 +580,23 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
                 std = std.permute(0, 2, 3, 1).reshape(b, hh, ww, t_tiles, out_g)
             return noisy_read_(u, std, gen, cfg, levels, s_in_nhwc)
 
-        if exact_in is not None:
-            u = read(codes_flat, self._w_conv_exact)
-            u += read(exact_in, self._w_conv)
-            u -= read(codes_flat, self._w_conv)
+        if normalised is not None:
+            # first-order correction, p = A x~ + A~ x - A~ x~ (RRAMLinear._first_order_reads):
+            # x~ is the images written onto cells by write-and-verify and read back; A x~
+            # applies A's codes to the x~ array, A~ x and A~ x~ are ordinary reads
+            u_in, write_scale = normalised
+            prog = self._program_inputs(u_in)
+            x_tilde = prog.x_read.reshape(codes_flat.shape)
+            var_x = prog.var.reshape(codes_flat.shape) if bool(prog.var.any()) else None
+            if cfg.dac_bits is not None:  # the read-back x~ through the same DAC
+                codes_tilde = (x_tilde * levels).round_().clamp_(-levels, levels)
+            else:  # no DAC: x~ at full precision
+                codes_tilde = (prog.x_read * write_scale).reshape(codes_flat.shape)
+            s_a = torch.as_tensor(write_scale, dtype=xp.dtype, device=xp.device)
+            s_a = s_a.reshape(b, 1, 1, t_tiles, 1) if s_a.ndim else s_a
+            u = read(x_tilde, self._w_conv_exact, var_x, s_a)
+            u += read(codes_flat, self._w_conv)
+            u -= read(codes_tilde, self._w_conv)
         else:
             u = read(codes_flat, self._w_conv)
         # digital: per-column scale of each tile, then add the tiles of each group

@@ -98,7 +98,10 @@ class CrossbarStats:
     programming_events: int = 0
     """Times the weights were (re)programmed."""
     input_programming_pulses: int = 0
-    """Pulses spent writing encoded inputs onto vector arrays (first-order correction)."""
+    """Pulses spent writing the inputs x~ onto cells by write-and-verify (first-order
+    correction)."""
+    input_cells_programmed: int = 0
+    """Cells written with inputs x~ (two per input value; first-order correction)."""
     last_programming: ProgrammingStats | None = None
     """Statistics of the most recent programming event."""
 
@@ -113,6 +116,7 @@ class CrossbarStats:
                 "programming_pulses",
                 "programming_events",
                 "input_programming_pulses",
+                "input_cells_programmed",
             )
         }
         if self.last_programming is not None:
@@ -245,6 +249,59 @@ def program_tiles(
         stats=stats,
         w_var=read_variance(g, cfg, material, nu),
     )
+
+
+@dataclass
+class ProgrammedInputs:
+    """Input vectors written onto cells (first-order correction's x~)."""
+
+    x_read: torch.Tensor
+    """Read-back normalised inputs ``(G+ - G-) / (Gmax - Gmin)``, shaped like the input."""
+    var: torch.Tensor
+    """Read-noise variance of each input's cell pair (normalised units squared)."""
+    stats: ProgrammingStats
+
+
+def program_inputs(u: torch.Tensor, cfg: RRAMConfig, seed: int, event: int) -> ProgrammedInputs:
+    """Write normalised inputs ``u`` (any shape, values in [-1, 1]: each input vector over
+    its DAC range) onto differential pairs of cells of the configured material with the
+    same write-and-verify model as the weights (levels, pulse nonlinearity,
+    cycle-to-cycle noise, device-to-device spread, iteration limit and tolerance), from
+    erased cells. This is MELISO+'s x~: the operand of ``A x~`` and ``A~ x~`` in first-order
+    correction. Each input vector has its own array cells (the spread is drawn per cell of
+    ``u``'s shape; ``event`` numbers the write, a fresh cycle-to-cycle draw each); the
+    cells are read right after writing (no drift, no stuck cells)."""
+    material = cfg.device
+    g_min, g_range = material.g_min, material.g_range
+    targets = torch.empty((2, *u.shape), dtype=u.dtype, device=u.device)
+    torch.clamp(u, min=0, max=1, out=targets[0])
+    torch.clamp(u, min=-1, max=0, out=targets[1]).neg_()
+    targets.mul_(g_range).add_(g_min)
+    variation = None
+    if cfg.device_variation and material.sigma_d2d > 0 and material.levels_ltp is not None:
+        variation = SeededDeviceVariation(
+            derive_seed(seed, "input-d2d", tuple(targets.shape)),
+            material.sigma_d2d,
+            material.g_min,
+            material.g_range,
+        )
+    gen = make_generator(derive_seed(seed, "input-program", event), u.device)
+    g, stats = program_conductances(
+        targets,
+        material,
+        generator=gen,
+        tolerance=cfg.write_verify_tolerance,
+        max_iters=cfg.write_verify_iters,
+        programming_noise=cfg.programming_noise,
+        variation=variation,
+    )
+    x_read = torch.sub(g[0], g[1]).div_(g_range)
+    if cfg.read_noise and material.read_noise > 0:
+        var = read_noise_variance(g[0], material, cfg.noise_model)
+        var.add_(read_noise_variance(g[1], material, cfg.noise_model))
+    else:
+        var = torch.zeros_like(x_read)
+    return ProgrammedInputs(x_read=x_read, var=var, stats=stats)
 
 
 def read_back(

@@ -18,10 +18,12 @@ from .correction import denoise
 from .crossbar import (
     NoiseSource,
     ReadBlocks,
+    absmax,
     adc_dequantise_,
     dac,
     fused_read_enabled,
     noisy_read_,
+    positive_or_one,
     read_blocks,
 )
 from .read_op import _add_bias, _check_input, _copied_from, _crossbar, _output_dtype
@@ -162,7 +164,10 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
         stats.dac_conversions += reads * batch * self.in_features
         stats.adc_conversions += reads * batch * t * self.out_features if cfg.adc_bits else 0
         if cfg.correction == "first_order":
-            stats.input_programming_pulses += batch * self.in_features * (cfg.dac_bits or 16)
+            # A x~ reads the array holding x~ once per output and tile (A's row applied
+            # through the DAC); A~ x and A~ x~ are ordinary reads (counted above: 3 -> 2)
+            stats.tile_reads += batch * t * (self.out_features - n_ot)
+            stats.dac_conversions += batch * self.in_features * (self.out_features - 1)
 
         if self._native_ok(x2d):
             y = x2d.new_empty(batch, self.out_features)
@@ -251,7 +256,7 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
 
         w_var = self._read_variance()
 
-        def std_of(inputs: torch.Tensor, cols: slice) -> torch.Tensor | None:
+        def std_of(inputs: torch.Tensor, cols: slice, rows: slice) -> torch.Tensor | None:
             """Read-noise std of each partial sum: (T, B, 1) for the state-independent
             model, (T, B, C) for a state-dependent one (``sqrt(inputs^2 @ w_var)``)."""
             if sigma <= 0:
@@ -260,15 +265,10 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
                 return (2**0.5 * sigma) * inputs.norm(dim=-1, keepdim=True)
             return torch.bmm(inputs * inputs, w_var[..., cols]).clamp_min_(0).sqrt_()
 
-        # (inputs, weights, sign in A x~ + A~ x - A~ x~)
-        reads = [(codes_t, self.w_read, 0)]
+        # (inputs, weights, sign in A x~ + A~ x - A~ x~, DAC range, read-noise std)
+        reads = [(codes_t, self.w_read, 0, s_in_t, std_of)]
         if cfg.correction == "first_order":
-            exact_in = (xt * (levels / s_in)).transpose(0, 1)  # x at full precision, code units
-            reads = [
-                (codes_t, self.w_exact, 0),
-                (exact_in, self.w_read, 1),
-                (codes_t, self.w_read, -1),
-            ]
+            reads = self._first_order_reads(xt, codes_t, s_in, levels, std_of)
         n_rows = xt.shape[0]
         col_scale = self.col_scale.unsqueeze(1).to(codes.dtype)  # (T, 1, C)
         for c0 in range(0, self.out_features, plan.cols):
@@ -276,14 +276,14 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
             for r0 in range(0, n_rows, plan.rows):
                 rows = slice(r0, r0 + plan.rows)
                 u = None  # one read at a time: at most two partial-sum stacks alive
-                for inputs, weights, sign in reads:
+                for inputs, weights, sign, s_read, std_fn in reads:
                     part = self._read_stack(
                         inputs[:, rows],
                         weights[..., cols],
-                        std_of(inputs[:, rows], cols),
+                        std_fn(inputs[:, rows], cols, rows),
                         gen,
                         levels,
-                        s_in_t[:, rows],
+                        s_read[:, rows],
                     )
                     if u is None:
                         u = part
@@ -295,6 +295,47 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
                 # digital: per-column scale of each tile, then add the tiles
                 torch.sum(u.mul_(col_scale[..., cols]), 0, out=out[rows, cols])  # type: ignore[union-attr]
                 del u  # before the next block's stack is allocated
+
+    def _first_order_reads(self, xt, codes_t, s_in, levels, std_of) -> list:
+        """The three reads of first-order correction, ``p = A x~ + A~ x - A~ x~``, every one
+        a simulated crossbar read (MELISO+'s mapping, one x~ array per input vector):
+
+        * x~: each input vector (per input tile, over its DAC range) is written onto cells
+          of the configured material by write-and-verify and read back
+          (:meth:`_program_inputs`), so it carries that material's programming error;
+        * ``A x~``: A's rows, through the DAC (``w_exact``: the codes of each tile column
+          over its column scale), applied as inputs to the array holding x~; its read noise
+          is that of the x~ cells, its ADC the configured one;
+        * ``A~ x``: the ordinary read (DAC codes of x on the programmed weights);
+        * ``A~ x~``: the read-back x~ through the DAC on the programmed weights.
+
+        Returns (inputs (T, B, R), weights, sign, DAC range (T, B, 1), read-noise std)."""
+        cfg = self.rram_config
+        s_in_t = s_in.transpose(0, 1)
+        # the range x is written over: the DAC's (or, without a DAC, each tile's |max|)
+        rng = s_in if cfg.dac_bits is not None else positive_or_one(absmax(xt, -1))
+        prog = self._program_inputs(xt / rng)
+        x_tilde = prog.x_read.transpose(0, 1)  # (T, B, R), normalised over rng
+        var_x = prog.var.transpose(0, 1)
+        if cfg.dac_bits is not None:  # the read-back x~ through the same DAC
+            codes_tilde = (x_tilde * levels).round_().clamp_(-levels, levels)
+        else:
+            codes_tilde = x_tilde * rng.transpose(0, 1)
+        w_a = self.w_exact  # type: ignore[attr-defined]
+
+        noisy = bool(var_x.any())
+
+        def std_a(inputs: torch.Tensor, cols: slice, rows: slice) -> torch.Tensor | None:
+            # the read noise of the x~ cells, weighted by A's codes applied to them
+            if not noisy:
+                return None
+            return torch.bmm(var_x[:, rows], w_a[..., cols].square()).clamp_min_(0).sqrt_()
+
+        return [
+            (x_tilde, w_a, 0, rng.transpose(0, 1), std_a),
+            (codes_t, self.w_read, 1, s_in_t, std_of),
+            (codes_tilde, self.w_read, -1, s_in_t, std_of),
+        ]
 
     def _fused_reads(
         self, x2d: torch.Tensor, sigma: float, gen: NoiseSource | None, out: torch.Tensor

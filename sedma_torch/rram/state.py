@@ -26,8 +26,10 @@ from .config import RRAMConfig
 from .crossbar import (
     CrossbarStats,
     NoiseSource,
+    ProgrammedInputs,
     derive_seed,
     fused_read_on,
+    program_inputs,
     program_tiles,
     quant_levels,
 )
@@ -229,7 +231,14 @@ class _CrossbarMixin(_LambdaController):
             torch.empty(0, device=tiles.device, dtype=dtype) if w_var is None else w_var.to(dtype)
         )
         if self.rram_config.correction == "first_order":
-            self.w_exact = (tiles / self.col_scale.unsqueeze(1)).to(dtype)  # type: ignore[attr-defined]
+            # A's rows through the DAC (first-order correction's A x~ applies them as inputs
+            # to the array that holds x~): each tile column over its largest |w| (the column
+            # scale), rounded to the DAC's codes
+            exact = tiles / self.col_scale.unsqueeze(1)  # type: ignore[attr-defined]
+            bits = self.rram_config.dac_bits
+            if bits is not None:
+                exact = exact.mul_(quant_levels(bits)).round_()
+            self.w_exact = exact.to(dtype)
         else:
             self.w_exact = torch.empty(0, device=tiles.device, dtype=dtype)
         self._refresh_caches()
@@ -257,6 +266,18 @@ class _CrossbarMixin(_LambdaController):
             self._set_read_state(
                 read_back(g, cfg, cfg.device, nu), tiles, read_variance(g, cfg, cfg.device, nu)
             )
+
+    def _program_inputs(self, u: torch.Tensor) -> ProgrammedInputs:
+        """Write normalised inputs ``u`` (values in [-1, 1]) onto cells for first-order
+        correction (:func:`~sedma_torch.rram.crossbar.program_inputs`), counting the cells
+        and pulses in the layer's statistics. Each call is a new write event."""
+        event = getattr(self, "_input_writes", 0)
+        self._input_writes = event + 1
+        with torch.inference_mode(False), torch.no_grad():
+            prog = program_inputs(u.detach(), self.rram_config, self.rram_seed, event)
+        self.rram_stats.input_programming_pulses += prog.stats.pulses
+        self.rram_stats.input_cells_programmed += prog.stats.cells
+        return prog
 
     def _read_variance(self) -> torch.Tensor | None:
         """The read-noise variance per weight (T, R, C) of a state-dependent noise model, in
@@ -388,6 +409,9 @@ class _CrossbarMixin(_LambdaController):
             and self.rram_config.adc_bits is not None
             and not fused_read_on()
             and self.col_scale.dtype == torch.float32  # type: ignore[attr-defined]
+            # first-order correction writes x~ onto cells and reads A through them: the
+            # PyTorch paths (the compiled reads do not program inputs)
+            and self.rram_config.correction != "first_order"
             and native_rng.available()
         )
 

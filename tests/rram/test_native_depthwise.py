@@ -692,7 +692,7 @@ def test_depthwise_read_noise_variance_matches_patch_norm_formula(count_native_r
 
 @needs_kernel
 @pytest.mark.parametrize("dac_bits", [None, 6])
-def test_float32_depthwise_first_order_equals_float64_path(dac_bits, count_native_reads):
+def test_float32_depthwise_first_order_runs_the_pytorch_reads_and_equals_float64(dac_bits, count_native_reads):
     cfg = IDEAL.replace(
         adc_bits=6, dac_bits=dac_bits, correction="first_order", tile_rows=20, tile_cols=4
     )
@@ -704,7 +704,9 @@ def test_float32_depthwise_first_order_equals_float64_path(dac_bits, count_nativ
     with torch.no_grad():
         want = layer64(x).numpy()
         got = layer32(x.float()).double().numpy()
-    assert len(count_native_reads) == 3  # codes/exact, exact/programmed, codes/programmed
+    # first-order correction writes x~ onto cells: the PyTorch reads, not the compiled one
+    # (at ideal, x~ = x, so float32 and float64 agree up to rounding)
+    assert len(count_native_reads) == 0
     scale = np.abs(want).max()
     off = np.abs(got - want) > 1e-4 * scale
     assert off.mean() < 0.03
