@@ -692,7 +692,9 @@ def test_depthwise_read_noise_variance_matches_patch_norm_formula(count_native_r
 
 @needs_kernel
 @pytest.mark.parametrize("dac_bits", [None, 6])
-def test_float32_depthwise_first_order_runs_the_pytorch_reads_and_equals_float64(dac_bits, count_native_reads):
+def test_float32_depthwise_first_order_runs_the_pytorch_reads_and_equals_float64(
+    dac_bits, count_native_reads
+):
     cfg = IDEAL.replace(
         adc_bits=6, dac_bits=dac_bits, correction="first_order", tile_rows=20, tile_cols=4
     )
