@@ -103,3 +103,30 @@ def test_self_evolution_second_run_starts_from_the_first(tmp_path):
     assert runs["run 1"]["memory_hits"] == 0 and runs["run 2"]["memory_hits"] == 4
     assert runs["run 2"]["calibration_steps"] < runs["run 1"]["calibration_steps"]
     assert runs["fixed 1e-12"]["calibration_steps"] == 0
+
+
+def test_correction_regimes_quick_shows_where_correction_helps(tmp_path, shared_data):
+    _run(
+        [
+            "scripts/correction_regimes.py",
+            "--quick",
+            "--matrix",
+            str(shared_data / "bcsstk02.mtx"),
+            "--read-noise-model",
+            "independent",
+            "--output-dir",
+            str(tmp_path),
+        ],
+        tmp_path,
+    )
+    rows = json.loads((tmp_path / "correction_regimes_independent_quick.json").read_text())
+    rows = rows["results"]
+    assert {r["matrix"] for r in rows} == {"bcsstk02", "poisson2d_12"} and len(rows) == 8
+    for r in rows:
+        none, corrected = r["none"]["rel_l2"], r["first_order"]["rel_l2"]
+        assert corrected[0] < 0.5 * none[0]  # no read noise: correction removes most error
+        # the corrected error grows with read noise faster than the uncorrected one
+        assert corrected[-1] / corrected[0] > none[-1] / none[0]
+        cross = r["crossover_sigma"]
+        assert cross is None or 0 < cross <= 0.02
+    assert (tmp_path / "correction_regimes_independent_quick.png").exists()

@@ -229,3 +229,57 @@ def test_depthwise_output_noise_variance_matches_the_closed_form(dtype):
     ratio = ys.var(0) / pred
     assert np.all(np.abs(ratio - 1) < 5.5 * math.sqrt(2 / n)), ratio
     assert abs(ratio.mean() - 1) < 0.02, ratio.mean()
+
+
+def test_first_order_output_noise_is_the_sum_of_its_three_reads_closed_form():
+    # deterministic writes (no cycle-to-cycle noise, no device spread), no ADC: the spread
+    # of p over repeated forwards is read noise only, three independent draws:
+    # Var p = Var(A x~) + Var(A~ x) + Var(A~ x~), each from the cells it reads
+    cfg = st.RRAMConfig(
+        material="taox_hfox",
+        dac_bits=8,
+        adc_bits=None,
+        tile_rows=16,
+        tile_cols=8,
+        programming_noise=False,
+        device_variation=False,
+        correction="first_order",
+        seed=11,
+    )
+    torch.manual_seed(12)
+    digital = torch.nn.Linear(30, 10, bias=False, dtype=torch.float64)
+    layer = st.RRAMLinear.from_linear(digital, config=cfg)
+    x = torch.randn(1, 30, dtype=torch.float64)
+    seen = []
+    original = layer._program_inputs
+    layer._program_inputs = lambda u: seen.append(original(u)) or seen[-1]
+    n = 1500
+    with torch.no_grad():
+        ys = torch.cat([layer(x) for _ in range(n)]).numpy()
+    # x~ is the same at every forward (deterministic write)
+    assert all(torch.equal(p.x_read, seen[0].x_read) for p in seen)
+    mat = cfg.device
+    r, gmin = mat.read_noise, mat.g_min / mat.g_range
+    x_read = seen[0].x_read.numpy()[0]  # (T, R)
+    # proportional noise of the x~ pair: one cell at Gmin + |x~| range, the other at Gmin
+    var_x = r**2 * ((gmin + np.maximum(x_read, 0)) ** 2 + (gmin + np.maximum(-x_read, 0)) ** 2)
+    gp, gn = layer.g_pos.numpy(), layer.g_neg.numpy()
+    var_w = _cell_variance(gp, mat, "proportional") + _cell_variance(gn, mat, "proportional")
+    cs = layer.col_scale.numpy()
+    t, rows, _ = gp.shape
+    levels = 127
+    xp = np.pad(x.numpy()[0], (0, t * rows - 30)).reshape(t, rows)
+    at = np.pad(digital.weight.detach().numpy().T, ((0, t * rows - 30), (0, 0))).reshape(t, rows, 10)
+    pred = np.zeros(10)
+    for k in range(t):
+        s = np.abs(xp[k]).max()
+        codes_x = np.round(xp[k] / s * levels)
+        codes_xt = np.clip(np.round(x_read[k] * levels), -levels, levels)
+        codes_a = np.round(at[k] / np.abs(at[k]).max(0) * levels)
+        unit = (cs[k] * s / levels) ** 2
+        pred += unit * (var_x[k] @ codes_a**2)  # A x~: noise of the x~ cells
+        pred += unit * (codes_x**2 @ var_w[k])  # A~ x
+        pred += unit * (codes_xt**2 @ var_w[k])  # A~ x~
+    ratio = ys.var(0) / pred
+    assert np.all(np.abs(ratio - 1) < 5 * math.sqrt(2 / n)), ratio
+    assert abs(ratio.mean() - 1) < 0.03, ratio.mean()
