@@ -269,7 +269,9 @@ def test_first_order_output_noise_is_the_sum_of_its_three_reads_closed_form():
     t, rows, _ = gp.shape
     levels = 127
     xp = np.pad(x.numpy()[0], (0, t * rows - 30)).reshape(t, rows)
-    at = np.pad(digital.weight.detach().numpy().T, ((0, t * rows - 30), (0, 0))).reshape(t, rows, 10)
+    at = np.pad(digital.weight.detach().numpy().T, ((0, t * rows - 30), (0, 0))).reshape(
+        t, rows, 10
+    )
     pred = np.zeros(10)
     for k in range(t):
         s = np.abs(xp[k]).max()
