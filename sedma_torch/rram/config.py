@@ -16,6 +16,7 @@ from typing import Any
 from .materials import READ_NOISE_MODELS, Material, check_cmo_window, get_material
 
 CORRECTIONS = ("none", "first_order")
+ADC_RANGINGS = ("calibrated", "per_read")
 DENOISERS = ("none", "fixed", "adaptive")
 
 
@@ -45,8 +46,15 @@ class RRAMConfig:
     column currents at full precision."""
     adc_range: float | None = None
     """ADC full scale in normalised units (inputs in [-1, 1] times weights in [-1, 1],
-    summed over a tile column), > 0; ``None`` auto-ranges each read per input vector and
-    tile to its largest column output (a programmable-gain front end)."""
+    summed over a tile column), > 0, the same for every tile; ``None``: set by
+    ``adc_ranging``."""
+    adc_ranging: str = "calibrated"
+    """How the ADC full scale is set when ``adc_range`` is None: ``"calibrated"`` (the
+    default, realisable): once per programming, from the first batch the layer reads (up
+    to ``calibration_rows`` rows or images), each physical tile's largest column output,
+    then frozen (outputs beyond it saturate) -- like CrossSim's CALIBRATED ranges or
+    aihwkit's ``out_bound``; ``"per_read"``: every read auto-ranges each tile to its own
+    largest output, which a converter cannot know before it converts (an idealisation)."""
     write_verify_iters: int = 20
     """Maximum program-and-verify iterations per programming event, >= 1 (1 is a
     single open-loop write)."""
@@ -164,6 +172,10 @@ class RRAMConfig:
                 )
             if self.read_noise_model == "cmo_1f" and self.device.read_noise > 0:
                 check_cmo_window(self.device)
+        if self.adc_ranging not in ADC_RANGINGS:
+            raise ValueError(
+                f"RRAMConfig.adc_ranging must be one of {ADC_RANGINGS}, got {self.adc_ranging!r}"
+            )
         if self.correction not in CORRECTIONS:
             raise ValueError(
                 f"RRAMConfig.correction must be one of {CORRECTIONS}, got {self.correction!r}"
@@ -182,6 +194,16 @@ class RRAMConfig:
     def noise_model(self) -> str:
         """The read-noise model in force (the config's, else the material's)."""
         return self.read_noise_model or self.device.read_noise_model
+
+    @property
+    def adc_calibrated(self) -> bool:
+        """True when the ADC ranges are calibrated once and frozen (an ADC, no fixed
+        ``adc_range``, ``adc_ranging="calibrated"``)."""
+        return (
+            self.adc_bits is not None
+            and self.adc_range is None
+            and (self.adc_ranging == "calibrated")
+        )
 
     @property
     def is_exact(self) -> bool:
@@ -271,4 +293,4 @@ def preset(name: str, **overrides: Any) -> RRAMConfig:
     return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
 
 
-__all__ = ["CORRECTIONS", "DENOISERS", "PRESETS", "RRAMConfig", "preset"]
+__all__ = ["ADC_RANGINGS", "CORRECTIONS", "DENOISERS", "PRESETS", "RRAMConfig", "preset"]

@@ -421,7 +421,7 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
         ).clamp_min_(0)
 
     def _dac_images(
-        self, xp: torch.Tensor
+        self, xp: torch.Tensor, program_inputs: bool = True
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, Any] | None, torch.Tensor, int]:
         """One channels-last copy of the images ``xp`` (spatially padded), each group's
         channels padded to whole tiles and converted in place by the DACs (one range per
@@ -440,7 +440,7 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
         buf.view(b, g, n_it * cpt, h, w)[:, :, :c_g] = xp.view(b, g, c_g, h, w)
         xt = buf.view(b, t_tiles, cpt, h, w)
         normalised = None
-        if cfg.correction == "first_order":
+        if cfg.correction == "first_order" and program_inputs:
             # the input over the range it is written onto cells with (x~ of first-order
             # correction): the DAC's (fixed or auto), or each tile's |max| without a DAC
             if cfg.dac_bits is not None and cfg.dac_range is not None:
@@ -450,6 +450,28 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
             normalised = ((xt / scale).clamp_(-1, 1), scale)
         _, s_in, levels = dac(xt, cfg, (2, 3, 4), out=xt)
         return buf, normalised, s_in, levels
+
+    def _calibration_input(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(
+            type(self).__name__,
+            x,
+            lambda t: t.ndim in (3, 4) and t.shape[-3] == self.in_channels,
+            f"(N, {self.in_channels}, H, W) or ({self.in_channels}, H, W)",
+        )
+        x = x.detach().to(self._compute_dtype())
+        return self._spatial_pad(x.unsqueeze(0) if x.ndim == 3 else x)
+
+    def _calibration_partial_sums(self, xp: torch.Tensor) -> torch.Tensor:
+        """Noise-free partial sums (T, N H' W', out_g) of images ``xp`` (spatially padded)
+        in DAC code units: each input tile's codes convolved with its programmed weights."""
+        self._output_size(xp)  # an image smaller than the kernel: the read's own error
+        _, n_it, _ = self._geometry()
+        t_tiles = self.groups * n_it
+        out_g = self.out_channels // self.groups
+        codes, _, _, _ = self._dac_images(xp.to(self.w_read.dtype), program_inputs=False)
+        u = F.conv2d(codes, self._w_conv, groups=t_tiles, **self._conv_args())
+        b, _, hh, ww = u.shape
+        return u.view(b, t_tiles, out_g, hh, ww).permute(1, 0, 3, 4, 2).reshape(t_tiles, -1, out_g)
 
     def _fused_reads(
         self, xp: torch.Tensor, sigma: float, gen: NoiseSource | None, y: torch.Tensor
@@ -543,6 +565,11 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
         b = xp.shape[0]
         codes_flat, normalised, s_in, levels = self._dac_images(xp)
         s_in_nhwc = s_in.view(b, 1, 1, t_tiles, 1)
+        # calibrated ADC full scales (T, column groups, 1), shared by first-order
+        # correction's three reads (their partial sums all approximate A x in code units)
+        adc_full = self._adc_ranges()
+        if adc_full is not None:
+            adc_full = adc_full.unsqueeze(-1)
 
         def read(
             inp: torch.Tensor,
@@ -578,7 +605,7 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
             elif sigma > 0:  # state-dependent: one std per partial sum
                 std = self._tile_variance(inp * inp).sqrt_()
                 std = std.permute(0, 2, 3, 1).reshape(b, hh, ww, t_tiles, out_g)
-            return noisy_read_(u, std, gen, cfg, levels, s_in_nhwc)
+            return noisy_read_(u, std, gen, cfg, levels, s_read, adc_full)
 
         if normalised is not None:
             # first-order correction, p = A x~ + A~ x - A~ x~ (RRAMLinear._first_order_reads):
@@ -593,7 +620,7 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
             else:  # no DAC: x~ at full precision
                 codes_tilde = (prog.x_read * write_scale).reshape(codes_flat.shape)
             s_a = torch.as_tensor(write_scale, dtype=xp.dtype, device=xp.device)
-            s_a = s_a.reshape(b, 1, 1, t_tiles, 1) if s_a.ndim else s_a
+            s_a = s_a.reshape(b, 1, 1, t_tiles, 1) if s_a.ndim else s_a.reshape(1, 1, 1, 1, 1)
             u = read(x_tilde, self._w_conv_exact, var_x, s_a)
             u += read(codes_flat, self._w_conv)
             u -= read(codes_tilde, self._w_conv)
@@ -704,6 +731,15 @@ class RRAMConv1d(RRAMConv2d):
             f"(N, {self.in_channels}, L) or ({self.in_channels}, L)",
         )
         return super().forward(x.unsqueeze(-2)).squeeze(-2)
+
+    def _calibration_input(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(
+            type(self).__name__,
+            x,
+            lambda t: t.ndim in (2, 3) and t.shape[-2] == self.in_channels,
+            f"(N, {self.in_channels}, L) or ({self.in_channels}, L)",
+        )
+        return super()._calibration_input(x.unsqueeze(-2))
 
     def extra_repr(self) -> str:
         cfg = self.rram_config

@@ -23,8 +23,11 @@ Read path for one input vector (all tiles at once, one batched matmul):
    is exactly Gaussian at the output with variance ``sum_j (s(G+_jc) + s(G-_jc))
    codes_j^2`` per column (``codes^2 @ w_var``; ``2 sigma^2 ||codes||^2`` for the
    state-independent model): drawn there (one draw per output).
-4. ADC per column: ``round(u / r * L_adc) * r / L_adc`` with ``r`` the per-read auto range
-   (largest |u| of the physical tile for this vector) or ``adc_range * L``, saturating.
+4. ADC per column: ``round(u / r * L_adc) * r / L_adc``, clipped to +-L_adc, with ``r``
+   the full scale of the physical tile: calibrated once per programming (the default,
+   ``adc_ranging="calibrated"``: the largest noise-free |u| of the tile over the first
+   batch read, then frozen), or ``adc_range * L``; ``adc_ranging="per_read"`` instead
+   auto-ranges each read to the tile's largest |u| for this vector (an idealisation).
 5. Digital: scale by ``s_in / L * col_scale`` and add the T partial sums.
 
 The read noise is drawn into the output buffer first and the batched product is
@@ -102,6 +105,13 @@ class CrossbarStats:
     correction)."""
     input_cells_programmed: int = 0
     """Cells written with inputs x~ (two per input value; first-order correction)."""
+    adc_calibration_reads: int = 0
+    """Input vectors (rows; output pixels of images) read to calibrate the ADC full scales
+    (``adc_ranging="calibrated"``: once per programming, noise-free full-precision
+    readout of each tile's column outputs)."""
+    reference_products: int = 0
+    """Output vectors computed digitally (exact products of the digital weights) to
+    calibrate the adaptive lambda against (``denoise="adaptive"``)."""
     last_programming: ProgrammingStats | None = None
     """Statistics of the most recent programming event."""
 
@@ -117,6 +127,8 @@ class CrossbarStats:
                 "programming_events",
                 "input_programming_pulses",
                 "input_cells_programmed",
+                "adc_calibration_reads",
+                "reference_products",
             )
         }
         if self.last_programming is not None:
@@ -393,8 +405,12 @@ def noisy_read_(
     cfg: RRAMConfig,
     dac_levels: int,
     s_in: torch.Tensor,
+    full: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Read noise, column ADC and de-quantisation of column outputs ``u`` (columns last).
+
+    ``full``: calibrated ADC full scales (DAC code units), broadcastable to the grouped
+    view ``(..., column groups, tile_cols)`` of ``u`` (see :func:`adc_dequantise_`).
 
     ``std`` (broadcastable: size 1 in the last dim, one per row, or one per output) is the
     read-noise standard deviation of each output. By default noise is drawn with ``NoiseSource.randn`` and the ADC runs
@@ -409,12 +425,13 @@ def noisy_read_(
         cfg.adc_bits is not None
         and n_ot * width == cols
         and u.device.type in ("cpu", "cuda")
+        and full is None
         and fused_read_enabled(u.numel())
     )
     if not fused:
         if std is not None and noise is not None:
             u.addcmul_(noise.randn(u.shape, u.device, u.dtype), std)
-        return adc_dequantise_(u, cfg, dac_levels, s_in, col_dim=-1)
+        return adc_dequantise_(u, cfg, dac_levels, s_in, col_dim=-1, full=full)
     levels = quant_levels(cfg.adc_bits)  # type: ignore[arg-type]
     fixed = -1.0 if cfg.adc_range is None else cfg.adc_range * dac_levels
     params = torch.tensor([levels, dac_levels, fixed], dtype=u.dtype, device=u.device)
@@ -537,14 +554,22 @@ def _fused_read():
 
 
 def adc_dequantise_(
-    u: torch.Tensor, cfg: RRAMConfig, dac_levels: int, s_in: torch.Tensor, col_dim: int
+    u: torch.Tensor,
+    cfg: RRAMConfig,
+    dac_levels: int,
+    s_in: torch.Tensor,
+    col_dim: int,
+    full: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Column ADC on u, then de-quantisation to input units, in place where possible.
 
     ``u`` holds normalised column outputs in DAC code units with the columns along
     ``col_dim``; ``s_in`` (broadcastable to u, size 1 along ``col_dim``) is the DAC full
-    scale. Columns are grouped into physical tiles of ``tile_cols``; with
-    ``adc_range=None`` each group auto-ranges to its largest |output| per read. Returns
+    scale. Columns are grouped into physical tiles of ``tile_cols``. The full scale of each
+    group: ``full`` when given (calibrated ranges in DAC code units, broadcastable to the
+    grouped view ``(..., groups, tile_cols, ...)`` of ``u``, saturating), else
+    ``adc_range * dac_levels`` (saturating), else -- ``adc_ranging="per_read"`` -- the
+    group's own largest |output| of this read. Returns
     ``q * step * s_in / dac_levels`` shaped like ``u`` (before the per-column scale).
     """
     col_dim %= u.ndim
@@ -557,18 +582,14 @@ def adc_dequantise_(
     pad = n_ot * width - cols
     up = torch.nn.functional.pad(u, [0, 0] * (u.ndim - 1 - col_dim) + [0, pad]) if pad else u
     ug = up.view(*up.shape[:col_dim], n_ot, width, *up.shape[col_dim + 1 :])
-    if cfg.adc_range is None:
+    saturate = full is not None or cfg.adc_range is not None
+    if full is not None:
+        full = full.to(u.dtype)
+    elif cfg.adc_range is None:
         full = positive_or_one(absmax(ug, col_dim + 1))
     else:
         full = torch.tensor(cfg.adc_range * dac_levels, dtype=u.dtype, device=u.device)
-    _quantise_(
-        ug,
-        full,
-        levels,
-        dac_levels,
-        s_in.unsqueeze(col_dim + 1),
-        saturate=cfg.adc_range is not None,
-    )
+    _quantise_(ug, full, levels, dac_levels, s_in.unsqueeze(col_dim + 1), saturate=saturate)
     return up.narrow(col_dim, 0, cols) if pad else u
 
 

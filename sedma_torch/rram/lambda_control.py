@@ -48,11 +48,13 @@ class _LambdaController:
     ``last_lambda``, ``last_calibration_error``, ``lambda_memory``, ``long_term_memory``,
     ``short_term_memory``) is set up by ``_CrossbarMixin._rram_init`` and reset by
     ``reconfigure_``; it also reads the layer's ``rram_config``, ``rram_seed``, ``weight``,
-    ``_programmed_fp`` and ``_transposed_weight``.
+    ``_programmed_fp`` and ``_transposed_weight``, and counts its digital reference
+    products in ``rram_stats``.
     """
 
     if TYPE_CHECKING:  # for type checkers only: the attributes named above
         rram_config: RRAMConfig
+        rram_stats: Any
         weight: nn.Parameter
         _programmed_fp: int | None
         _lambda_recent: float | None
@@ -143,6 +145,8 @@ class _LambdaController:
         cfg = self.rram_config
         rows = min(cfg.calibration_rows, p.shape[0])
         ref = reference(rows)
+        # the digital products calibration costs: one per output vector (row, or pixel)
+        self.rram_stats.reference_products += ref.numel() // max(ref.shape[-1], 1)
         grid, mse = lambda_errors(p[:rows], ref)
         power = float((ref.detach().double() ** 2).mean())
         rel = mse / max(power, 1e-300)

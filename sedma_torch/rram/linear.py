@@ -225,18 +225,21 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
         gen: NoiseSource | None,
         levels: int,
         s_in_t: torch.Tensor,
+        full: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """inputs (T, B, R) in DAC code units @ weights (T, R, C) with read noise of
-        standard deviation ``std`` ((T, B, 1) or (T, B, C)), then ADC and de-quantisation: (T, B, C)
-        partial sums in input units (before the column scale)."""
-        if std is None or fused_read_enabled(inputs.shape[0] * inputs.shape[1] * weights.shape[-1]):
+        standard deviation ``std`` ((T, B, 1) or (T, B, C)), then ADC (calibrated full
+        scales ``full`` (T, 1, groups, 1), or the config's rule) and de-quantisation:
+        (T, B, C) partial sums in input units (before the column scale)."""
+        numel = inputs.shape[0] * inputs.shape[1] * weights.shape[-1]
+        if std is None or (full is None and fused_read_enabled(numel)):
             u = torch.bmm(inputs, weights)
-            return noisy_read_(u, std, gen, self.rram_config, levels, s_in_t)
+            return noisy_read_(u, std, gen, self.rram_config, levels, s_in_t, full)
         # the noise is drawn into the output first and the product accumulated onto it: no
         # separate noise tensor, no extra pass
         u = gen.randn((*inputs.shape[:2], weights.shape[-1]), inputs.device, inputs.dtype)  # type: ignore[union-attr]
         u.mul_(std).baddbmm_(inputs, weights)
-        return adc_dequantise_(u, self.rram_config, levels, s_in_t, col_dim=-1)
+        return adc_dequantise_(u, self.rram_config, levels, s_in_t, col_dim=-1, full=full)
 
     def _tiled_read(
         self,
@@ -271,8 +274,16 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
             reads = self._first_order_reads(xt, codes_t, s_in, levels, std_of)
         n_rows = xt.shape[0]
         col_scale = self.col_scale.unsqueeze(1).to(codes.dtype)  # (T, 1, C)
+        # calibrated ADC full scales (T, column groups); the three reads of first-order
+        # correction share them (their partial sums all approximate A x in code units)
+        adc_full = self._adc_ranges()
         for c0 in range(0, self.out_features, plan.cols):
             cols = slice(c0, c0 + plan.cols)
+            full = None
+            if adc_full is not None:
+                g0 = c0 // cfg.tile_cols
+                g1 = math.ceil(min(c0 + plan.cols, self.out_features) / cfg.tile_cols)
+                full = adc_full[:, g0:g1, None].unsqueeze(1)  # (T, 1, groups, 1)
             for r0 in range(0, n_rows, plan.rows):
                 rows = slice(r0, r0 + plan.rows)
                 u = None  # one read at a time: at most two partial-sum stacks alive
@@ -284,6 +295,7 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
                         gen,
                         levels,
                         s_read[:, rows],
+                        full,
                     )
                     if u is None:
                         u = part
@@ -295,6 +307,24 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
                 # digital: per-column scale of each tile, then add the tiles
                 torch.sum(u.mul_(col_scale[..., cols]), 0, out=out[rows, cols])  # type: ignore[union-attr]
                 del u  # before the next block's stack is allocated
+
+    def _calibration_input(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(
+            type(self).__name__,
+            x,
+            lambda t: t.ndim >= 1 and t.shape[-1] == self.in_features,
+            f"(..., {self.in_features})",
+        )
+        return x.detach().reshape(-1, self.in_features).to(self._compute_dtype())
+
+    def _calibration_partial_sums(self, x: torch.Tensor) -> torch.Tensor:
+        """Noise-free partial sums (T, N, C) of rows ``x`` (N, in_features) in DAC code
+        units: the DAC codes of each input tile on the programmed weights."""
+        t, r = self._geometry()
+        pad = t * r - self.in_features
+        xt = (F.pad(x, (0, pad)) if pad else x).view(x.shape[0], t, r)
+        codes, _, _ = dac(xt.to(self.w_read.dtype), self.rram_config, -1)
+        return torch.bmm(codes.transpose(0, 1), self.w_read)
 
     def _first_order_reads(self, xt, codes_t, s_in, levels, std_of) -> list:
         """The three reads of first-order correction, ``p = A x~ + A~ x - A~ x~``, every one

@@ -55,7 +55,8 @@ def mvm(
         compare: also report the relative L2 and L-infinity error against the exact product.
 
     With ``denoise="adaptive"``, lambda is calibrated first on ``calibration_rows`` random
-    vectors (seeded, scaled like x) against their exact products, never on the query.
+    vectors (seeded, scaled like x) against their exact products, never on the query; a
+    calibrated ADC (the default) takes its full scales from the same vectors.
         dtype: simulation dtype (float64 by default, so float rounding is not the limit).
     """
     config = RRAMConfig() if config is None else config
@@ -88,15 +89,18 @@ def mvm(
         layer.weight.copy_(a)
         layer.program_()
         xs = xv.unsqueeze(1) if xv.ndim == 1 else xv
-        if config.denoise == "adaptive":
-            # calibrate lambda on separate random inputs scaled like x, never on the query
+        if config.denoise == "adaptive" or config.adc_calibrated:
+            # calibrate lambda and the ADC ranges on separate random inputs scaled like x,
+            # never on the query
             gen = torch.Generator(device=device).manual_seed(
                 derive_seed(config.seed, "calibration")
             )
             rows = config.calibration_rows
             calib = torch.randn(rows, a.shape[1], generator=gen, device=device, dtype=dtype)
             calib *= xs.std().clamp_min(1e-300)
-            layer(calib)
+            layer.calibrate_adc_(calib)
+            if config.denoise == "adaptive":
+                layer(calib)
         y = layer(xs.T).T
     y = y.squeeze(1) if xv.ndim == 1 else y
     stats: dict[str, Any] = dict(layer.rram_stats.as_dict())

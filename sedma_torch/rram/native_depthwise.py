@@ -71,7 +71,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     )
     read = lib.sedma_depthwise_read_f32
     read.argtypes = [ptr, ptr, cint, i64, ptr, ptr, ptr, ptr, i64, cint, f32, f32, f32, f32]
-    read.argtypes += [u32, u32, ptr, cint, i64]
+    read.argtypes += [ptr, u32, u32, ptr, cint, i64]
     read.restype = cint
     lib.sedma_depthwise_normals_f32.argtypes = [ptr, i64, i64, u32, u32]
     lib.sedma_depthwise_normals_f32.restype = cint
@@ -177,6 +177,7 @@ def depthwise_read_(
             f"depthwise_read_: kernel_size {kh}x{kw} does not match the {k} rows of weights"
         )
     native_rng.check_spec(_FUNC, spec)
+    native_rng.check_adc_full(_FUNC, spec, c, -(-m // max(min(spec.group, m), 1)))
     oh, ow = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
     if oh < 1 or ow < 1:
         raise ValueError(
@@ -200,6 +201,7 @@ def depthwise_read_(
         weights=weights,
         col_scale=col_scale,
         variances=variances,
+        adc_full=spec.adc_full,
     )
     if not available():
         raise RuntimeError("native depthwise read kernel unavailable")
@@ -227,6 +229,7 @@ def depthwise_read_(
         float(spec.levels),
         float(spec.dac_levels),
         -1.0 if spec.fixed_full is None else float(spec.fixed_full),
+        None if spec.adc_full is None else spec.adc_full.data_ptr(),
         spec.key[0] & 0x7FFFFFFF,
         spec.key[1] & 0x7FFFFFFF,
         out.data_ptr(),

@@ -170,7 +170,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sedma_pack_weights_f32.restype = None
     fused = lib.sedma_fused_read_f32
     fused.argtypes = [ptr, ptr, i64, i64, ptr, ptr, i64, ctypes.c_int, ptr, f32, ptr, f32, f32]
-    fused.argtypes += [f32]
+    fused.argtypes += [f32, ptr]
     fused.argtypes += [u32, u32, ptr, i64, ctypes.c_int, i64]
     fused.restype = ctypes.c_int
     lib.sedma_tile_absmax_f32.argtypes = [ptr, i64, i64, i64, i64, i64, ptr]
@@ -343,6 +343,20 @@ def check_spec(func: str, spec) -> None:
         raise ValueError(f"{func}: spec.key must be two ints, got {key!r}")
     if isinstance(spec.mode, bool) or spec.mode not in (-1, 0, 1):
         raise ValueError(f"{func}: spec.mode must be -1, 0 or 1, got {spec.mode!r}")
+    if spec.adc_full is not None:
+        check_tensor(func, "spec.adc_full", spec.adc_full)
+        full = spec.adc_full
+        if not bool(torch.isfinite(full).all()) or not bool((full > 0).all()):
+            raise ValueError(f"{func}: spec.adc_full must be finite and > 0")
+
+
+def check_adc_full(func: str, spec, tiles: int, groups: int) -> None:
+    """``spec.adc_full`` (when given) holds one full scale per tile and ADC group."""
+    if spec.adc_full is not None and tuple(spec.adc_full.shape) != (tiles, groups):
+        raise ValueError(
+            f"{func}: spec.adc_full must be ({tiles}, {groups}) (tiles, ADC groups), got "
+            f"{tuple(spec.adc_full.shape)}"
+        )
 
 
 def packed_size(t: int, k: int, c: int, group: int) -> int:
@@ -420,6 +434,9 @@ class ReadSpec:
     """The noise stream's key (two 31-bit words)."""
     mode: int = 0
     """0 writes the output, +1 adds to it, -1 subtracts from it."""
+    adc_full: torch.Tensor | None = None
+    """Calibrated ADC full scales in code units (saturating), (T, ceil(C / group))
+    contiguous float32 -- one per input tile and ADC group; overrides ``fixed_full``."""
 
 
 def _check_input(name: str, x: torch.Tensor, ndim: int) -> None:
@@ -479,6 +496,7 @@ def _read(name, x, geometry, s_in, packed, col_scale, out, spec, noise_offset, p
     check_tensor(name, "s_in", s_in, (t, n))
     check_tensor(name, "packed", packed, contiguous=False)
     group = min(spec.group, max(c, 1))  # a group wider than C is one group of C columns
+    check_adc_full(name, spec, t, -(-c // group))
     expected = packed_size(t, k, c, group)
     if packed.numel() != expected or not packed.is_contiguous():
         raise ValueError(
@@ -506,7 +524,15 @@ def _read(name, x, geometry, s_in, packed, col_scale, out, spec, noise_offset, p
     # noise pair counters noise_offset + (t rows + r) C + c < noise_offset + T rows C
     noise_offset = check_int(name, "noise_offset", noise_offset, 0, INDEX_LIMIT - t * rows * c)
     check_no_overlap(
-        name, "out", out, x=x, s_in=s_in, packed=packed, col_scale=col_scale, packed_var=packed_var
+        name,
+        "out",
+        out,
+        x=x,
+        s_in=s_in,
+        packed=packed,
+        col_scale=col_scale,
+        packed_var=packed_var,
+        adc_full=spec.adc_full,
     )
     if not available():
         raise RuntimeError("native kernels unavailable")
@@ -528,6 +554,7 @@ def _read(name, x, geometry, s_in, packed, col_scale, out, spec, noise_offset, p
         float(spec.levels),
         float(spec.dac_levels),
         -1.0 if spec.fixed_full is None else float(spec.fixed_full),
+        None if spec.adc_full is None else spec.adc_full.data_ptr(),
         spec.key[0] & 0x7FFFFFFF,
         spec.key[1] & 0x7FFFFFFF,
         out.data_ptr(),

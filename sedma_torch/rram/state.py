@@ -19,6 +19,7 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import native_rng
@@ -47,7 +48,7 @@ from .rng import seed_pair
 
 _construction_counter = itertools.count()
 _NO_CONTEXT = contextlib.nullcontext()
-_STATE_KEYS = ("g_pos", "g_neg", "col_scale")
+_STATE_KEYS = ("g_pos", "g_neg", "col_scale", "adc_full")
 _READ_KEYS = ("w_read", "w_exact", "w_var")
 _COUNTER_KEYS = ("rram_seed_", "read_calls", "program_events", "programmed_fp")
 _MEMORY_ATTRS = ("long_term_memory", "short_term_memory")
@@ -206,6 +207,8 @@ class _CrossbarMixin(_LambdaController):
             self.g_pos = prog.g_pos
             self.g_neg = prog.g_neg
             self.col_scale = prog.col_scale
+            # a new chip state: the ADC ranges are calibrated again at the next read
+            self.adc_full = torch.empty(0, device=tiles.device, dtype=tiles.dtype)
             self.program_events = self.program_events + 1  # type: ignore[attr-defined]
             self._set_read_state(prog.w_read, tiles, prog.w_var)
             self.rram_stats.programming_pulses += prog.stats.pulses
@@ -319,7 +322,58 @@ class _CrossbarMixin(_LambdaController):
             self._ensure_programmed(weight)
             if x.shape[0] == 0:  # an empty batch reads nothing
                 return self._read_fake(x)
+            if self.rram_config.adc_calibrated and not self.adc_full.numel():  # type: ignore[attr-defined]
+                self._calibrate_adc(x)
             return self._hardware_forward(x, weight.detach())
+
+    def calibrate_adc_(self, x: torch.Tensor) -> _CrossbarMixin:
+        """Calibrate the ADC full scales now on calibration inputs ``x`` (a batch of what
+        ``forward`` takes; its first ``calibration_rows`` rows or images are used) instead
+        of the first batch read after programming. No effect unless the config's ADC is
+        calibrated (``adc_bits`` set, ``adc_range=None``, ``adc_ranging="calibrated"``).
+        The ranges stay until the layer is programmed again. Returns the layer."""
+        if not self.rram_config.adc_calibrated:
+            return self
+        xin = self._calibration_input(x)
+        if self.rram_config.check_finite:
+            _check_finite(type(self).__name__, xin)
+        with torch.no_grad():
+            self._ensure_programmed(self.weight)
+        if xin.shape[0]:
+            self._calibrate_adc(xin)
+        return self
+
+    def _calibration_input(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        """``forward``'s input as the read takes it (subclasses)."""
+        raise NotImplementedError
+
+    def _calibrate_adc(self, x: torch.Tensor) -> None:
+        """Set the ADC full scale of every physical tile (input tile t x column group g)
+        once: the largest |partial sum| (DAC code units, no read noise) of the first
+        ``calibration_rows`` rows (images) of ``x`` read through the programmed weights.
+        Frozen until the layer is programmed again; later reads saturate beyond it."""
+        cfg = self.rram_config
+        with torch.inference_mode(False), torch.no_grad():
+            u = self._calibration_partial_sums(x[: cfg.calibration_rows].detach())  # (T, N, C)
+            t, n, c = u.shape
+            n_ot = math.ceil(c / cfg.tile_cols)
+            width = cfg.tile_cols if n_ot > 1 else c
+            u = F.pad(u, (0, n_ot * width - c)).view(t, n, n_ot, width)
+            full = u.abs().amax(dim=(1, 3))
+            self.adc_full = torch.where(full > 0, full, torch.ones_like(full))
+        self.rram_stats.adc_calibration_reads += n
+
+    def _calibration_partial_sums(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        """(T, N, C) partial sums of the rows of ``x`` in DAC code units (subclasses)."""
+        raise NotImplementedError
+
+    def _adc_ranges(self) -> torch.Tensor | None:
+        """The calibrated ADC full scales (T, column groups) in DAC code units, or None when
+        the ADC is per-read auto-ranged, has a fixed ``adc_range`` or is absent."""
+        if not self.rram_config.adc_calibrated:
+            return None
+        full = self.adc_full  # type: ignore[attr-defined]
+        return full if full.numel() else None
 
     def _check_read_args(self) -> None:
         """Layer attributes the read relies on (subclasses)."""
@@ -345,6 +399,9 @@ class _CrossbarMixin(_LambdaController):
         if prefix + "g_pos" in state_dict and prefix + "programmed_fp" not in state_dict:
             # a checkpoint from before fingerprints: its conductances are re-programmed
             state_dict[prefix + "programmed_fp"] = torch.zeros((), dtype=torch.int64)
+        if prefix + "g_pos" in state_dict and prefix + "adc_full" not in state_dict:
+            # a checkpoint from before calibrated ADCs: calibrated at the next read
+            state_dict[prefix + "adc_full"] = torch.empty(0)
 
     @staticmethod
     def _after_load_hook(module, incompatible_keys) -> None:
@@ -441,6 +498,9 @@ class _CrossbarMixin(_LambdaController):
         if cfg.correction == "first_order":
             reads = [("w_exact", quantise, 0), ("w_read", False, 1), ("w_read", quantise, -1)]
         keys = self._epilogue_keys(sigma, gen)
+        adc_full = self._adc_ranges()  # calibrated full scales (T, groups) or None
+        if adc_full is not None:
+            adc_full = adc_full.to(torch.float32).contiguous()
         return [
             (
                 weights,
@@ -454,6 +514,7 @@ class _CrossbarMixin(_LambdaController):
                     fixed_full=None if cfg.adc_range is None else cfg.adc_range * dac_levels,
                     key=key,
                     mode=mode,
+                    adc_full=adc_full,
                 ),
             )
             for (weights, rounding, mode), key in zip(reads, keys, strict=True)

@@ -224,7 +224,9 @@ def test_adc_only_equals_per_tile_auto_ranged_partial_sums(device, adc_bits):
     n_in, n_out, tile_rows, tile_cols = 45, 23, 16, 8
     w = rng.standard_normal((n_out, n_in))
     x = rng.standard_normal((10, n_in))
-    cfg = IDEAL.replace(adc_bits=adc_bits, tile_rows=tile_rows, tile_cols=tile_cols)
+    cfg = IDEAL.replace(
+        adc_ranging="per_read", adc_bits=adc_bits, tile_rows=tile_rows, tile_cols=tile_cols
+    )
     y = run(linear_layer(w, cfg, device), x, device)
     ref = np_tiled_adc_product(x, w, tile_rows, tile_cols, adc_bits)
     assert np.abs(ref - x @ w.T).max() > 1e-6  # the ADC is visible
@@ -259,6 +261,7 @@ def test_read_noise_output_variance_matches_cell_noise_formula(adc_bits, dtype):
     # float32 with an ADC runs the compiled epilogue and its noise stream (native_rng)
     sigma = 0.02
     cfg = RRAMConfig(
+        adc_ranging="per_read",
         material=readonly_material(sigma),
         dac_bits=None,
         adc_bits=adc_bits,
@@ -686,7 +689,9 @@ def test_dac_adc_path_equals_reference_for_batches_read_in_chunks(batch):
     n_in, n_out, tile_rows, tile_cols = 75, 19, 16, 8
     w = rng.standard_normal((n_out, n_in))
     x = rng.standard_normal((batch, n_in)) * rng.uniform(0.2, 2.0, size=(batch, 1))
-    cfg = IDEAL.replace(dac_bits=6, adc_bits=5, tile_rows=tile_rows, tile_cols=tile_cols)
+    cfg = IDEAL.replace(
+        adc_ranging="per_read", dac_bits=6, adc_bits=5, tile_rows=tile_rows, tile_cols=tile_cols
+    )
     y = run(linear_layer(w, cfg), x)
     ref = np_tiled_adc_product(x, w, tile_rows, tile_cols, adc_bits=5, dac_bits=6)
     np.testing.assert_allclose(y, ref, rtol=1e-10, atol=1e-10)
@@ -743,6 +748,7 @@ def test_float32_read_equals_numpy_reference_within_one_adc_step(adc_range, batc
     w = rng.standard_normal((n_out, n_in))
     x = rng.standard_normal((batch, n_in)) * rng.uniform(0.2, 2.0, size=(batch, 1))
     cfg = IDEAL.replace(
+        adc_ranging="per_read",
         dac_bits=dac_bits,
         adc_bits=adc_bits,
         adc_range=adc_range,

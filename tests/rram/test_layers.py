@@ -142,7 +142,9 @@ def np_adc_auto(u: np.ndarray, tile_cols: int, bits: int) -> np.ndarray:
 )
 def test_conv_with_adc_matches_tiled_im2col_reference(groups, dtype):
     in_ch, out_ch, k, tile_rows, tile_cols, bits = 6, 10, 3, 20, 3, 5
-    cfg = IDEAL.replace(adc_bits=bits, tile_rows=tile_rows, tile_cols=tile_cols)
+    cfg = IDEAL.replace(
+        adc_ranging="per_read", adc_bits=bits, tile_rows=tile_rows, tile_cols=tile_cols
+    )
     torch.manual_seed(30)
     ref = nn.Conv2d(in_ch, out_ch, k, stride=2, padding=1, groups=groups, dtype=torch.float64)
     layer = RRAMConv2d.from_conv(ref, cfg).to(dtype)
@@ -192,6 +194,7 @@ def test_conv_read_noise_variance_matches_patch_norm_formula(adc_bits, dtype):
         overwrite=True,
     )
     cfg = RRAMConfig(
+        adc_ranging="per_read",
         material="readonly_test",
         dac_bits=None,
         adc_bits=adc_bits,

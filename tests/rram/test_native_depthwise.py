@@ -595,7 +595,9 @@ def test_float32_depthwise_layer_equals_im2col_model_and_float64_path(case, coun
     args = dict(case)
     channels, m = args.pop("channels"), args.pop("m")
     bits, tile_cols = 6, 2
-    cfg = IDEAL.replace(adc_bits=bits, dac_bits=8, tile_rows=25, tile_cols=tile_cols)
+    cfg = IDEAL.replace(
+        adc_ranging="per_read", adc_bits=bits, dac_bits=8, tile_rows=25, tile_cols=tile_cols
+    )
     torch.manual_seed(80 + m)
     ref = nn.Conv2d(channels, channels * m, groups=channels, dtype=torch.float64, **args)
     layer64 = RRAMConv2d.from_conv(ref, cfg)
@@ -664,6 +666,7 @@ def test_depthwise_read_noise_variance_matches_patch_norm_formula(count_native_r
         overwrite=True,
     )
     cfg = RRAMConfig(
+        adc_ranging="per_read",
         material="depthwise_noise_test",
         dac_bits=None,
         adc_bits=16,

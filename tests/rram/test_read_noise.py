@@ -87,6 +87,7 @@ PATHS = [(None, torch.float64), (16, torch.float64), (16, torch.float32)]
 def test_linear_output_noise_variance_matches_the_closed_form(model, adc_bits, dtype):
     torch.manual_seed(3)
     cfg = st.RRAMConfig(
+        adc_ranging="per_read",
         material="taox_hfox",
         dac_bits=8,
         adc_bits=adc_bits,
@@ -162,6 +163,7 @@ def _conv_prediction(layer, x: np.ndarray, model: str) -> np.ndarray:
 def test_conv_output_noise_variance_matches_the_closed_form(model, adc_bits, dtype):
     torch.manual_seed(6)
     cfg = st.RRAMConfig(
+        adc_ranging="per_read",
         material="alox_hfo2",
         dac_bits=8,
         adc_bits=adc_bits,
@@ -202,7 +204,12 @@ def test_depthwise_output_noise_variance_matches_the_closed_form(dtype):
     # float32: the compiled depthwise read; float64: the PyTorch path
     torch.manual_seed(8)
     cfg = st.RRAMConfig(
-        material="taox_hfox", dac_bits=8, adc_bits=16, read_noise_model="proportional", seed=9
+        adc_ranging="per_read",
+        material="taox_hfox",
+        dac_bits=8,
+        adc_bits=16,
+        read_noise_model="proportional",
+        seed=9,
     )
     digital = torch.nn.Conv2d(4, 8, 3, groups=4, bias=False, dtype=dtype)  # multiplier 2
     layer = st.RRAMConv2d.from_conv(digital, config=cfg)

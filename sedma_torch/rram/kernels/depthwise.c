@@ -117,9 +117,9 @@ static void window_sums(const float *restrict codes, const int64_t *restrict off
 
 /* The constants of one read (see sedma_depthwise_read_f32). */
 struct read_args {
-  int64_t n, C, H, W, oh, ow, K, m, P, S, wph, rows, CH, plane, group;
+  int64_t n, C, H, W, oh, ow, K, m, P, S, wph, rows, CH, plane, group, G;
   const int64_t *offs;
-  const float *w, *v, *col_scale;
+  const float *w, *v, *col_scale, *adc_full;
   float noise_std, levels, dac_levels, fixed_full, sign;
   int noisy, saturate, mode;
   uint32_t lo, hi;
@@ -199,7 +199,8 @@ static void read_channel(const struct read_args *q, int64_t img, int64_t t, floa
           float *o = q->out + ((img * q->C + t) * m + j) * P + y * ow;
           float scale = q->sign * unit * cs[j];
           if (q->saturate) {
-            float inv = levels / q->fixed_full, step = q->fixed_full * scale;
+            float ff = q->adc_full ? q->adc_full[t * q->G + g0 / q->group] : q->fixed_full;
+            float inv = levels / ff, step = ff * scale;
             if (q->mode == 0) {
               #pragma omp simd
               for (int64_t p = 0; p < ow; ++p)
@@ -235,7 +236,9 @@ static inline float dac_code(float v, float mult, int quantise, float dac_levels
    channels_last, stored NHWC; geometry = {n, c, h, w, oh, ow, kh, kw, sh, sw, dh, dw}.
    Channel t is input tile t: its kh kw weight rows (i, j order) hold m columns, weights
    (c, kh kw, m). s_in (c, n): DAC full scale of each channel (tile) and image, or NULL: the
-   largest |x| of the image's channel (1 where it is all zero). col_scale (c, m). out: NCHW
+   largest |x| of the image's channel (1 where it is all zero). col_scale (c, m). adc_full
+   (c, ceil(m / group)) or NULL: calibrated ADC full scales of each channel and column
+   group (saturating; else fixed_full > 0, saturating, else auto-ranged). out: NCHW
    contiguous (n, c m, oh, ow), output channel t m + j; mode 0 writes, +1 adds, -1
    subtracts. The read noise of output element e (its NCHW index) has the counter e_offset
    + e. The caller (depthwise_read_) validates all operands -- shapes, geometry >= 1 and
@@ -254,7 +257,7 @@ int sedma_depthwise_read_f32(const float *x, const int64_t *geometry, int channe
                              int64_t m, const float *w, const float *v, const float *s_in,
                              const float *col_scale, int64_t group, int quantise,
                              float noise_std, float levels, float dac_levels, float fixed_full,
-                             uint32_t lo, uint32_t hi, float *out, int mode, int64_t e_offset) {
+                             const float *adc_full, uint32_t lo, uint32_t hi, float *out, int mode, int64_t e_offset) {
   const int64_t n = geometry[0], C = geometry[1], H = geometry[2], W = geometry[3];
   const int64_t oh = geometry[4], ow = geometry[5], kh = geometry[6], kw = geometry[7];
   const int64_t sh = geometry[8], sw = geometry[9], dh = geometry[10], dw = geometry[11];
@@ -278,9 +281,10 @@ int sedma_depthwise_read_f32(const float *x, const int64_t *geometry, int channe
       offs[i * kw + k] = ((ry % sh) * sw + rx % sw) * S + (ry / sh) * wph + rx / sw;
     }
   struct read_args q = {n, C, H, W, oh, ow, K, m, P, S, wph, rows, rows * wph, plane, group,
-                        offs, w, v, col_scale, noise_std, levels, dac_levels, fixed_full,
+                        (m + group - 1) / group, offs, w, v, col_scale, adc_full, noise_std,
+                        levels, dac_levels, fixed_full,
                         mode < 0 ? -1.0f : 1.0f, noise_std > 0.0f || v != NULL,
-                        fixed_full > 0.0f, mode,
+                        fixed_full > 0.0f || adc_full != NULL, mode,
                         lo, hi, e_offset, out};
   int status = 0;
   int64_t tasks = n * blocks;

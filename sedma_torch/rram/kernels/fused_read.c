@@ -258,7 +258,9 @@ static void pack_block(const struct source *s, int64_t r0, int64_t valid, int64_
    variance per weight V, packed as the weights: one more product, codes^2 @ V); the
    noise of (t, r, c) is drawn per ADC group, keyed by the 64-bit pair counter counter0 +
    (t * rows + r) * C + c (rows: the read's n * oh * ow rows). Then the column ADC
-   (`levels`, groups of `group` columns, fixed full scale fixed_full > 0 or auto-range),
+   (`levels`, groups of `group` columns; full scale adc_full[t * G + g] of tile t and group
+   g when adc_full is not NULL (calibrated ranges, G = ceil(C / group)), else fixed_full
+   > 0, both saturating, else each row's auto-range),
    de-quantisation (s_in / (levels * dac_levels)), the column scale col_scale (T, C) and the
    sum over t.
    geometry = {n, c_in, h, w, oh, ow, cpt, kh, kw, sh, sw, dh, dw} (struct source).
@@ -269,7 +271,8 @@ int sedma_fused_read_f32(const float *x, const int64_t *geometry, int64_t T, int
                          const float *restrict wp, const float *restrict vp, int64_t group,
                          int quantise,
                          const float *s_in, float noise_std, const float *col_scale,
-                         float levels, float dac_levels, float fixed_full, uint32_t lo,
+                         float levels, float dac_levels, float fixed_full,
+                         const float *adc_full, uint32_t lo,
                          uint32_t hi, float *restrict out, int64_t out_stride, int mode,
                          int64_t counter0) {
   const int64_t *q = geometry;
@@ -301,7 +304,7 @@ int sedma_fused_read_f32(const float *x, const int64_t *geometry, int64_t T, int
   int64_t tasks = G * chunks;
   int status = 0;
   float sign = mode < 0 ? -1.0f : 1.0f;
-  int saturate = fixed_full > 0.0f;
+  int saturate = fixed_full > 0.0f || adc_full != NULL;
   #pragma omp parallel if (tasks > 1 && B * K * C * T >= 262144)
   {
   float *apack = alloc64(chunk_blocks * MR * K);
@@ -380,7 +383,7 @@ int sedma_fused_read_f32(const float *x, const int64_t *geometry, int64_t T, int
             #pragma omp simd
             for (int64_t c = 0; c < width; ++c) v[c] += sdev * noise[c];
           }
-          float full = fixed_full;
+          float full = adc_full ? adc_full[t * G + g] : fixed_full;
           if (!saturate) {
             float m = 0.0f;
             #pragma omp simd reduction(max:m)
