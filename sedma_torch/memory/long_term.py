@@ -18,7 +18,10 @@ Records
 Keyed records ("patterns", table ``sedma_patterns``; each with ``count`` = records merged,
 ``created_at`` and ``updated_at`` in unix seconds):
 
-- ``lambda`` (material, workload): the λ with the lowest error recorded so far;
+- ``lambda`` (material, workload): the λ that did best *recently*: the last
+  ``lambda_window`` (default 8) observations (λ, error) are kept, and the best λ is the one
+  with the lowest mean error over its observations among them (see
+  :meth:`LongTermMemory.record_lambda`), so a once-lucky record does not win forever;
 - ``partition`` (workload): the partition with the lowest cost recorded so far;
 - ``deployment`` (pattern): the placement with the highest performance recorded so far;
 - any other kind through :meth:`LongTermMemory.put` / :meth:`LongTermMemory.get` (last write
@@ -127,7 +130,12 @@ MAX_NAME_CHARS = 512
 """Longest key (material, workload, peer, content id, pattern) accepted, in characters."""
 BUILTIN_KINDS = frozenset({"lambda", "partition", "deployment"})
 """Pattern kinds written by the dedicated ``record_*`` methods; :meth:`LongTermMemory.put`
-refuses them (their merge rule is "keep the best", not "last write wins")."""
+refuses them (their merge rules are "best recently" or "keep the best", not "last write
+wins")."""
+LAMBDA_WINDOW = 8
+"""Default ``lambda_window``: observations (λ, error) kept per ``lambda`` record."""
+LAMBDA_SAME_RTOL = 1e-9
+"""Two recorded λ values within this relative tolerance count as the same λ."""
 
 _SEP = "\x1f"  # joins the parts of a composite key (material, workload)
 _SQLITE_HEADER = b"SQLite format 3\x00"
@@ -149,11 +157,13 @@ class MemoryEntry:
     key: str | tuple[str, ...]
     """The key as given (``(material, workload)`` for ``lambda``)."""
     value: dict[str, Any]
-    """The stored JSON object (``{"lam", "error"}`` for ``lambda``; the partition;
+    """The stored JSON object (``{"lam", "error", "recent"}`` for ``lambda``: the best λ, its
+    mean recent error, and the kept observations ``[lam, error, seq]`` oldest first; a
+    record written by an older sedma_torch holds ``{"lam", "error"}`` only; the partition;
     ``{"placement", "performance"}`` for ``deployment``)."""
     score: float | None
-    """Error (``lambda``), cost (``partition``), performance (``deployment``), or the
-    ``score`` given to ``put``."""
+    """Mean recent error of the best λ (``lambda``), cost (``partition``), performance
+    (``deployment``), or the ``score`` given to ``put``."""
     count: int
     """Number of records merged into this entry."""
     created_at: float
@@ -443,6 +453,8 @@ class LongTermMemory:
         lru_ttl_s: seconds a cached look-up is trusted (bounds how late another process's
             write is seen); ``None`` trusts it until evicted or invalidated.
         history_capacity: most rows kept in each history (transfers, deployments), ``>= 1``.
+        lambda_window: observations (λ, error) kept per ``lambda`` record, ``>= 1`` (see
+            :meth:`record_lambda`).
         busy_timeout_s: how long a write waits for a busy database (SQLite lock, PostgreSQL
             serialization retries) before raising :class:`MemoryStoreError`.
         connect_timeout_s: PostgreSQL connection timeout.
@@ -464,12 +476,14 @@ class LongTermMemory:
         lru_size: int = 4096,
         lru_ttl_s: float | None = 1.0,
         history_capacity: int = 100_000,
+        lambda_window: int = LAMBDA_WINDOW,
         busy_timeout_s: float = 30.0,
         connect_timeout_s: float = 5.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.capacity = _positive_int("capacity", capacity, 1)
         self.history_capacity = _positive_int("history_capacity", history_capacity, 1)
+        self.lambda_window = _positive_int("lambda_window", lambda_window, 1)
         lru_size = _positive_int("lru_size", lru_size, 0)
         if lru_ttl_s is not None:
             lru_ttl_s = _real("lru_ttl_s", lru_ttl_s, minimum=0.0)
@@ -709,6 +723,25 @@ class LongTermMemory:
                 "last_access": ins.excluded.last_access,
             },
         ).returning(cache.accesses)
+        ins = self._insert(_patterns)
+        self._insert_new_pattern = ins.on_conflict_do_nothing(
+            index_elements=[p.kind, p.key]
+        ).returning(p.count)
+        self._select_pattern_for_update = (
+            sa.select(p.value, p.count)
+            .where(p.kind == sa.bindparam("kind"), p.key == sa.bindparam("key"))
+            .with_for_update()  # PostgreSQL: row lock; SQLite: BEGIN IMMEDIATE already locks
+        )
+        self._update_pattern = (
+            sa.update(_patterns)
+            .where(p.kind == sa.bindparam("b_kind"), p.key == sa.bindparam("b_key"))
+            .values(
+                value=sa.bindparam("b_value"),
+                score=sa.bindparam("b_score"),
+                count=p.count + 1,
+                updated_at=sa.bindparam("b_updated_at"),
+            )
+        )
         self._select_pattern = sa.select(
             p.value, p.score, p.count, p.created_at, p.updated_at
         ).where(p.kind == sa.bindparam("kind"), p.key == sa.bindparam("key"))
@@ -848,16 +881,67 @@ class LongTermMemory:
 
     def record_lambda(self, material: str, workload: str, lam: float, error: float) -> None:
         """Record that denoising strength ``lam`` (``>= 0``) gave ``error`` (``>= 0``, e.g. a
-        relative L2 error) for ``material`` on ``workload``; the entry keeps the λ with the
-        lowest error (the first one on a tie)."""
+        relative L2 error) for ``material`` on ``workload``.
+
+        The entry keeps the last ``lambda_window`` observations ``(lam, error, seq)`` (``seq``
+        = the entry's record count at that write) and its best λ by the **recent-mean
+        rule**: observations are grouped by λ (equal within a relative
+        :data:`LAMBDA_SAME_RTOL`), each λ scores the mean error of its kept observations,
+        and the lowest score wins (a tie: the λ observed most recently). A once-lucky low
+        error is thus outvoted by later worse observations of the same λ, by a lower mean
+        of another λ, and at the latest forgotten ``lambda_window`` records later. A record
+        of an older sedma_torch (``{"lam", "error"}`` only) counts as one observation.
+        One transaction (row locked for the read-modify-write), so concurrent writers lose
+        no observation."""
         key = _SEP.join((_name("material", material), _name("workload", workload)))
-        value = {"lam": _real("lam", lam, minimum=0.0), "error": _real("error", error, minimum=0.0)}
-        self._record_pattern(
-            "record_lambda", self._upsert_lowest, "lambda", key, _json("lam", value), value["error"]
-        )
+        lam = _real("lam", lam, minimum=0.0)
+        error = _real("error", error, minimum=0.0)
+        window = self.lambda_window
+        now = float(self._clock())
+        ident = {"kind": "lambda", "key": key}
+        p = _patterns.c
+
+        def write(conn: Connection) -> list[tuple]:
+            row = conn.execute(self._select_pattern_for_update, ident).first()
+            if row is None:
+                value, score = _lambda_value([(lam, error, 1)])
+                params = {
+                    **ident,
+                    "value": value,
+                    "score": score,
+                    "count": 1,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                if conn.execute(self._insert_new_pattern, params).first() is not None:
+                    return self._evict(conn, _patterns, [p.updated_at, p.count, p.kind, p.key])
+                # another writer created the entry since our read: merge into it
+                row = conn.execute(self._select_pattern_for_update, ident).one()
+            recent = _lambda_observations(row[0])
+            recent.append((lam, error, int(row[1]) + 1))
+            value, score = _lambda_value(recent[-window:])
+            conn.execute(
+                self._update_pattern,
+                {
+                    "b_kind": "lambda",
+                    "b_key": key,
+                    "b_value": value,
+                    "b_score": score,
+                    "b_updated_at": now,
+                },
+            )
+            return []
+
+        try:
+            victims = self._run("record_lambda", write, write=True)
+        finally:
+            self._lru.invalidate(("lambda", key))
+        if victims:
+            self._lru.invalidate(*victims)
 
     def best_lambda(self, material: str, workload: str) -> tuple[float, float] | None:
-        """``(lam, error)`` with the lowest error recorded for (material, workload), or None."""
+        """``(lam, mean recent error)`` of the λ that did best recently for (material,
+        workload) by the rule of :meth:`record_lambda`, or None."""
         key = _SEP.join((_name("material", material), _name("workload", workload)))
         row = self._pattern("best_lambda", "lambda", key)
         return None if row is None else (row.value["lam"], row.value["error"])
@@ -895,7 +979,7 @@ class LongTermMemory:
 
     def get(self, kind: str, key: str | tuple[str, ...]) -> dict[str, Any] | None:
         """The value stored under (kind, key) (a fresh dict), or None. Works for every kind:
-        ``get("lambda", (material, workload))`` gives ``{"lam", "error"}``."""
+        ``get("lambda", (material, workload))`` gives ``{"lam", "error", "recent"}``."""
         kind = _kind(kind)
         row = self._pattern("get", kind, _pattern_key(kind, key))
         return None if row is None else json.loads(row.text)
@@ -1170,6 +1254,35 @@ class LongTermMemory:
 
 
 _META_SQL = f"SELECT name, value FROM {_meta.name}"
+
+
+def _lambda_observations(text: str) -> list[tuple[float, float, int]]:
+    """The observations ``(lam, error, seq)`` of a stored ``lambda`` value, oldest first; a
+    value of an older sedma_torch (``{"lam", "error"}``: its lowest error ever) is one
+    observation with ``seq`` 0."""
+    value = json.loads(text)
+    recent = value.get("recent")
+    if isinstance(recent, list):
+        return [(float(o[0]), float(o[1]), int(o[2])) for o in recent]
+    return [(float(value["lam"]), float(value["error"]), 0)]
+
+
+def _lambda_value(recent: list[tuple[float, float, int]]) -> tuple[str, float]:
+    """(JSON value, score) of a ``lambda`` entry holding ``recent`` (oldest first): the λ
+    with the lowest mean error over its observations; a tie goes to the λ seen last."""
+    groups: list[tuple[float, list[float], int]] = []  # (latest lam, errors, latest seq)
+    for lam, err, seq in recent:
+        for i, (g_lam, errs, _) in enumerate(groups):
+            if math.isclose(lam, g_lam, rel_tol=LAMBDA_SAME_RTOL):
+                errs.append(err)
+                groups[i] = (lam, errs, seq)
+                break
+        else:
+            groups.append((lam, [err], seq))
+    scored = [(math.fsum(errs) / len(errs), -seq, lam) for lam, errs, seq in groups]
+    score, _, lam = min(scored)
+    value = {"lam": lam, "error": score, "recent": [list(o) for o in recent]}
+    return _json("lam", value), score
 
 
 def _sqlite_on_connect(dbapi_connection: sqlite3.Connection, _record: object) -> None:

@@ -494,7 +494,7 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
         self._run_fused_reads(
             sigma,
             gen,
-            lambda spec, packed, packed_var: native_rng.fused_conv_read_(
+            lambda _i, spec, packed, packed_var: native_rng.fused_conv_read_(
                 xp,
                 s_in,
                 packed,
@@ -529,7 +529,7 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
         image and channel, one pass over the (spatially padded) plane for DAC, window
         products and norms, read noise, ADC, de-quantisation and column scale. Images in
         channels-last memory (the output of the compiled 1x1 reads) are read as they are.
-        The reads (one, or three with first-order correction) are :meth:`_read_specs`'."""
+        The read is :meth:`_read_specs`' (first-order correction takes the PyTorch path)."""
         cfg = self.rram_config
         if not xp.is_contiguous(memory_format=torch.channels_last):
             xp = xp.contiguous()  # the kernel reads NCHW or channels-last images

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .correction import lambda_errors
+from .correction import default_lambda_grid, lambda_errors
 from .fingerprint import fingerprint
 
 if TYPE_CHECKING:
@@ -37,6 +37,26 @@ CONVERGED_INTERVAL_FACTOR = 10
 whose error at the current lambda exceeds the best by more than ``LAMBDA_DRIFT_TOLERANCE``
 re-opens the search."""
 LAMBDA_DRIFT_TOLERANCE = 0.2
+LAMBDA_LOG_FLOOR = float(default_lambda_grid()[1])
+"""Smallest positive point of ``default_lambda_grid()`` (1e-4): in the log-scale mix of
+lam_memory and lam_recent a lambda below it (the grid's 0) counts as this value."""
+
+
+def mix_lambda(lam_memory: float, lam_recent: float, alpha: float) -> float:
+    """lam_t = exp(alpha log lam_memory + (1 - alpha) log lam_recent): the weighted geometric
+    mean, i.e. the linear mix on the log scale of the lambda grid.
+
+    A lambda below :data:`LAMBDA_LOG_FLOOR` (0 on the grid) enters as the floor, so
+    0 mixed with 1 at alpha = 0.5 gives 1e-2, not 0. Exact cases: alpha = 1 gives
+    lam_memory, alpha = 0 gives lam_recent, equal inputs give that value (0 stays 0).
+    """
+    if alpha >= 1 or lam_memory == lam_recent:
+        return lam_memory
+    if alpha <= 0:
+        return lam_recent
+    lm = math.log(max(lam_memory, LAMBDA_LOG_FLOOR))
+    lr = math.log(max(lam_recent, LAMBDA_LOG_FLOOR))
+    return math.exp(alpha * lm + (1 - alpha) * lr)
 
 
 class _LambdaController:
@@ -79,9 +99,9 @@ class _LambdaController:
         Args:
             long_term: a :class:`sedma_torch.memory.LongTermMemory` (or anything with
                 ``best_lambda(material, workload)`` / ``record_lambda(material, workload,
-                lam, error)``): the best lambda for (material, workload type) is read at
-                the first calibration as ``lambda_memory``, and every calibration writes
-                its lambda and error back. None: no long-term memory.
+                lam, error)``): the lambda that did best recently for (material, workload
+                type) is read at the first calibration as ``lambda_memory``, and every
+                calibration writes its lambda and error back. None: no long-term memory.
             short_term: a :class:`sedma_torch.memory.ShortTermMemory` holding the windows
                 of calibration errors (shared by layers: keys are per layer); None: a
                 private one; ``False``: no window, only the latest calibration counts.
@@ -113,9 +133,11 @@ class _LambdaController:
         exact product ``reference(rows)``: the relative error of ``denoise(p, lam)`` for
         every lam on ``default_lambda_grid()`` enters the short-term windows, and
         lam_recent is the grid point with the lowest windowed mean error. Then
-        lam_t = alpha lam_memory + (1 - alpha) lam_recent (lam_memory from long-term
-        memory for (material, workload type), or lam_recent alone when there is none),
-        and (lam_t, its error) is written back to long-term memory.
+        lam_t = exp(alpha log lam_memory + (1 - alpha) log lam_recent) (the mix on the log
+        scale of the grid, :func:`mix_lambda`; lam_memory is the lambda that did best
+        recently for (material, workload type) in long-term memory, read at the first
+        calibration, or lam_recent alone when there is none), and (lam_t, its error) is
+        written back to long-term memory.
         """
         cfg = self.rram_config
         if cfg.denoise == "none":
@@ -138,8 +160,7 @@ class _LambdaController:
         assert self._lambda_recent is not None
         if self.lambda_memory is None:
             return self._lambda_recent
-        alpha = self.rram_config.denoise_alpha
-        return alpha * self.lambda_memory + (1 - alpha) * self._lambda_recent
+        return mix_lambda(self.lambda_memory, self._lambda_recent, self.rram_config.denoise_alpha)
 
     def _calibrate(self, p: torch.Tensor, reference) -> None:
         cfg = self.rram_config

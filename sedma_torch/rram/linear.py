@@ -169,11 +169,21 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
             stats.tile_reads += batch * t * (self.out_features - n_ot)
             stats.dac_conversions += batch * self.in_features * (self.out_features - 1)
 
-        if self._native_ok(x2d):
-            y = x2d.new_empty(batch, self.out_features)
-            self._fused_reads(x2d.contiguous(), sigma, gen, y)
-            return self._denoised(y, x2d, weight)
         pad = t * r - self.in_features  # the PyTorch paths read (B, T, R) input tiles
+        if self._native_ok(x2d, first_order_hybrid=True):
+            y = x2d.new_empty(batch, self.out_features)
+            x_tilde = None
+            if cfg.correction == "first_order":
+                # A x~ (it programs x~ onto cells) in PyTorch, into y; A~ x and A~ x~ compiled
+                xt = (F.pad(x2d, (0, pad)) if pad else x2d).view(batch, t, r)
+                plan = read_blocks(batch, t * r, self.out_features, t, cfg.tile_cols, 1)
+                x_tilde = torch.empty_like(xt)
+                for start in range(0, batch, plan.codes_rows):
+                    rows = slice(start, start + plan.codes_rows)
+                    self._tiled_read(xt[rows], sigma, gen, plan, y[rows], x_tilde[rows])
+                x_tilde = x_tilde.view(batch, t * r)[:, : self.in_features].contiguous()
+            self._fused_reads(x2d.contiguous(), sigma, gen, y, x_tilde)
+            return self._denoised(y, x2d, weight)
         xt = (F.pad(x2d, (0, pad)) if pad else x2d).view(batch, t, r)
         if cfg.adc_bits is None and cfg.correction == "none":
             codes, s_in, levels = dac(xt, cfg, -1)
@@ -248,10 +258,13 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
         gen: NoiseSource | None,
         plan: ReadBlocks,
         out: torch.Tensor,
+        x_tilde_out: torch.Tensor | None = None,
     ) -> None:
         """Rows ``xt`` (B, T, R) through DAC, tiles, noise, ADC and the digital tile sum in
         PyTorch, written to ``out`` (B, out_features) block by block (columns outside, rows
-        inside); each read of a block is :meth:`_read_stack`."""
+        inside); each read of a block is :meth:`_read_stack`. With first-order correction
+        and ``x_tilde_out`` (B, T, R): only the ``A x~`` read, and x~ (in input units)
+        written to ``x_tilde_out`` for the compiled reads of the programmed matrix."""
         cfg = self.rram_config
         codes, s_in, levels = dac(xt, cfg, -1)
         codes_t = codes.transpose(0, 1)  # (T, B, R)
@@ -271,7 +284,9 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
         # (inputs, weights, sign in A x~ + A~ x - A~ x~, DAC range, read-noise std)
         reads = [(codes_t, self.w_read, 0, s_in_t, std_of)]
         if cfg.correction == "first_order":
-            reads = self._first_order_reads(xt, codes_t, s_in, levels, std_of)
+            reads = self._first_order_reads(xt, codes_t, s_in, levels, std_of, x_tilde_out)
+            if x_tilde_out is not None:
+                reads = reads[:1]
         n_rows = xt.shape[0]
         col_scale = self.col_scale.unsqueeze(1).to(codes.dtype)  # (T, 1, C)
         # calibrated ADC full scales (T, column groups); the three reads of first-order
@@ -326,7 +341,7 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
         codes, _, _ = dac(xt.to(self.w_read.dtype), self.rram_config, -1)
         return torch.bmm(codes.transpose(0, 1), self.w_read)
 
-    def _first_order_reads(self, xt, codes_t, s_in, levels, std_of) -> list:
+    def _first_order_reads(self, xt, codes_t, s_in, levels, std_of, x_tilde_out=None) -> list:
         """The three reads of first-order correction, ``p = A x~ + A~ x - A~ x~``, every one
         a simulated crossbar read (MELISO+'s mapping, one x~ array per input vector):
 
@@ -339,13 +354,16 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
         * ``A~ x``: the ordinary read (DAC codes of x on the programmed weights);
         * ``A~ x~``: the read-back x~ through the DAC on the programmed weights.
 
-        Returns (inputs (T, B, R), weights, sign, DAC range (T, B, 1), read-noise std)."""
+        Returns (inputs (T, B, R), weights, sign, DAC range (T, B, 1), read-noise std);
+        writes x~ in input units to ``x_tilde_out`` (B, T, R) when given."""
         cfg = self.rram_config
         s_in_t = s_in.transpose(0, 1)
         # the range x is written over: the DAC's (or, without a DAC, each tile's |max|)
         rng = s_in if cfg.dac_bits is not None else positive_or_one(absmax(xt, -1))
         prog = self._program_inputs(xt / rng)
         x_tilde = prog.x_read.transpose(0, 1)  # (T, B, R), normalised over rng
+        if x_tilde_out is not None:
+            torch.mul(prog.x_read, rng, out=x_tilde_out)
         var_x = prog.var.transpose(0, 1)
         if cfg.dac_bits is not None:  # the read-back x~ through the same DAC
             codes_tilde = (x_tilde * levels).round_().clamp_(-levels, levels)
@@ -368,7 +386,12 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
         ]
 
     def _fused_reads(
-        self, x2d: torch.Tensor, sigma: float, gen: NoiseSource | None, out: torch.Tensor
+        self,
+        x2d: torch.Tensor,
+        sigma: float,
+        gen: NoiseSource | None,
+        out: torch.Tensor,
+        x_tilde: torch.Tensor | None = None,
     ) -> None:
         """The read of :meth:`_tiled_read` with the compiled kernel (``native_rng.fused_read_``):
         per read, one pass that runs the DAC on the rows ``x2d`` (B, in_features) as it
@@ -378,14 +401,19 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
         correction adds its second read (exact input on the programmed weights) and
         subtracts its third. Neither DAC codes nor a partial-sum stack are ever stored: a
         forward pass needs little more than its output. The weights are packed once per
-        programming. Noise is keyed per read and element (:meth:`_epilogue_keys`)."""
+        programming. Noise is keyed per read and element (:meth:`_epilogue_keys`).
+
+        With first-order correction ``out`` already holds ``A x~`` and ``x_tilde`` (B,
+        in_features) is the input as read back from its cells: the two reads of the
+        programmed matrix add ``A~ x`` and subtract ``A~ x~`` (same DAC ranges as x)."""
         t, r = self._geometry()
         s_in = self._dac_ranges(x2d, r, t)  # (T, B)
+        inputs = (x2d, x_tilde)
         self._run_fused_reads(
             sigma,
             gen,
-            lambda spec, packed, packed_var: native_rng.fused_read_(
-                x2d,
+            lambda i, spec, packed, packed_var: native_rng.fused_read_(
+                inputs[i],
                 s_in,
                 packed,
                 self.col_scale,  # type: ignore[arg-type]

@@ -457,9 +457,12 @@ class _CrossbarMixin(_LambdaController):
         return out
 
     # ----- shared read helpers ---------------------------------------------------------
-    def _native_ok(self, x: torch.Tensor) -> bool:
+    def _native_ok(self, x: torch.Tensor, first_order_hybrid: bool = False) -> bool:
         """True when the compiled fused read (``native_rng.fused_read_``) applies:
-        float32 on CPU, with an ADC, outside the opt-in fused read."""
+        float32 on CPU, with an ADC, outside the opt-in fused read. First-order
+        correction only with ``first_order_hybrid`` (a caller that runs its ``A x~`` read,
+        which programs the inputs, in PyTorch and the two reads of the programmed matrix
+        compiled)."""
         return (
             x.dtype == torch.float32
             and x.device.type == "cpu"
@@ -467,8 +470,8 @@ class _CrossbarMixin(_LambdaController):
             and not fused_read_on()
             and self.col_scale.dtype == torch.float32  # type: ignore[attr-defined]
             # first-order correction writes x~ onto cells and reads A through them: the
-            # PyTorch paths (the compiled reads do not program inputs)
-            and self.rram_config.correction != "first_order"
+            # compiled reads do not program inputs
+            and (first_order_hybrid or self.rram_config.correction != "first_order")
             and native_rng.available()
         )
 
@@ -487,17 +490,18 @@ class _CrossbarMixin(_LambdaController):
         self, sigma: float, gen: NoiseSource | None, out_cols: int
     ) -> list[tuple[str, native_rng.ReadSpec]]:
         """The crossbar reads of one forward call for the compiled kernels, as (weight
-        buffer, what the read does): one read, or three with first-order correction
-        (``A x~ + A~ x - A~ x~``: codes on the exact weights written, the exact input on
-        the programmed ones added, codes on the programmed ones subtracted). ``out_cols``
-        columns per tile share ADC groups of ``tile_cols``."""
+        buffer, what the read does): one read of the programmed matrix, or with
+        first-order correction its two reads of the programmed matrix (``A~ x`` added to
+        the ``A x~`` already in the output, ``A~ x~`` subtracted; the caller supplies x and
+        x~ as their inputs). ``out_cols`` columns per tile share ADC groups of
+        ``tile_cols``."""
         cfg = self.rram_config
         quantise = cfg.dac_bits is not None
         dac_levels = 1 if cfg.dac_bits is None else quant_levels(cfg.dac_bits)
         reads = [("w_read", quantise, 0)]
         if cfg.correction == "first_order":
-            reads = [("w_exact", quantise, 0), ("w_read", False, 1), ("w_read", quantise, -1)]
-        keys = self._epilogue_keys(sigma, gen)
+            reads = [("w_read", quantise, 1), ("w_read", quantise, -1)]
+        keys = self._epilogue_keys(sigma, gen, len(reads))
         adc_full = self._adc_ranges()  # calibrated full scales (T, groups) or None
         if adc_full is not None:
             adc_full = adc_full.to(torch.float32).contiguous()
@@ -522,14 +526,14 @@ class _CrossbarMixin(_LambdaController):
 
     def _run_fused_reads(self, sigma: float, gen: NoiseSource | None, read) -> None:
         """The reads of :meth:`_read_specs` with the compiled fused read:
-        ``read(spec, packed weights, packed read-noise variances or None)`` for each (the
-        variances of a state-dependent noise model, the same for the three reads of
-        first-order correction: they all read the programmed cells' noise)."""
+        ``read(i, spec, packed weights, packed read-noise variances or None)`` for read
+        ``i`` (the variances of a state-dependent noise model: both reads of the
+        programmed matrix see its cells' noise)."""
         out_c = self.col_scale.shape[-1]  # type: ignore[attr-defined]
         noisy = sigma > 0 and self._read_variance() is not None
-        for weights, spec in self._read_specs(sigma, gen, out_c):
+        for i, (weights, spec) in enumerate(self._read_specs(sigma, gen, out_c)):
             var = self._packed("w_var", spec.group) if noisy else None
-            read(spec, self._packed(weights, spec.group), var)
+            read(i, spec, self._packed(weights, spec.group), var)
 
     def _packed(self, name: str, group: int) -> torch.Tensor:
         """Buffer ``name`` (``w_read`` or ``w_exact``) packed for the compiled read, cached
@@ -542,10 +546,10 @@ class _CrossbarMixin(_LambdaController):
             cache[name] = (key, native_rng.pack_weights(weights, group))
         return cache[name][1]
 
-    def _epilogue_keys(self, sigma: float, gen: NoiseSource | None) -> list[tuple[int, int]]:
-        """Noise keys (two 31-bit words) of the reads of one forward call: one, or three
-        with first-order correction."""
-        n_reads = 3 if self.rram_config.correction == "first_order" else 1
+    def _epilogue_keys(
+        self, sigma: float, gen: NoiseSource | None, n_reads: int
+    ) -> list[tuple[int, int]]:
+        """Noise keys (two 31-bit words) of the ``n_reads`` compiled reads of one call."""
         if sigma <= 0 or gen is None:
             return [(0, 0)] * n_reads
         seeds = [gen.next_seed() for _ in range(n_reads)]

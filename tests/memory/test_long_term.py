@@ -23,26 +23,74 @@ class FakeClock:
         return self.now
 
 
-def test_best_lambda_is_the_lowest_error_recorded_per_material_and_workload(store_url):
+def _recent_mean_best(observations: list[tuple[float, float]], window: int = 8):
+    """Reference of the recent-mean rule: over the last ``window`` (lam, error), the lam
+    with the lowest mean error (a tie: the lam seen last); returns (lam, mean error)."""
+    kept = observations[-window:]
+    lams = np.array([lam for lam, _ in kept])
+    errs = np.array([err for _, err in kept])
+    best = None
+    for lam in dict.fromkeys(lams.tolist()):
+        mask = lams == lam
+        last = int(np.flatnonzero(mask).max())
+        cand = (float(errs[mask].mean()), -last, lam)
+        best = cand if best is None or cand < best else best
+    return best[2], best[0]
+
+
+def test_best_lambda_is_the_recent_mean_best_per_material_and_workload(store_url):
     rng = np.random.default_rng(11)
     keys = [("taox_hfox", "dense_256"), ("taox_hfox", "sparse"), ("ag_asi", "dense_256")]
+    grid = [0.0, 1e-2, 0.3, 2.0]  # few lambdas, so they repeat inside the window
     records = [
-        (keys[rng.integers(3)], float(rng.uniform(0, 2)), float(rng.uniform(0, 1)))
-        for _ in range(40)
+        (keys[rng.integers(3)], grid[rng.integers(4)], float(rng.uniform(0, 1)))
+        for _ in range(60)
     ]
     with LongTermMemory(store_url) as ltm:
         for (material, workload), lam, err in records:
             ltm.record_lambda(material, workload, lam, err)
         for key in keys:
-            mine = [(err, lam) for k, lam, err in records if k == key]
-            best_err, best_lam = min(mine)
-            assert ltm.best_lambda(*key) == (best_lam, best_err)
+            mine = [(lam, err) for k, lam, err in records if k == key]
+            assert len(mine) > 8  # the window matters
+            best_lam, best_err = _recent_mean_best(mine)
+            got_lam, got_err = ltm.best_lambda(*key)
+            assert got_lam == best_lam and got_err == pytest.approx(best_err, rel=1e-12)
             entry = ltm.entry("lambda", key)
-            assert entry.count == len(mine) and entry.score == best_err
-            assert entry.value == {"lam": best_lam, "error": best_err}
+            assert entry.count == len(mine) and entry.score == pytest.approx(best_err, rel=1e-12)
+            assert [tuple(o[:2]) for o in entry.value["recent"]] == mine[-8:]
+            assert [o[2] for o in entry.value["recent"]] == list(range(len(mine) - 7, len(mine) + 1))
             assert entry.created_at <= entry.updated_at
         assert ltm.best_lambda("taox_hfox", "never_seen") is None
         assert ltm.best_lambda("epiram", "dense_256") is None
+
+
+def test_a_once_lucky_lambda_stops_winning_after_later_worse_observations(store_url):
+    rng = np.random.default_rng(23)
+    lucky, steady = float(rng.uniform(0.2, 0.5)), float(rng.uniform(1e-3, 1e-2))
+    with LongTermMemory(store_url, lru_ttl_s=None) as ltm:
+        ltm.record_lambda("m", "w", lucky, 1e-4)  # one lucky calibration
+        later = [(steady, float(rng.uniform(0.01, 0.02))) for _ in range(2)]
+        for lam, err in later:
+            ltm.record_lambda("m", "w", lam, err)
+        assert ltm.best_lambda("m", "w") == (lucky, 1e-4)  # still the best mean so far
+        worse = [float(rng.uniform(0.05, 0.1)) for _ in range(2)]
+        for err in worse:  # the lucky lambda, observed again, does worse
+            ltm.record_lambda("m", "w", lucky, err)
+        lam, err = ltm.best_lambda("m", "w")
+        assert lam == steady
+        assert err == pytest.approx(np.mean([e for _, e in later]), rel=1e-12)
+        # the old rule (lowest error ever) would still answer the lucky record
+        assert min([(1e-4, lucky), *[(e, s) for s, e in later]])[1] == lucky
+
+    # never observed again, it is forgotten once lambda_window later records pushed it out
+    with LongTermMemory(store_url, lambda_window=3, lru_ttl_s=None) as ltm:
+        ltm.record_lambda("m", "v", lucky, 1e-4)
+        errs = rng.uniform(0.01, 0.02, size=3).tolist()
+        for i, e in enumerate(errs):
+            ltm.record_lambda("m", "v", steady, e)
+            if i < 2:
+                assert ltm.best_lambda("m", "v")[0] == lucky
+        assert ltm.best_lambda("m", "v") == (steady, pytest.approx(np.mean(errs), rel=1e-12))
 
 
 def test_best_partition_is_the_cheapest_and_nested_json_round_trips(store_url):
@@ -311,6 +359,7 @@ def test_invalid_inputs_raise_clear_errors_and_store_nothing(store_url):
         ({"capacity": 0}, "capacity must be an integer >= 1"),
         ({"lru_size": -1}, "lru_size must be an integer >= 0"),
         ({"history_capacity": 0}, "history_capacity"),
+        ({"lambda_window": 0}, "lambda_window must be an integer >= 1"),
         ({"lru_ttl_s": math.nan}, "lru_ttl_s must be finite"),
     ],
 )

@@ -121,6 +121,42 @@ def test_four_concurrent_writers_lose_no_record(store_url):
     assert switches >= ranks, "the writers did not overlap: the test did not test concurrency"
 
 
+def _lambda_writer(url: str, rank: int, n: int, barrier) -> None:
+    ltm = LongTermMemory(url, busy_timeout_s=120, lambda_window=4 * n)
+    barrier.wait(timeout=120)
+    for i in range(n):
+        ltm.record_lambda("taox_hfox", "dense_256", float(rank + 1), float(rank * 1000 + i))
+    ltm.close()
+
+
+def test_concurrent_lambda_writers_lose_no_observation(store_url):
+    """record_lambda is a read-modify-write of the window: each record must see the last."""
+    ranks, n = 4, 100
+    with LongTermMemory(store_url):  # create the store first: the writers race on the row
+        pass
+    barrier = FORK.Barrier(ranks)
+    procs = [
+        FORK.Process(target=_lambda_writer, args=(store_url, r, n, barrier)) for r in range(ranks)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+    assert [p.exitcode for p in procs] == [0] * ranks
+    with LongTermMemory(store_url, lambda_window=ranks * n) as ltm:
+        entry = ltm.entry("lambda", ("taox_hfox", "dense_256"))
+        assert entry.count == ranks * n
+        recent = entry.value["recent"]
+        assert [o[2] for o in recent] == list(range(1, ranks * n + 1))
+        assert sorted(o[1] for o in recent) == sorted(
+            float(r * 1000 + i) for r in range(ranks) for i in range(n)
+        )
+        # rank 0 (lam 1.0) has the lowest mean error, whatever the interleaving
+        assert ltm.best_lambda("taox_hfox", "dense_256") == (1.0, pytest.approx((n - 1) / 2))
+    lams = [o[0] for o in recent]
+    assert sum(a != b for a, b in itertools.pairwise(lams)) >= ranks, "writers did not overlap"
+
+
 def _endless_writer(url: str, progress) -> None:
     ltm = LongTermMemory(url)
     i = 0

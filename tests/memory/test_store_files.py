@@ -54,11 +54,15 @@ def _check_upgraded(url: str) -> None:
         entry = ltm.entry("lambda", ("taox_hfox", "dense_256"))
         assert (entry.count, entry.created_at, entry.updated_at) == (3, 10.0, 20.0)
         ltm.record_lambda("taox_hfox", "dense_256", 0.25, 0.01)
+        # the old record counts as one observation of 0.5: mean (0.02 + 0.001) / 2 > 0.01
+        ltm.record_lambda("taox_hfox", "dense_256", 0.5, 0.001)
         ltm.record_transfer("rank1", True, 2.0, 64)  # a table version 2 added
         assert ltm.peer_profile("rank1")["attempts"] == 1
     with LongTermMemory(url) as ltm:  # opening the upgraded store again changes nothing
         assert ltm.best_lambda("taox_hfox", "dense_256") == (0.25, 0.01)
-        assert ltm.entry("lambda", ("taox_hfox", "dense_256")).count == 4
+        entry = ltm.entry("lambda", ("taox_hfox", "dense_256"))
+        assert entry.count == 5
+        assert entry.value["recent"] == [[0.5, 0.02, 0], [0.25, 0.01, 4], [0.5, 0.001, 5]]
 
 
 # ----------------------------------------------------------------------------- SQLite files
