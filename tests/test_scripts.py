@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 
@@ -130,3 +132,48 @@ def test_correction_regimes_quick_shows_where_correction_helps(tmp_path, shared_
         cross = r["crossover_sigma"]
         assert cross is None or 0 < cross <= 0.02
     assert (tmp_path / "correction_regimes_independent_quick.png").exists()
+
+
+def test_self_evolution_drift_quick_reports_five_consistent_runs(tmp_path):
+    from sedma_torch.rram.lambda_control import LAMBDA_STABLE_CALIBRATIONS
+
+    out_json = tmp_path / "drift.json"
+    out = _run(
+        ["scripts/self_evolution.py", "--drift", "--quick", "--out", str(out_json)], tmp_path
+    )
+    report = json.loads(out_json.read_text())
+    runs = report["runs"]
+    assert [r["run"] for r in runs] == [f"run {i}" for i in range(1, 6)]
+    a, b = "taox_hfox", "alox_hfo2"
+    assert [(r["material"], r["shapes"]) for r in runs] == [
+        (a, "S1"),
+        (a, "S1"),
+        (b, "S1"),
+        (b, "S2"),
+        (a, "S1"),
+    ]
+    for r in runs:
+        layers = r["layers"]
+        assert r["converged"] and all(layer["converged"] for layer in layers)
+        assert r["calibration_steps"] == sum(layer["steps"] for layer in layers)
+        for layer in layers:
+            assert layer["steps"] >= 1
+            # each calibration compares calibration_rows outputs with exact products
+            assert layer["reference_products"] == layer["steps"] * r["calibration_rows"] > 0
+            # the acceptance rule: a memory hit may converge at once, else >= 3 stable steps
+            if layer["steps"] < LAMBDA_STABLE_CALIBRATIONS:
+                assert layer["memory_hit"] and layer["steps"] == 1
+            assert math.isfinite(layer["error"]) and math.isfinite(layer["converged_error"])
+            assert layer["converged_error"] > 0 and layer["error"] <= 1.1 * layer["converged_error"]
+        assert r["reference_products"] == sum(layer["reference_products"] for layer in layers)
+    # the LTM is keyed by (material, workload type): only runs 2 and 5 find their lambdas
+    assert [r["memory_hits"] for r in runs] == [0, 4, 0, 0, 4]
+    assert runs[1]["calibration_steps"] < runs[0]["calibration_steps"]
+    assert runs[4]["calibration_steps"] < runs[2]["calibration_steps"]
+    rows = [line for line in out.splitlines() if re.match(r"run \d ", line)]
+    assert len(rows) == 5
+    for line, r in zip(rows, runs, strict=True):
+        cells = line.split()
+        assert int(cells[4]) == r["calibration_steps"] and int(cells[-1]) == r["reference_products"]
+    assert "acceptance rule" in out and "LAMBDA_MEMORY_TOLERANCE" in out
+    assert report["acceptance_rule"] in out

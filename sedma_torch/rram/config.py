@@ -91,8 +91,9 @@ class RRAMConfig:
     lambda_fixed: float = 1e-12
     """lambda for ``denoise="fixed"``, >= 0 (MELISO+ used 1e-12)."""
     denoise_alpha: float = 0.5
-    """Weight alpha of the remembered lambda in lam_t = alpha lam_memory +
-    (1 - alpha) lam_recent, in [0, 1]."""
+    """Weight alpha of the remembered lambda in lam_t = exp(alpha log lam_memory +
+    (1 - alpha) log lam_recent) (the mix on the log scale of the lambda grid;
+    ``lambda_control.mix_lambda``), in [0, 1]."""
     calibration_interval: int = 100
     """``denoise="adaptive"``: re-estimate lam_recent every this many forward calls (>= 1),
     from up to ``calibration_rows`` outputs of the call against the exact product."""

@@ -318,6 +318,8 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
         stats = self.rram_stats
         if cfg.adc_bits is None and cfg.correction == "none":
             y = self._single_read(xp, sigma, gen)
+        elif cfg.correction == "first_order" and self._first_order_hybrid_ok(xp):
+            y = self._first_order_hybrid(xp, sigma, gen)
         else:
             hh, ww = self._output_size(xp)  # spatially padded already
             if self._depthwise_native_ok(xp):
@@ -474,7 +476,12 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
         return u.view(b, t_tiles, out_g, hh, ww).permute(1, 0, 3, 4, 2).reshape(t_tiles, -1, out_g)
 
     def _fused_reads(
-        self, xp: torch.Tensor, sigma: float, gen: NoiseSource | None, y: torch.Tensor
+        self,
+        xp: torch.Tensor,
+        sigma: float,
+        gen: NoiseSource | None,
+        y: torch.Tensor,
+        x_tilde: torch.Tensor | None = None,
     ) -> None:
         """The read of :meth:`_tiled_read` with the compiled kernel
         (``native_rng.fused_conv_read_``), written to ``y`` (NCHW in channels-last memory):
@@ -484,7 +491,8 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
         weights and sends the partial sums through read noise, ADC, de-quantisation, column
         scale and the tile sum. First-order correction adds its second read (exact input)
         and subtracts its third. No copy of the images, patch matrix, codes or partial sums
-        is stored."""
+        is stored. With first-order correction ``y`` already holds ``A x~`` and ``x_tilde``
+        (images like ``xp``) is the read-back x~: ``A~ x`` is added, ``A~ x~`` subtracted."""
         cpt, t_tiles, _ = self._geometry()
         xp = xp.contiguous()
         b = xp.shape[0]
@@ -494,8 +502,8 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
         self._run_fused_reads(
             sigma,
             gen,
-            lambda _i, spec, packed, packed_var: native_rng.fused_conv_read_(
-                xp,
+            lambda i, spec, packed, packed_var: native_rng.fused_conv_read_(
+                (xp, x_tilde)[i],
                 s_in,
                 packed,
                 self.col_scale,  # type: ignore[arg-type]
@@ -508,6 +516,51 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
                 packed_var=packed_var,
             ),
         )
+
+    def _first_order_hybrid_ok(self, xp: torch.Tensor) -> bool:
+        """True when first-order correction's two reads of the programmed matrix can run
+        compiled (a 2-D convolution with groups 1, or a depthwise one, float32 on CPU)."""
+        if not self._native_ok(xp, first_order_hybrid=True):
+            return False
+        if self.groups == 1:
+            return True
+        return (
+            self.groups == self.in_channels
+            and self.w_read.dtype == torch.float32  # type: ignore[attr-defined]
+            and native_depthwise.available()
+        )
+
+    def _first_order_hybrid(
+        self, xp: torch.Tensor, sigma: float, gen: NoiseSource | None
+    ) -> torch.Tensor:
+        """First-order correction with the compiled reads: ``A x~`` (it writes the images
+        onto cells) in PyTorch, image chunk by chunk, then ``A~ x`` added and ``A~ x~``
+        subtracted by the compiled fused (groups 1) or depthwise read, with the images and
+        their read-back x~ as inputs and the DAC ranges of x for both."""
+        _, n_it, _ = self._geometry()
+        b = xp.shape[0]
+        hh, ww = self._output_size(xp)
+        depthwise = self.groups > 1
+        y = torch.empty(
+            (b, self.out_channels, hh, ww),
+            dtype=xp.dtype,
+            device=xp.device,
+            memory_format=torch.contiguous_format if depthwise else torch.channels_last,
+        )
+        x_tilde = torch.empty(xp.shape, dtype=xp.dtype, device=xp.device)
+        step = chunk_rows(b, self.groups * n_it)
+        for start in range(0, b, step):
+            chunk = slice(start, start + step)
+            part, x_read = self._tiled_read(xp[chunk], sigma, gen, a_x_tilde_only=True)
+            y.permute(0, 2, 3, 1)[chunk] = part
+            x_tilde[chunk] = x_read[:, : self.in_channels]
+            del part, x_read
+        xp = xp.contiguous()
+        if depthwise:
+            self._depthwise_reads(xp, sigma, gen, y, x_tilde)
+        else:
+            self._fused_reads(xp, sigma, gen, y, x_tilde)
+        return y
 
     def _depthwise_native_ok(self, xp: torch.Tensor) -> bool:
         """True when the compiled depthwise read (:mod:`.native_depthwise`) applies: a
@@ -522,7 +575,12 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
         )
 
     def _depthwise_reads(
-        self, xp: torch.Tensor, sigma: float, gen: NoiseSource | None, y: torch.Tensor
+        self,
+        xp: torch.Tensor,
+        sigma: float,
+        gen: NoiseSource | None,
+        y: torch.Tensor,
+        x_tilde: torch.Tensor | None = None,
     ) -> None:
         """The read of :meth:`_tiled_read` for a depthwise convolution with the compiled
         kernel (``native_depthwise.depthwise_read_``), into ``y`` (NCHW, contiguous): per
@@ -536,12 +594,14 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
         channels = self.groups
         m = self.out_channels // channels
         # one DAC range per image and channel; auto-ranging happens in the kernel's pass
-        auto = cfg.dac_bits is not None and cfg.dac_range is None
-        s_in = None if auto else self._dac_ranges(xp, 1, channels)
+        # (first-order correction: x's ranges for x~ too, so they are computed here)
+        auto = cfg.dac_bits is not None and cfg.dac_range is None and x_tilde is None
+        s_in = None if auto else self._dac_ranges(xp.contiguous(), 1, channels)
         w_var = self._read_variance() if sigma > 0 else None
-        for weights, spec in self._read_specs(sigma, gen, m):
+        inputs = (xp, x_tilde)
+        for i, (weights, spec) in enumerate(self._read_specs(sigma, gen, m)):
             native_depthwise.depthwise_read_(
-                xp,
+                inputs[i],
                 s_in,
                 getattr(self, weights).contiguous(),
                 self.col_scale,  # type: ignore[arg-type]
@@ -553,9 +613,18 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
                 variances=None if w_var is None else w_var.contiguous(),
             )
 
-    def _tiled_read(self, xp: torch.Tensor, sigma: float, gen: NoiseSource | None) -> torch.Tensor:
+    def _tiled_read(
+        self,
+        xp: torch.Tensor,
+        sigma: float,
+        gen: NoiseSource | None,
+        a_x_tilde_only: bool = False,
+    ) -> Any:
         """Images ``xp`` (spatially padded) through DAC, tile convolutions, read noise, ADC
-        and the digital tile sum: (B, H', W', out_channels), channels last."""
+        and the digital tile sum: (B, H', W', out_channels), channels last. With
+        first-order correction and ``a_x_tilde_only``: only the ``A x~`` read, returned
+        with x~ in input units ((B, T*cpt, H, W), each group's channels padded to whole
+        tiles) for the compiled reads of the programmed matrix."""
         cfg = self.rram_config
         _, n_it, _ = self._geometry()
         g = self.groups
@@ -622,13 +691,23 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
             s_a = torch.as_tensor(write_scale, dtype=xp.dtype, device=xp.device)
             s_a = s_a.reshape(b, 1, 1, t_tiles, 1) if s_a.ndim else s_a.reshape(1, 1, 1, 1, 1)
             u = read(x_tilde, self._w_conv_exact, var_x, s_a)
+            if a_x_tilde_only:
+                x_tilde_in = (prog.x_read * write_scale).reshape(codes_flat.shape)
+                return self._tile_sum(u), x_tilde_in
             u += read(codes_flat, self._w_conv)
             u -= read(codes_tilde, self._w_conv)
         else:
             u = read(codes_flat, self._w_conv)
-        # digital: per-column scale of each tile, then add the tiles of each group
-        u.mul_(self.col_scale.to(u.dtype).view(1, 1, 1, t_tiles, out_g))
-        hh, ww = u.shape[1:3]
+        return self._tile_sum(u)
+
+    def _tile_sum(self, u: torch.Tensor) -> torch.Tensor:
+        """Digital: per-column scale of each tile's partial sums ``u`` (B, H', W', T,
+        out_g), then the sum of the tiles of each group: (B, H', W', out_channels)."""
+        _, n_it, _ = self._geometry()
+        g = self.groups
+        out_g = self.out_channels // g
+        u.mul_(self.col_scale.to(u.dtype).view(1, 1, 1, g * n_it, out_g))
+        b, hh, ww = u.shape[:3]
         return u.view(b, hh, ww, g, n_it, out_g).sum(4).reshape(b, hh, ww, g * out_g)
 
     def extra_repr(self) -> str:

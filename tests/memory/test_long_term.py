@@ -43,8 +43,7 @@ def test_best_lambda_is_the_recent_mean_best_per_material_and_workload(store_url
     keys = [("taox_hfox", "dense_256"), ("taox_hfox", "sparse"), ("ag_asi", "dense_256")]
     grid = [0.0, 1e-2, 0.3, 2.0]  # few lambdas, so they repeat inside the window
     records = [
-        (keys[rng.integers(3)], grid[rng.integers(4)], float(rng.uniform(0, 1)))
-        for _ in range(60)
+        (keys[rng.integers(3)], grid[rng.integers(4)], float(rng.uniform(0, 1))) for _ in range(60)
     ]
     with LongTermMemory(store_url) as ltm:
         for (material, workload), lam, err in records:
@@ -58,7 +57,9 @@ def test_best_lambda_is_the_recent_mean_best_per_material_and_workload(store_url
             entry = ltm.entry("lambda", key)
             assert entry.count == len(mine) and entry.score == pytest.approx(best_err, rel=1e-12)
             assert [tuple(o[:2]) for o in entry.value["recent"]] == mine[-8:]
-            assert [o[2] for o in entry.value["recent"]] == list(range(len(mine) - 7, len(mine) + 1))
+            assert [o[2] for o in entry.value["recent"]] == list(
+                range(len(mine) - 7, len(mine) + 1)
+            )
             assert entry.created_at <= entry.updated_at
         assert ltm.best_lambda("taox_hfox", "never_seen") is None
         assert ltm.best_lambda("epiram", "dense_256") is None

@@ -13,6 +13,7 @@ from torch import nn
 import sedma_torch as st
 from sedma_torch.memory import LongTermMemory, ShortTermMemory
 from sedma_torch.rram.correction import default_lambda_grid
+from sedma_torch.rram.lambda_control import mix_lambda
 
 OUT, INP, CALLS = 96, 192, 24
 
@@ -127,9 +128,43 @@ def test_lambda_is_written_to_and_read_from_long_term_memory(tmp_path):
         assert second.lambda_memory == pytest.approx(lam_stored)
         assert second.lambda_converged and second.calibration_steps == 1
         assert steps_without_memory >= 3
+        # lam_t is the mix on the log scale (0 on the grid read as its smallest positive point)
         alpha = cfg.denoise_alpha
-        expected = alpha * lam_stored + (1 - alpha) * second._lambda_recent
-        assert second.last_lambda == pytest.approx(expected)
+        floor = default_lambda_grid().numpy()[1]
+        lm, lr = np.maximum([lam_stored, second._lambda_recent], floor)
+        expected = np.exp(alpha * np.log(lm) + (1 - alpha) * np.log(lr))
+        assert second.last_lambda == pytest.approx(float(expected), rel=1e-12)
+
+
+def test_lambda_t_is_the_geometric_mix_of_memory_and_recent():
+    rng = np.random.default_rng(31)
+    grid = default_lambda_grid().numpy()
+    for alpha in [0.0, 0.25, 0.5, 0.9, 1.0]:
+        lm, lr = rng.choice(grid[1:], size=2, replace=False)
+        got = mix_lambda(float(lm), float(lr), alpha)
+        assert got == pytest.approx(lm**alpha * lr ** (1 - alpha), rel=1e-12)
+        if 0 < alpha < 1:  # strictly between, on the log scale: not the arithmetic mean
+            assert min(lm, lr) < got < max(lm, lr)
+            assert got < alpha * lm + (1 - alpha) * lr
+    # 0 on the grid counts as its smallest positive point; 0 with 0 stays 0
+    assert mix_lambda(0.0, 1.0, 0.5) == pytest.approx(math.sqrt(grid[1]), rel=1e-12)
+    assert mix_lambda(0.0, 0.0, 0.5) == 0.0
+    assert mix_lambda(0.0, 1.0, 1.0) == 0.0 and mix_lambda(1.0, 0.0, 0.0) == 0.0
+
+    # in a layer: every call's lambda is the NumPy geometric mix of lambda_memory and lam_recent
+    gen = torch.Generator().manual_seed(32)
+    cfg = _config(denoise_alpha=0.3, seed=7)
+    layer = _layer(_smooth_weight(gen), cfg)
+    lam_memory = float(rng.choice(grid[20:35]))
+    layer.lambda_memory, layer._lambda_looked_up = lam_memory, True  # as read from an LTM
+    recent = []
+    with torch.no_grad():
+        for _ in range(6):
+            layer(torch.randn(32, INP, generator=gen))
+            recent.append((layer._lambda_recent, layer.last_lambda))
+    for lr, lam_t in recent:
+        lr = max(lr, grid[1])
+        assert lam_t == pytest.approx(np.exp(0.3 * np.log(lam_memory) + 0.7 * np.log(lr)))
 
 
 def test_short_term_windows_are_shared_and_can_be_switched_off():

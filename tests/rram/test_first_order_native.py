@@ -13,10 +13,18 @@ import numpy as np
 import pytest
 import torch
 
-from sedma_torch.rram import RRAMConfig, RRAMLinear, get_material, native_rng, register_material
+from sedma_torch.rram import (
+    RRAMConfig,
+    RRAMConv2d,
+    RRAMLinear,
+    get_material,
+    native_depthwise,
+    native_rng,
+    register_material,
+)
 
 
-def _pytorch_only(layer: RRAMLinear) -> RRAMLinear:
+def _pytorch_only(layer):
     """A copy of ``layer`` that always takes the PyTorch reads."""
     other = copy.deepcopy(layer)
     other._native_ok = lambda x, first_order_hybrid=False: False  # type: ignore[method-assign]
@@ -96,3 +104,53 @@ def test_compiled_first_order_read_noise_has_the_pytorch_variance():
     compiled, pytorch = spreads["noisy"]
     assert pytorch > 3 * spreads["quiet"][1]  # read noise dominates the spread
     assert 0.9 < compiled / pytorch < 1.1
+
+
+@pytest.mark.skipif(
+    not (native_rng.available() and native_depthwise.available()),
+    reason="needs the compiled kernels (a C compiler)",
+)
+@pytest.mark.parametrize("groups", [1, 6], ids=["conv", "depthwise"])
+@pytest.mark.parametrize("dac_bits", [8, None])
+def test_compiled_first_order_conv_reads_equal_the_pytorch_reads(groups, dac_bits):
+    cfg = RRAMConfig(
+        material="alox_hfo2",
+        tile_rows=30,
+        tile_cols=5,
+        dac_bits=dac_bits,
+        adc_bits=8,
+        read_noise=False,
+        correction="first_order",
+        seed=2,
+    )
+    torch.manual_seed(7)
+    layer = RRAMConv2d(6, 12, 3, padding=1, groups=groups, config=cfg)
+    layer.program_()
+    reference = _pytorch_only(layer)
+    x = torch.randn(5, 6, 9, 8, generator=torch.Generator().manual_seed(8))
+    module = native_depthwise if groups > 1 else native_rng
+    name = "depthwise_read_" if groups > 1 else "fused_conv_read_"
+    kernel = getattr(module, name)
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return kernel(*args, **kwargs)
+
+    with torch.no_grad():
+        setattr(module, name, counting)
+        try:
+            y = layer(x).numpy()
+        finally:
+            setattr(module, name, kernel)
+        want = reference(x).numpy()
+    assert len(calls) == 2  # A~ x and A~ x~ compiled
+    assert layer.rram_stats.as_dict() == reference.rram_stats.as_dict()
+    close = np.abs(y - want) <= 1e-4 * np.abs(want).max()
+    assert close.mean() > 0.97
+    exact = torch.nn.functional.conv2d(
+        x, layer.weight.detach(), layer.bias.detach(), padding=1, groups=groups
+    ).numpy()
+    err = np.linalg.norm(y - exact) / np.linalg.norm(exact)
+    err_ref = np.linalg.norm(want - exact) / np.linalg.norm(exact)
+    assert abs(err - err_ref) < 0.05 * err_ref
