@@ -279,31 +279,25 @@ def drift_worker(args: argparse.Namespace) -> dict:
     }
 
 
+def run_worker(
+    flag: str, run: str, db: Path, args: argparse.Namespace, extra: list[str] | None = None
+) -> dict:
+    """Run one ``flag`` (``--worker`` / ``--drift-worker``) process for ``run`` on the LTM
+    file ``db``; returns the JSON record it prints last."""
+    cmd = [sys.executable, __file__, flag, run, "--db", str(db), "--material", args.material]
+    cmd += ["--calls", str(args.calls), "--seed", str(args.seed), *(extra or [])]
+    print(f"... {run}", flush=True)
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO_ROOT)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def drift_main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         db = args.db or Path(tmp) / "sedma_memory.db"
         results = []
         for run, _, _ in DRIFT:
-            cmd = [
-                sys.executable,
-                __file__,
-                "--drift-worker",
-                run,
-                "--db",
-                str(db),
-                "--material",
-                args.material,
-                "--drift-material",
-                args.drift_material,
-                "--calls",
-                str(args.calls),
-                "--seed",
-                str(args.seed),
-                *(["--quick"] if args.quick else []),
-            ]
-            print(f"... {run}", flush=True)
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO_ROOT)
-            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            extra = ["--drift-material", args.drift_material, *(["--quick"] if args.quick else [])]
+            results.append(run_worker("--drift-worker", run, db, args, extra))
 
     print(
         f"machine: {cpu_model()}  revision: {git_revision()}  A = {args.material}, "
@@ -368,23 +362,7 @@ def main() -> None:
         db = args.db or Path(tmp) / "sedma_memory.db"
         results = []
         for run in RUNS:
-            cmd = [
-                sys.executable,
-                __file__,
-                "--worker",
-                run,
-                "--db",
-                str(db),
-                "--material",
-                args.material,
-                "--calls",
-                str(args.calls),
-                "--seed",
-                str(args.seed),
-            ]
-            print(f"... {run}", flush=True)
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO_ROOT)
-            results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            results.append(run_worker("--worker", run, db, args))
 
     print(f"machine: {cpu_model()}  revision: {git_revision()}  material: {args.material}")
     head = (

@@ -247,13 +247,16 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
         th, tw = dh * (kh - 1), dw * (kw - 1)
         return F.pad(x, (tw // 2, tw - tw // 2, th // 2, th - th // 2))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _check_image_input(self, x: torch.Tensor) -> None:
         _check_input(
             type(self).__name__,
             x,
             lambda t: t.ndim in (3, 4) and t.shape[-3] == self.in_channels,
             f"(N, {self.in_channels}, H, W) or ({self.in_channels}, H, W)",
         )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_image_input(x)
         unbatched = x.ndim == 3
         cdt = self._compute_dtype()
         xin = x.unsqueeze(0) if unbatched else x
@@ -454,12 +457,7 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
         return buf, normalised, s_in, levels
 
     def _calibration_input(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(
-            type(self).__name__,
-            x,
-            lambda t: t.ndim in (3, 4) and t.shape[-3] == self.in_channels,
-            f"(N, {self.in_channels}, H, W) or ({self.in_channels}, H, W)",
-        )
+        self._check_image_input(x)
         x = x.detach().to(self._compute_dtype())
         return self._spatial_pad(x.unsqueeze(0) if x.ndim == 3 else x)
 
@@ -489,8 +487,7 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
         straight from the (spatially padded) NCHW images -- implicit im2col, channels past
         the input's zero --, runs the DAC on it, multiplies it with the tile's packed
         weights and sends the partial sums through read noise, ADC, de-quantisation, column
-        scale and the tile sum. First-order correction adds its second read (exact input)
-        and subtracts its third. No copy of the images, patch matrix, codes or partial sums
+        scale and the tile sum. No copy of the images, patch matrix, codes or partial sums
         is stored. With first-order correction ``y`` already holds ``A x~`` and ``x_tilde``
         (images like ``xp``) is the read-back x~: ``A~ x`` is added, ``A~ x~`` subtracted."""
         cpt, t_tiles, _ = self._geometry()
@@ -520,15 +517,9 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
     def _first_order_hybrid_ok(self, xp: torch.Tensor) -> bool:
         """True when first-order correction's two reads of the programmed matrix can run
         compiled (a 2-D convolution with groups 1, or a depthwise one, float32 on CPU)."""
-        if not self._native_ok(xp, first_order_hybrid=True):
-            return False
         if self.groups == 1:
-            return True
-        return (
-            self.groups == self.in_channels
-            and self.w_read.dtype == torch.float32  # type: ignore[attr-defined]
-            and native_depthwise.available()
-        )
+            return self._native_ok(xp, first_order_hybrid=True)
+        return self._depthwise_native_ok(xp, first_order_hybrid=True)
 
     def _first_order_hybrid(
         self, xp: torch.Tensor, sigma: float, gen: NoiseSource | None
@@ -562,14 +553,14 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
             self._fused_reads(xp, sigma, gen, y, x_tilde)
         return y
 
-    def _depthwise_native_ok(self, xp: torch.Tensor) -> bool:
+    def _depthwise_native_ok(self, xp: torch.Tensor, first_order_hybrid: bool = False) -> bool:
         """True when the compiled depthwise read (:mod:`.native_depthwise`) applies: a
         depthwise convolution (one input channel per group, hence one channel per input
         tile) under the conditions of the compiled fused read (:meth:`_native_ok`)."""
         return (
             self.groups > 1
             and self.groups == self.in_channels
-            and self._native_ok(xp)
+            and self._native_ok(xp, first_order_hybrid)
             and self.w_read.dtype == torch.float32  # type: ignore[attr-defined]
             and native_depthwise.available()
         )
@@ -587,7 +578,9 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
         image and channel, one pass over the (spatially padded) plane for DAC, window
         products and norms, read noise, ADC, de-quantisation and column scale. Images in
         channels-last memory (the output of the compiled 1x1 reads) are read as they are.
-        The read is :meth:`_read_specs`' (first-order correction takes the PyTorch path)."""
+        The reads are :meth:`_read_specs`'; with first-order correction ``y`` already
+        holds ``A x~`` and ``x_tilde`` (images like ``xp``) is the read-back x~: ``A~ x`` is
+        added, ``A~ x~`` subtracted, both with x's DAC ranges."""
         cfg = self.rram_config
         if not xp.is_contiguous(memory_format=torch.channels_last):
             xp = xp.contiguous()  # the kernel reads NCHW or channels-last images
@@ -802,22 +795,20 @@ class RRAMConv1d(RRAMConv2d):
             dtype=self.weight.dtype,
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _check_signal_input(self, x: torch.Tensor) -> None:
         _check_input(
             type(self).__name__,
             x,
             lambda t: t.ndim in (2, 3) and t.shape[-2] == self.in_channels,
             f"(N, {self.in_channels}, L) or ({self.in_channels}, L)",
         )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_signal_input(x)
         return super().forward(x.unsqueeze(-2)).squeeze(-2)
 
     def _calibration_input(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(
-            type(self).__name__,
-            x,
-            lambda t: t.ndim in (2, 3) and t.shape[-2] == self.in_channels,
-            f"(N, {self.in_channels}, L) or ({self.in_channels}, L)",
-        )
+        self._check_signal_input(x)
         return super()._calibration_input(x.unsqueeze(-2))
 
     def extra_repr(self) -> str:

@@ -118,13 +118,16 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
             self._w_fold = None
 
     # forward -----------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _check_forward_input(self, x: torch.Tensor) -> None:
         _check_input(
             type(self).__name__,
             x,
             lambda t: t.ndim >= 1 and t.shape[-1] == self.in_features,
             f"(..., {self.in_features})",
         )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_forward_input(x)
         lead = x.shape[:-1]
         cdt = self._compute_dtype()
         x2d = x.reshape(-1, self.in_features)
@@ -324,12 +327,7 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
                 del u  # before the next block's stack is allocated
 
     def _calibration_input(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(
-            type(self).__name__,
-            x,
-            lambda t: t.ndim >= 1 and t.shape[-1] == self.in_features,
-            f"(..., {self.in_features})",
-        )
+        self._check_forward_input(x)
         return x.detach().reshape(-1, self.in_features).to(self._compute_dtype())
 
     def _calibration_partial_sums(self, x: torch.Tensor) -> torch.Tensor:
@@ -397,9 +395,7 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
         per read, one pass that runs the DAC on the rows ``x2d`` (B, in_features) as it
         packs them, multiplies each input tile with its packed crossbar weights and sends
         the partial sums -- a few rows x one ADC group at a time, in cache -- through read
-        noise, ADC, de-quantisation, column scale and the tile sum into ``out``. First-order
-        correction adds its second read (exact input on the programmed weights) and
-        subtracts its third. Neither DAC codes nor a partial-sum stack are ever stored: a
+        noise, ADC, de-quantisation, column scale and the tile sum into ``out``. Neither DAC codes nor a partial-sum stack are ever stored: a
         forward pass needs little more than its output. The weights are packed once per
         programming. Noise is keyed per read and element (:meth:`_epilogue_keys`).
 

@@ -6,6 +6,7 @@ and test_read_noise.py pin to the formula."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 
@@ -22,6 +23,22 @@ from sedma_torch.rram import (
     native_rng,
     register_material,
 )
+
+
+@contextlib.contextmanager
+def counted(module, name: str):
+    """``module.name`` wrapped to record each call (a list of 1s) while inside."""
+    kernel, calls = getattr(module, name), []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return kernel(*args, **kwargs)
+
+    setattr(module, name, counting)
+    try:
+        yield calls
+    finally:
+        setattr(module, name, kernel)
 
 
 def _pytorch_only(layer):
@@ -51,19 +68,9 @@ def test_compiled_first_order_reads_equal_the_pytorch_reads(dac_bits, adc_rangin
     x = torch.randn(33, 100, generator=torch.Generator().manual_seed(4))
     layer.program_()
     reference = _pytorch_only(layer)
-    calls = []
-    fused = native_rng.fused_read_
-
-    def counting(*args, **kwargs):
-        calls.append(kwargs.get("packed_var"))
-        return fused(*args, **kwargs)
-
+    with torch.no_grad(), counted(native_rng, "fused_read_") as calls:
+        y = layer(x).numpy()
     with torch.no_grad():
-        native_rng.fused_read_ = counting
-        try:
-            y = layer(x).numpy()
-        finally:
-            native_rng.fused_read_ = fused
         want = reference(x).numpy()
     assert len(calls) == 2  # A~ x and A~ x~ compiled
     assert layer.rram_stats.as_dict() == reference.rram_stats.as_dict()
@@ -130,19 +137,9 @@ def test_compiled_first_order_conv_reads_equal_the_pytorch_reads(groups, dac_bit
     x = torch.randn(5, 6, 9, 8, generator=torch.Generator().manual_seed(8))
     module = native_depthwise if groups > 1 else native_rng
     name = "depthwise_read_" if groups > 1 else "fused_conv_read_"
-    kernel = getattr(module, name)
-    calls = []
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return kernel(*args, **kwargs)
-
+    with torch.no_grad(), counted(module, name) as calls:
+        y = layer(x).numpy()
     with torch.no_grad():
-        setattr(module, name, counting)
-        try:
-            y = layer(x).numpy()
-        finally:
-            setattr(module, name, kernel)
         want = reference(x).numpy()
     assert len(calls) == 2  # A~ x and A~ x~ compiled
     assert layer.rram_stats.as_dict() == reference.rram_stats.as_dict()
