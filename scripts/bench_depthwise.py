@@ -41,7 +41,7 @@ def compiled_depthwise(model: nn.Module, on: bool) -> None:
             if on:
                 module.__dict__.pop("_depthwise_native_ok", None)
             else:
-                module._depthwise_native_ok = lambda xp: False  # type: ignore[method-assign]
+                module._depthwise_native_ok = lambda xp, **_: False  # type: ignore[method-assign]
 
 
 def interleaved_ms(
