@@ -395,9 +395,9 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
         per read, one pass that runs the DAC on the rows ``x2d`` (B, in_features) as it
         packs them, multiplies each input tile with its packed crossbar weights and sends
         the partial sums -- a few rows x one ADC group at a time, in cache -- through read
-        noise, ADC, de-quantisation, column scale and the tile sum into ``out``. Neither DAC codes nor a partial-sum stack are ever stored: a
-        forward pass needs little more than its output. The weights are packed once per
-        programming. Noise is keyed per read and element (:meth:`_epilogue_keys`).
+        noise, ADC, de-quantisation, column scale and the tile sum into ``out``. Neither DAC
+        codes nor a partial-sum stack are ever stored: a forward pass needs little more than
+        its output. The weights are packed once per programming. Noise is keyed per read and element (:meth:`_epilogue_keys`).
 
         With first-order correction ``out`` already holds ``A x~`` and ``x_tilde`` (B,
         in_features) is the input as read back from its cells: the two reads of the
