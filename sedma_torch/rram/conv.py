@@ -307,7 +307,7 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
     def _hardware_forward(self, xp: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         cfg = self.rram_config
         material = cfg.device
-        _, n_it, rows = self._geometry()
+        _, n_it, _ = self._geometry()
         g = self.groups
         t_tiles = g * n_it
         x_spatial = xp
@@ -354,8 +354,7 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
         stats.dac_conversions += reads * b * hh * ww * self.in_channels * kh * kw
         if cfg.adc_bits:
             stats.adc_conversions += reads * b * hh * ww * t_tiles * out_g
-        if cfg.correction == "first_order":
-            stats.input_programming_pulses += b * hh * ww * t_tiles * rows * (cfg.dac_bits or 16)
+        # first-order correction's writes of x~ are counted by _program_inputs
         lam = self._lambda(
             y.movedim(1, -1),
             lambda rows: F.conv2d(

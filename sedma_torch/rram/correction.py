@@ -3,23 +3,30 @@
 First order
 -----------
 With A the exact matrix, A~ the programmed (read-back) matrix, x the exact input and
-x~ its encoded (DAC-quantised) version::
+x~ the input as written onto cells and read back::
 
     p = A x~ + A~ x - A~ x~  =  A x - (A - A~)(x - x~)
 
-so the error left is the product of the two encoding errors (second order). The
-three products and what they mean physically in this simulator:
+so the error left is the product of the two device errors (second order) plus the read
+noise and ADC error of the three reads. Every product is a simulated crossbar read
+(MELISO+'s mapping, ``disys-lab/meliso`` ``NonRootMCA.errorCorrection``; the layers'
+``_first_order_reads`` spell it out):
 
-* ``A~ x~`` -- the ordinary read: A programmed on the crossbar, x~ applied by the DAC.
-* ``A~ x``  -- the same crossbar read with the input at full precision: the DAC
-  applies x~ and then the residual x - x~ rescaled to its full range (input
-  bit-slicing); we count it as one more crossbar product with its ADC conversions.
-* ``A x~``  -- the roles swap: x~ is a ``dac_bits``-bit code, written bit-sliced onto
-  binary cells of a vector array (one cell per bit, Gmin/Gmax states, one pulse each;
-  counted as ``input_programming_pulses``), and the rows of the exact matrix are applied
-  as input voltages. Its read still has read noise and goes through the ADC.
+* ``x~`` -- each input vector, per input tile and over its DAC range, is written onto
+  cells of the configured material by the same write-and-verify model as the weights
+  (levels, nonlinearity, cycle-to-cycle and device-to-device variation, iteration limit)
+  and read back, so it carries that material's programming error. The cells, pulses and
+  iterations are counted in the layer statistics (``input_cells_programmed``, ...).
+* ``A x~``  -- the rows of A, through the DAC (the codes of each tile column over its
+  column scale), applied as inputs to the array holding x~; read noise of the x~ cells,
+  the configured ADC.
+* ``A~ x``  -- the ordinary read: the DAC codes of x on the programmed matrix.
+* ``A~ x~`` -- the read-back x~ through the same DAC on the programmed matrix.
 
-All three pass through the same read-noise and ADC model.
+All three share the read-noise model and the calibrated ADC ranges. With programming
+error dominant, correction cuts the error by 10x or more; with read noise dominant it adds
+the noise of two more reads and can be worse than none (``scripts/correction_regimes.py``
+shows both regimes and the crossover).
 
 Denoising
 ---------
