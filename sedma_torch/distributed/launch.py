@@ -3,7 +3,8 @@
 ``torchrun``'s agent stops every worker when one fails; :func:`spawn` instead starts
 ``world_size`` processes (``multiprocessing`` spawn context), hosts the rendezvous
 ``TCPStore`` in the parent (so it outlives any worker), waits for all of them with a
-wall-clock limit, and kills those still running at the limit.
+wall-clock limit, and kills those still running at the limit. The store listens on
+127.0.0.1 only (it has no authentication).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import datetime
 import multiprocessing as mp
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -72,13 +74,23 @@ def spawn(
     """
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
-    store = dist.TCPStore(
-        "127.0.0.1",
-        0,
-        is_master=True,
-        wait_for_workers=False,
-        timeout=datetime.timedelta(seconds=pg_timeout_s),
-    )
+    # The store's server would listen on every interface (TCPStore binds its master to
+    # all addresses, whatever host it is given): hand it a socket bound to loopback only,
+    # so that the unauthenticated rendezvous is reachable from this machine alone.
+    listener = _loopback_listener()
+    try:
+        store = dist.TCPStore(
+            "127.0.0.1",
+            listener.getsockname()[1],
+            is_master=True,
+            wait_for_workers=False,
+            timeout=datetime.timedelta(seconds=pg_timeout_s),
+            master_listen_fd=listener.fileno(),
+        )
+    except BaseException:
+        listener.close()
+        raise
+    listener.detach()  # the store owns the descriptor now (and closes it)
     ctx = mp.get_context("spawn")
     procs = [
         ctx.Process(
@@ -102,3 +114,16 @@ def spawn(
             codes.append(p.exitcode)
     del store
     return codes
+
+
+def _loopback_listener() -> socket.socket:
+    """A listening TCP socket on 127.0.0.1 with a free port (the rendezvous store's)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

@@ -7,6 +7,7 @@ suite, and the DDP comparison with converted RRAM models (slow: it programs cros
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -24,6 +25,7 @@ from .workers import (
     mlp_batch,
     readmit_worker,
     step_tensor,
+    store_listen_worker,
 )
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(300)]
@@ -281,3 +283,15 @@ def test_slowed_rank_is_left_out_then_readmitted_and_resynchronised(tmp_path, mo
             assert out[slow]["participants"][step] == [slow]
             assert out[0]["participants"][step] == [0, 1]
     assert all(t == "collective" for t in out[0]["transports"][back[0] * every :])
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs Linux /proc")
+def test_spawn_rendezvous_store_listens_on_loopback_only(tmp_path):
+    # the launcher's TCPStore has no authentication: it must not accept connections from
+    # other machines (TCPStore alone binds its server to every interface)
+    out = tmp_path / "listen.txt"
+    codes = spawn(store_listen_worker, 2, (str(out),), timeout_s=120)
+    assert codes == [0, 0]
+    addresses = out.read_text().split()
+    assert addresses, "the launcher listens on no TCP socket"
+    assert all(a.startswith("127.0.0.1:") for a in addresses), addresses

@@ -390,3 +390,43 @@ def equality_worker(rank: int, world: int, out: str) -> None:
         ex.finish()
     torch.save(record, Path(out) / f"equality_rank{rank}.pt")
     dist.destroy_process_group()
+
+
+def _listen_addresses(pid: int) -> list[str]:
+    """Local addresses ("ip:port") of the TCP sockets process ``pid`` listens on (Linux
+    /proc: the process's socket inodes matched against /proc/net/tcp and tcp6)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = []
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        if not os.path.exists(table):
+            continue
+        with open(table) as f:
+            next(f)
+            for line in f:
+                parts = line.split()
+                local, state, inode = parts[1], parts[3], parts[9]
+                if state != "0A" or inode not in inodes:  # 0A: LISTEN
+                    continue
+                addr_hex, port_hex = local.split(":")
+                raw = bytes.fromhex(addr_hex)
+                if width == 8:
+                    ip = ".".join(str(b) for b in raw[::-1])
+                else:  # four little-endian 32-bit words
+                    words = [raw[i : i + 4][::-1] for i in range(0, 16, 4)]
+                    ip = b"".join(words).hex()
+                found.append(f"{ip}:{int(port_hex, 16)}")
+    return found
+
+
+def store_listen_worker(rank: int, world: int, out: str) -> None:
+    """Rank 0 records where the launcher (its parent, which hosts the store) listens."""
+    if rank == 0:
+        Path(out).write_text("\n".join(_listen_addresses(os.getppid())))
+    dist.barrier()
