@@ -3,11 +3,13 @@
 A checkpoint is written to a temporary file in the same folder, flushed to disk, then
 renamed over the old one with ``os.replace`` (atomic on POSIX and Windows): a process
 killed at any moment leaves either the previous checkpoint or the new one, never a torn
-file.
+file. The temporary file's name carries the writer's pid; the next write removes those of
+writers that no longer run.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 from pathlib import Path
@@ -21,7 +23,10 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     atomically; returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    _remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp"
+    )
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
@@ -38,6 +43,30 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
         finally:
             os.close(dir_fd)
     return path
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete the temporary files of writes of ``path`` that a killed process left behind
+    (``.<name>.<pid>.<random>.tmp`` whose pid no longer runs). A write in progress in a
+    live process is left alone."""
+    prefix = f".{path.name}."
+    for tmp in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
+        pid_part = tmp.name[len(prefix) :].split(".", 1)[0]
+        if not pid_part.isdigit():
+            continue  # not one of ours
+        pid = int(pid_part)
+        if pid != os.getpid() and not _pid_alive(pid):
+            tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -206,7 +206,12 @@ def _phase_loop(
     trainer = model if distributed is None else distributed.wrap(model)
     seed = int(cfg.get("seed", 0))
     start = state["epoch"] if state["phase"] == phase else 0
-    if start:
+    if start >= epochs:
+        print(
+            f"{phase} training already finished in {ckpt_path} ({start} epoch(s) done, "
+            f"{epochs} configured): not training it again"
+        )
+    elif start:
         print(f"resuming {phase} training at epoch {start + 1}/{epochs} from {ckpt_path}")
 
     def on_step(step: int, samples: int, seconds: float, loss: float) -> None:

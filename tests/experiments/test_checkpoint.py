@@ -42,3 +42,44 @@ def test_missing_and_non_dict_checkpoints(tmp_path):
     torch.save([1, 2], tmp_path / "list.pt")
     with pytest.raises(ValueError, match="not a dict"):
         load_checkpoint(tmp_path / "list.pt")
+
+
+def test_temporary_of_a_killed_write_is_removed_by_the_next_write(tmp_path):
+    # a writer killed (SIGKILL) inside torch.save leaves its temporary file; the next
+    # save removes it, and leaves the temporary of a write still running alone
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"epoch": 1})
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time, torch\n"
+            "from sedma_torch.experiments.checkpoint import save_checkpoint\n"
+            "torch.save = lambda *a, **k: (print('writing', flush=True), time.sleep(600))\n"
+            f"save_checkpoint({str(path)!r}, {{'epoch': 2}})\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout.readline().strip() == "writing"
+        (left,) = [p for p in tmp_path.iterdir() if p.suffix == ".tmp"]
+        assert f".{child.pid}." in left.name
+        live = tmp_path / f".last.pt.{os.getppid()}.abcd1234.tmp"  # a live writer's
+        live.write_bytes(b"in progress")
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(30)
+    time.sleep(0.1)
+    assert left.exists()  # a kill leaves it ...
+    save_checkpoint(path, {"epoch": 3})
+    assert not left.exists()  # ... and the next write removes it
+    assert live.exists()
+    assert load_checkpoint(path)["epoch"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["last.pt", live.name])

@@ -112,6 +112,16 @@ def test_training_resumes_after_sigkill_from_the_last_checkpoint(tmp_path):
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 
+def test_resuming_a_finished_phase_says_so_instead_of_epoch_n_plus_one(tmp_path, capsys):
+    quick = [*TINY, "train.epochs=2", "train.hwa_epochs=0", "train.compare_materials=[]"]
+    run_train(compose_cfg(quick), tmp_path)
+    capsys.readouterr()
+    run_train(compose_cfg(quick), tmp_path)  # resume=auto finds the finished checkpoint
+    out = capsys.readouterr().out
+    assert "digital training already finished" in out and "(2 epoch(s) done, 2 configured)" in out
+    assert "epoch 3/2" not in out
+
+
 def test_resume_from_a_foreign_checkpoint_fails_clearly(tmp_path):
     run_train(compose_cfg([*TINY, "train.epochs=2", "train.hwa_epochs=0"]), tmp_path)
     state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
