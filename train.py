@@ -17,11 +17,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from sedma_torch.experiments import run_train
+from sedma_torch.redact import redact_run
 
 
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
+    redact_run(hydra_cfg.runtime.output_dir)  # no password in argv, .hydra/*.yaml, logs
     plain = OmegaConf.to_container(cfg, resolve=True)
     label = hydra_cfg.runtime.choices.get("rram", "rram")
     if (plain.get("distributed") or {}).get("enabled"):

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..redact import redact_config
+
 
 class RunLogger(Protocol):
     """What the training and evaluation loops log to."""
@@ -91,7 +93,7 @@ def make_logger(
             mode=logger_cfg.get("mode", "offline"),
             entity=logger_cfg.get("entity"),
             name=logger_cfg.get("run_name"),
-            config=config,
+            config=None if config is None else redact_config(config),
             tags=list(logger_cfg.get("tags") or []),
         )
     raise ValueError(f"logger.name must be 'wandb' or 'none', got {name!r}")

@@ -107,6 +107,8 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
 
+from ..redact import redact
+
 __all__ = [
     "APPLICATION",
     "BUILTIN_KINDS",
@@ -418,14 +420,16 @@ def _resolve_url(url: str | os.PathLike[str] | None) -> tuple[sa.URL, Path | Non
         raise TypeError(f"url must be a string, a path or None, got {type(url).__name__}")
     try:
         parsed = sa.make_url(url)
-    except sa.exc.ArgumentError as exc:
-        raise ValueError(f"url {url!r} is not a valid database URL: {exc}") from None
+    except (sa.exc.ArgumentError, ValueError) as exc:  # ValueError: a non-numeric port
+        raise ValueError(
+            f"url {redact(url)!r} is not a valid database URL: {redact(str(exc))}"
+        ) from None
     allowed = "a file path, sqlite:///PATH or postgresql+psycopg://USER:PASSWORD@HOST:PORT/DB"
     if parsed.drivername in ("sqlite", "sqlite+pysqlite"):
         database = parsed.database or ""
         if not database or database == ":memory:" or database.startswith("file:"):
             raise ValueError(
-                f"url {url!r}: the long-term memory needs an SQLite file path "
+                f"url {redact(url)!r}: the long-term memory needs an SQLite file path "
                 f"(sqlite:///PATH), not an in-memory or URI database"
             )
         path = Path(database).expanduser().resolve()

@@ -157,3 +157,45 @@ def test_bad_config_fails_early_naming_the_key(tmp_path, overrides, error, match
     cfg = compose_cfg(["logger=none", "model.weights=/nonexistent.pt", *overrides])
     with pytest.raises(error, match=match):
         run_eval(cfg, tmp_path)
+
+
+SECRET = "hunter2-Zq9"
+
+
+def test_database_password_is_masked_in_everything_a_run_writes_and_prints(
+    tmp_path, imagenet_folder
+):
+    # the password of memory.url reaches neither results.json's command, nor Hydra's
+    # .hydra copies of the config, nor wandb's offline config and metadata, nor the output
+    weights = tmp_path / "tiny.pt"
+    _tiny_imagenet_model(weights)
+    run_dir = tmp_path / "run"
+    url = f"postgresql+psycopg://bob:{SECRET}@127.0.0.1:1/sedma"
+    args = _overrides(imagenet_folder, weights, ["eval.limit=2", "threads=1"])
+    args = [a for a in args if a != "logger=none"]
+    proc = run_app(
+        "eval.py",
+        [
+            *args,
+            "logger=wandb",
+            "memory.enabled=false",
+            f"memory.url={url}",
+            f"hydra.run.dir={run_dir}",
+        ],
+    )
+    written = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert any(p.parts[-2:] == (".hydra", "overrides.yaml") for p in written)
+    assert any("wandb" in p.parts for p in written), "wandb wrote no offline files"
+    leaks = [p for p in written if SECRET.encode() in p.read_bytes()]
+    assert leaks == []
+    assert SECRET not in proc.stdout + proc.stderr
+    command = json.loads((run_dir / "results.json").read_text())["command"]
+    assert "bob:***@127.0.0.1:1/sedma" in command
+
+
+def test_invalid_memory_url_error_does_not_print_its_password(tmp_path):
+    from sedma_torch.memory import LongTermMemory
+
+    with pytest.raises(ValueError, match=r"bob:\*\*\*@") as err:
+        LongTermMemory(f"postgresql+psycopg://bob:{SECRET}@db.example:notaport/sedma")
+    assert SECRET not in str(err.value)
