@@ -32,9 +32,9 @@ class RRAMConfig:
     """Device technology: a registered name (``ideal``, ``epiram``, ``ag_asi``,
     ``alox_hfo2``, ``taox_hfox`` or a custom one) or a :class:`Material`."""
     tile_rows: int = 256
-    """Crossbar rows (word lines = inputs) per tile; integer >= 1."""
+    """Crossbar rows (word lines = inputs) per tile; integer in 1..``MAX_TILE`` (4096)."""
     tile_cols: int = 256
-    """Crossbar columns (bit lines = outputs) per tile; integer >= 1."""
+    """Crossbar columns (bit lines = outputs) per tile; integer in 1..``MAX_TILE`` (4096)."""
     dac_bits: int | None = 8
     """Input DAC resolution in bits, 1..16 (signed, 2^(bits-1)-1 levels per polarity,
     at least 1); ``None`` applies inputs at full precision."""
@@ -128,9 +128,16 @@ class RRAMConfig:
             raise TypeError(
                 f"RRAMConfig.material must be a material name or Material, got {type(mat).__name__}"
             )
+        for name in ("tile_rows", "tile_cols"):
+            _check_int(
+                name,
+                getattr(self, name),
+                1,
+                MAX_TILE,
+                " (a physical crossbar side: fabricated RRAM arrays are at most about 1024 "
+                "cells wide; larger layers are tiled; see sedma_torch.rram.config.MAX_TILE)",
+            )
         for name in (
-            "tile_rows",
-            "tile_cols",
             "write_verify_iters",
             "calibration_interval",
             "calibration_rows",
@@ -229,16 +236,24 @@ class RRAMConfig:
         return out
 
 
+MAX_TILE = 4096
+"""Largest crossbar side accepted (rows or columns). Fabricated RRAM arrays are 64x64 to
+1024x1024 cells (NeuRRAM's cores 256x256; larger macros are built from such sub-arrays:
+IR drop and sneak paths bound a single array), and the simulation holds every tile padded
+to its full size, so a physical bound also bounds memory: ``tile_rows=10**9`` for a
+32-cell layer would allocate gigabytes."""
+
+
 def _is_real(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _check_int(name: str, value: object, lo: int, hi: int | None = None) -> None:
+def _check_int(name: str, value: object, lo: int, hi: int | None = None, why: str = "") -> None:
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"RRAMConfig.{name} must be an int, got {value!r}")
     if value < lo or (hi is not None and value > hi):
         allowed = f"{lo}..{hi}" if hi is not None else f">= {lo}"
-        raise ValueError(f"RRAMConfig.{name} must be {allowed}, got {value!r}")
+        raise ValueError(f"RRAMConfig.{name} must be {allowed}, got {value!r}{why}")
 
 
 MELISO_MATERIALS = ("epiram", "ag_asi", "alox_hfo2", "taox_hfox")

@@ -280,6 +280,18 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
             )
         return hh, ww
 
+    def _nonfinite_outputs(self, bad: torch.Tensor) -> torch.Tensor:
+        # an output depends on its receptive field in the input channels of its group
+        ones = bad.new_ones((self.out_channels, self.in_channels // self.groups, *self.kernel_size))
+        hits = F.conv2d(
+            bad.to(torch.float32),
+            ones.to(torch.float32),
+            stride=self.stride,
+            dilation=self.dilation,
+            groups=self.groups,
+        )
+        return hits > 0
+
     def _read_fake(self, xp: torch.Tensor) -> torch.Tensor:
         return xp.new_empty((xp.shape[0], self.out_channels, *self._output_size(xp)))
 

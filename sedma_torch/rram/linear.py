@@ -138,6 +138,9 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
             y = _add_bias(y, self.bias.to(cdt))
         return y.to(_output_dtype(x)).reshape(*lead, self.out_features)
 
+    def _nonfinite_outputs(self, bad: torch.Tensor) -> torch.Tensor:
+        return bad.any(dim=-1, keepdim=True)  # every output of a row reads the whole row
+
     def _read_fake(self, x: torch.Tensor) -> torch.Tensor:
         return x.new_empty(x.shape[0], self.out_features)
 

@@ -322,9 +322,68 @@ class _CrossbarMixin(_LambdaController):
             self._ensure_programmed(weight)
             if x.shape[0] == 0:  # an empty batch reads nothing
                 return self._read_fake(x)
+            x, nonfinite, exponent = self._guard_input(x)
             if self.rram_config.adc_calibrated and not self.adc_full.numel():  # type: ignore[attr-defined]
                 self._calibrate_adc(x)
-            return self._hardware_forward(x, weight.detach())
+            y = self._hardware_forward(x, weight.detach())
+            if exponent is not None:  # undo the input's power-of-two scaling, per sample
+                y = torch.ldexp(y, exponent.view(-1, *([1] * (y.ndim - 1))).to(y.dtype))
+            if nonfinite is not None:
+                y = y.masked_fill(nonfinite, float("nan"))
+            return y
+
+    def _guard_input(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """What the read does with inputs a converter cannot digitise, so that it agrees
+        with the digital layer in kind: ``(x', nonfinite, exponent)``.
+
+        * NaN/Inf (only reachable with ``check_finite=False``): they are read as 0 and every
+          output that depends on one is NaN (``nonfinite``, a mask broadcastable to the
+          output), as in ``nn.Linear``/``nn.Conv2d`` -- a converter given NaN would otherwise
+          clamp it to a finite code, or its range to NaN for the whole batch.
+        * Huge magnitudes (a sample's max |x| beyond 2^32 in float32, 2^256 in float64):
+          the sample is scaled by a power of two before the read and its output scaled
+          back (``exponent``), which is exact in floating point and changes nothing of the
+          simulated chip when the read is scale-equivariant (no fixed DAC range, no ADC
+          range in input units). Without it squared inputs (the read-noise variance) or
+          intermediate products overflow to inf where the digital layer is finite. Ranges
+          fixed in input units saturate such inputs instead, as a chip does.
+        """
+        nonfinite = None
+        if not self.rram_config.check_finite:
+            finite = torch.isfinite(x)
+            if not bool(finite.all()):
+                nonfinite = self._nonfinite_outputs(~finite)
+                x = x.masked_fill(~finite, 0.0)
+        exponent = None
+        if self._scale_equivariant():
+            limit = (
+                2.0**32 if x.dtype in (torch.float32, torch.float16, torch.bfloat16) else 2.0**256
+            )
+            amax = x.detach().abs().amax(dim=tuple(range(1, x.ndim)))
+            if bool((amax > limit).any()):
+                _, e = torch.frexp(amax)
+                exponent = torch.where(amax > limit, e, torch.zeros_like(e))
+                x = torch.ldexp(x, (-exponent).view(-1, *([1] * (x.ndim - 1))).to(x.dtype))
+        return x, nonfinite, exponent
+
+    def _scale_equivariant(self) -> bool:
+        """True when reading ``2^k x`` gives ``2^k`` times the read of ``x`` (same noise
+        draws): the DAC (if any) ranges each vector itself and the ADC's range (if any) is
+        per read or calibrated in DAC code units."""
+        cfg = self.rram_config
+        if cfg.dac_bits is not None and cfg.dac_range is not None:
+            return False
+        if cfg.adc_bits is None:
+            return True
+        if cfg.adc_range is not None:
+            return False
+        return not cfg.adc_calibrated or cfg.dac_bits is not None
+
+    def _nonfinite_outputs(self, bad: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        """Mask of the outputs that depend on the inputs marked in ``bad`` (subclasses)."""
+        raise NotImplementedError
 
     def calibrate_adc_(self, x: torch.Tensor) -> _CrossbarMixin:
         """Calibrate the ADC full scales now on calibration inputs ``x`` (a batch of what
