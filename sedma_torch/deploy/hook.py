@@ -115,6 +115,8 @@ class DeployConfig:
     k8s_version: str = DEFAULT_K8S_VERSION
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_field_type(f"deploy.{f.name}", getattr(self, f.name), str(f.type))
         for name in ("window", "warmup_steps", "history_k"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"deploy.{name} must be >= 1, got {getattr(self, name)}")
@@ -145,6 +147,32 @@ class DeployConfig:
                 f"deploy config has unknown keys {unknown}; allowed are {sorted(known)}"
             )
         return cls(**dict(data))
+
+
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "bool": (bool,),
+    "int": (int,),
+    "float": (int, float),
+    "str": (str,),
+    "dict": (Mapping,),
+    "None": (type(None),),
+}
+
+
+def _check_field_type(name: str, value: Any, annotation: str) -> None:
+    """TypeError naming ``name`` unless ``value`` fits ``annotation`` (``"float"``,
+    ``"str | None"``, ``"list[str] | None"``, ...): bools are not numbers, numbers finite."""
+    allowed: list[type] = []
+    for part in annotation.replace(" ", "").split("|"):
+        allowed.extend((list,) if part.startswith("list") else _FIELD_TYPES.get(part, (object,)))
+    is_bool = isinstance(value, bool)
+    ok = any(
+        isinstance(value, t) and (t is bool or not is_bool or t is object) for t in allowed
+    )
+    if not ok:
+        raise TypeError(f"{name} must be {annotation}, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
 
 
 @dataclass(frozen=True)

@@ -92,8 +92,8 @@ def render_manifests(
     """
     if not isinstance(image, str) or not image:
         raise ManifestError(f"image must be a non-empty string, got {image!r}")
-    if not 1 <= int(port) <= 65535:
-        raise ManifestError(f"port must be in [1, 65535], got {port}")
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ManifestError(f"port must be an integer in [1, 65535], got {port!r}")
     if not math.isfinite(limit_factor) or limit_factor < 1.0:
         raise ManifestError(f"limit_factor must be >= 1, got {limit_factor}")
     if dns1123_label(namespace) != namespace:
@@ -291,8 +291,35 @@ def _check_names(manifest: Mapping[str, Any], where: str) -> None:
     if len(namespace) > 63 or not _DNS1035.match(namespace):
         raise ManifestError(f"{where}: metadata.namespace {namespace!r} is not a DNS-1123 label")
     for key, value in (meta.get("labels") or {}).items():
-        if not isinstance(value, str) or len(value) > 63 or not _LABEL_VALUE.match(value):
+        if not is_label_value(value):
             raise ManifestError(f"{where}: label {key}={value!r} is not a valid label value")
+    # node-affinity values are label values too (kubernetes.io/hostname): the JSON schema
+    # types them as strings only, and the API server would reject the Deployment
+    for term in _affinity_terms(manifest):
+        for expr in term.get("matchExpressions") or []:
+            for value in expr.get("values") or []:
+                if not is_label_value(value):
+                    raise ManifestError(
+                        f"{where}: node affinity {expr.get('key')}={value!r} is not a valid "
+                        "label value (at most 63 characters: alphanumerics, '-', '_', '.', "
+                        "starting and ending alphanumeric)"
+                    )
+
+
+def is_label_value(value: Any) -> bool:
+    """True when ``value`` is a valid Kubernetes label value (also what a node's
+    ``kubernetes.io/hostname`` label and a node-affinity match value must be)."""
+    return isinstance(value, str) and len(value) <= 63 and bool(_LABEL_VALUE.match(value))
+
+
+def _affinity_terms(manifest: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    pod = ((manifest.get("spec") or {}).get("template") or {}).get("spec") or {}
+    node = (pod.get("affinity") or {}).get("nodeAffinity") or {}
+    required = node.get("requiredDuringSchedulingIgnoredDuringExecution") or {}
+    terms = list(required.get("nodeSelectorTerms") or [])
+    for pref in node.get("preferredDuringSchedulingIgnoredDuringExecution") or []:
+        terms.append(pref.get("preference") or {})
+    return terms
 
 
 def write_manifests(manifests: Sequence[Mapping[str, Any]], out_dir: str | Path) -> list[Path]:
@@ -320,7 +347,11 @@ def load_manifests(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
     """Read manifests back from YAML files (several documents per file allowed)."""
     out: list[dict[str, Any]] = []
     for path in paths:
-        out.extend(d for d in yaml.safe_load_all(Path(path).read_text()) if d)
+        try:
+            docs = list(yaml.safe_load_all(Path(path).read_text()))
+        except yaml.YAMLError as exc:
+            raise ManifestError(f"manifest file {str(path)!r} is not valid YAML: {exc}") from exc
+        out.extend(d for d in docs if d)
     return out
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,16 +32,30 @@ MIB = 2**20
 """Bytes per MiB."""
 
 
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+"""A Kubernetes label value (non-empty is checked separately)."""
+
+
 class WorkflowError(ValueError):
     """A workflow or cluster description is invalid (the message names the field)."""
 
 
-def _finite_number(value: Any, what: str, *, positive: bool = False) -> float:
+MAX_MEMORY_MIB = 2.0**43
+"""Largest memory accepted, MiB (8 EiB: Kubernetes quantities are int64 bytes)."""
+MAX_CPU = 2.0**53 / 1000
+"""Largest CPU count accepted (millicores must stay exact integers)."""
+
+
+def _finite_number(
+    value: Any, what: str, *, positive: bool = False, maximum: float | None = None
+) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise WorkflowError(f"{what} must be a number, got {value!r}")
     value = float(value)
     if not math.isfinite(value):
         raise WorkflowError(f"{what} must be finite, got {value}")
+    if maximum is not None and value > maximum:
+        raise WorkflowError(f"{what} must be at most {maximum:g}, got {value:g}")
     if positive and value <= 0:
         raise WorkflowError(f"{what} must be > 0, got {value}")
     if value < 0:
@@ -70,9 +85,13 @@ class Agent:
     def __post_init__(self) -> None:
         _name(self.name, "agent name")
         object.__setattr__(
-            self, "memory_mib", _finite_number(self.memory_mib, f"agent {self.name!r} memory_mib")
+            self, "memory_mib", _finite_number(
+                self.memory_mib, f"agent {self.name!r} memory_mib", maximum=MAX_MEMORY_MIB
+            )
         )
-        object.__setattr__(self, "cpu", _finite_number(self.cpu, f"agent {self.name!r} cpu"))
+        object.__setattr__(
+            self, "cpu", _finite_number(self.cpu, f"agent {self.name!r} cpu", maximum=MAX_CPU)
+        )
         if self.allowed_nodes is not None:
             nodes = tuple(self.allowed_nodes)
             if not nodes:
@@ -225,11 +244,28 @@ class Node:
         object.__setattr__(
             self,
             "memory_mib",
-            _finite_number(self.memory_mib, f"node {self.name!r} memory_mib", positive=True),
+            _finite_number(
+                self.memory_mib,
+                f"node {self.name!r} memory_mib",
+                positive=True,
+                maximum=MAX_MEMORY_MIB,
+            ),
         )
         object.__setattr__(
-            self, "cpu", _finite_number(self.cpu, f"node {self.name!r} cpu", positive=True)
+            self,
+            "cpu",
+            _finite_number(self.cpu, f"node {self.name!r} cpu", positive=True, maximum=MAX_CPU),
         )
+        if self.hostname is not None:
+            _name(self.hostname, f"node {self.name!r} hostname")
+        label = self.host_label
+        if len(label) > 63 or not _LABEL_VALUE.match(label):
+            what = "hostname" if self.hostname is not None else "name"
+            raise WorkflowError(
+                f"node {what} {label!r} is not a valid kubernetes.io/hostname label value (at "
+                "most 63 characters: alphanumerics, '-', '_', '.', starting and ending "
+                "alphanumeric); rename the node or give its real host name as `hostname:`"
+            )
 
     @property
     def host_label(self) -> str:
@@ -438,7 +474,10 @@ def load_deploy_yaml(path: str | Path) -> tuple[Workflow, Cluster]:
     path = Path(path)
     if not path.is_file():
         raise WorkflowError(f"deploy description {str(path)!r} does not exist")
-    data = yaml.safe_load(path.read_text())
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise WorkflowError(f"deploy description {str(path)!r} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict) or "workflow" not in data or "cluster" not in data:
         raise WorkflowError(f"{str(path)!r} must hold top-level 'workflow' and 'cluster' mappings")
     workflow, cluster = Workflow.from_dict(data["workflow"]), Cluster.from_dict(data["cluster"])

@@ -77,6 +77,11 @@ def build_model(model_cfg: Mapping[str, Any], *, for_training: bool = False) -> 
                 "the model_digital.pt (or model_hwa.pt) that `python train.py` writes to "
                 "its run directory"
             )
+        if Path(weights).is_dir():
+            raise IsADirectoryError(
+                f"model.weights {weights!r} is a directory; give the weights file in it "
+                "(train.py writes <run dir>/model_digital.pt and model_hwa.pt)"
+            )
         if not Path(weights).is_file():
             raise FileNotFoundError(f"model.weights file {weights!r} does not exist")
         model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
