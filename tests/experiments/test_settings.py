@@ -19,6 +19,11 @@ from ..conftest import REPO
 RRAM_DIR = REPO / "configs" / "rram"
 
 
+def test_every_rram_yaml_is_a_preset_by_the_same_name():
+    # st.preset(<the Hydra rram choice>) works for every option of the group (issue 15)
+    assert {p.stem for p in RRAM_DIR.glob("*.yaml")} == set(st.PRESETS)
+
+
 @pytest.mark.parametrize("name", sorted(st.PRESETS))
 def test_each_preset_has_a_yaml_with_every_field_and_the_same_values(name):
     node = OmegaConf.load(RRAM_DIR / f"{name}.yaml")
