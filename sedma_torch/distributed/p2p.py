@@ -1,8 +1,8 @@
 """Content-addressed tensor exchange over Lattica (libp2p: Kademlia DHT, BitSwap, RTT).
 
 The SPEC's stage-2 algorithm: content id of a tensor -> DHT lookup of its providers ->
-score the providers (Eq. 7, with the availability and free memory each peer publishes in
-the DHT with an expiry, and Lattica's measured RTT) -> fetch from the top ``k``.
+score the providers (Eq. 7, with the availability and free memory each peer publishes
+with an expiry, and Lattica's measured RTT) -> fetch from the top ``k``.
 
 * Serialisation: a tensor travels as a safetensors file (a JSON header and raw bytes;
   nothing is ever unpickled). Lattica's own ``Lattica.store``/``get`` and its RPC handler
@@ -10,19 +10,50 @@ the DHT with an expiry, and Lattica's measured RTT) -> fetch from the top ``k``.
   (``store_with_subkey``/``get_with_subkey``, ``put_block``/``get_block``, and an RPC
   service with its own raw ``_handle_fetch``).
 * Content id: the CIDv1 (raw codec, sha2-256, base32) of the payload bytes, the same id
-  Lattica's ``put_block`` returns (checked on publish).
-* Validation on receipt, before anything is decoded: the payload size (``max_bytes``), the
-  CID of the bytes (must equal the requested one), then the safetensors header (exactly
-  one tensor, an allowed dtype, the expected shape/dtype when given).
-* Membership: a training group is the set of libp2p peer ids in ``members`` (libp2p
-  authenticates peer ids in its handshake). Providers and telemetry records from other
-  peers are dropped and counted, never used. With a ``group_key``, telemetry records
-  also carry an HMAC-SHA256 tag, so a non-member cannot publish under a member's id.
-* Transfer: ``via="rpc"`` asks the chosen providers themselves, best score first (a raw
-  request/response stream to that peer); ``via="bitswap"`` asks BitSwap
-  (``get_block``) after limiting its peer selection to ``k`` peers, and rejects the block
-  when the peer that served it is not a member (Lattica's Python API cannot pin a BitSwap
-  request to given peers).
+  Lattica's ``put_block`` would return.
+* Membership: a training group is the set of libp2p peer ids in ``members``. It is
+  enforced when *serving* as well as when receiving:
+
+  - Lattica hands an RPC handler the request bytes only, not the caller's peer id, so a
+    request names its sender (``from``) and the server checks that sender. With a
+    ``group_key`` every request carries an HMAC-SHA256 (key derived from ``group_key``)
+    over the whole request (op, CID, sender, addressee, offset, length, timestamp, random
+    nonce); the server refuses a bad tag, a non-member sender, another addressee, a
+    timestamp outside +-``REQUEST_WINDOW_S`` and a nonce it has already seen (replay).
+    Any holder of the key can claim any member's id: the key is the credential.
+  - Without a ``group_key`` (allowlist only) the server proves the sender's identity with
+    libp2p itself: it dials the claimed member (libp2p authenticates the peer id in the
+    handshake) and asks it to confirm the request's random nonce; only then does it hand
+    out a session token for the body. (Lattica runs a handler inside its swarm loop, so the
+    call-back runs on a background thread and the requester polls ``head`` meanwhile.)
+  - Lattica's BitSwap serves any block in the blockstore to any peer that asks, and its
+    Python API cannot restrict that. So the plaintext payload is never put on BitSwap:
+    in a keyed group it is split into chunks, each sealed with AES-256-GCM (key derived
+    from ``group_key``, random 96-bit nonce, the CID/chunk size/index/count as associated
+    data), and only the ciphertext blocks are published. This needs the ``cryptography``
+    package; without it, or without a ``group_key``, BitSwap is off for this peer
+    (``fetch(via="bitswap")`` raises a clear error) and tensors travel by RPC only.
+
+* Size limit before download: a fetch first asks the provider for a small header (the
+  payload size, its chunk size and, for BitSwap, the ciphertext block CIDs); a payload over
+  ``max_bytes`` is refused before any byte of it moves. The body then comes in chunks of at
+  most ``chunk_bytes`` (RPC requests with offset and length, or one BitSwap block per
+  chunk), so the receiver holds at most ``max_bytes`` plus one chunk while downloading, and
+  a server never builds a response larger than one chunk (it refuses larger requests).
+  Limit: a *member* that ignores the requested length can still make Lattica buffer one
+  oversized RPC response before it is refused (Lattica reads each response whole).
+* Validation on receipt, before anything is decoded: the announced size and every chunk's
+  length, the CID of the bytes (must equal the requested one), then the safetensors header
+  (exactly one tensor, an allowed dtype, the expected shape/dtype when given).
+* Telemetry: each peer keeps its latest record (HMAC-signed with a ``group_key``) and
+  publishes it in the DHT under its own key (``telemetry_key(peer_id)``, subkey = its peer
+  id) with an expiry of at most ``MAX_TELEMETRY_TTL_S``. The DHT is writable by anyone: a
+  peer can fill every node's record store (Lattica refuses new records with
+  ``MaxRecords``) with records whose expiry it chooses. So a failed store is a counted
+  warning, not an error, and a reader takes a member's record from the DHT only when it
+  verifies (keyed group: HMAC, peer, issue time, expiry not too far in the future) and
+  otherwise asks the member itself over RPC (authenticated by the libp2p dial).
+* Rejections are counted in :class:`P2PStats` (both as a requester and as a server).
 * A :class:`~sedma_torch.distributed.UtilityCache` (Eq. 10) sits in front of fetches.
 """
 
@@ -34,9 +65,16 @@ import hashlib
 import hmac
 import json
 import math
+import os
+import re
+import secrets
 import socket
+import threading
 import time
+import warnings
+import weakref
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,17 +87,52 @@ from .cache import UtilityCache
 from .selection import PeerFeatures, PeerSelector, normalised_terms
 from .telemetry import measure_local
 
+try:  # AES-GCM for BitSwap blocks in a keyed group (optional dependency)
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+except ImportError:  # pragma: no cover - environment dependent
+    AESGCM = None
+    InvalidTag = ValueError
+
 __all__ = [
+    "MAX_TELEMETRY_TTL_S",
     "P2PStats",
     "PayloadRejected",
     "TensorPeer",
     "content_id",
     "decode_tensor",
     "encode_tensor",
+    "telemetry_key",
 ]
 
 TELEMETRY_KEY = "sedma/telemetry/v1"
+"""Prefix of the per-peer DHT telemetry keys (see :func:`telemetry_key`)."""
+MAX_TELEMETRY_TTL_S = 3600.0
+"""Longest accepted telemetry expiry (s); records expiring later are ignored."""
+CLOCK_SKEW_S = 60.0
+"""Tolerated clock difference between peers for telemetry issue times (s)."""
+REQUEST_WINDOW_S = 30.0
+"""A request's timestamp must be within this many seconds of the server's clock."""
+DEFAULT_CHUNK_BYTES = 4 * 2**20
+MAX_CHUNK_BYTES = 16 * 2**20
+"""Largest chunk a server serves and a receiver accepts per request/block (bytes)."""
+MAX_REQUEST_BYTES = 4096
+MAX_HEAD_BYTES = 64 * 1024
+SERVICE_METHOD = "SedmaTensorService.fetch"
+
 _CID_PREFIX = bytes([0x01, 0x55, 0x12, 0x20])  # CIDv1, raw codec, sha2-256, 32 bytes
+_CID_RE = re.compile(r"^b[a-z2-7]{58}$")
+_PEER_RE = re.compile(r"^[1-9A-HJ-NP-Za-km-z]{32,128}$")
+_NONCE_RE = re.compile(r"^[0-9a-f]{32}$")
+_OPS = frozenset({"head", "body", "telemetry", "confirm"})
+_OK = b"\x00"
+_ERR = b"\x01"
+_BLOCK_MAGIC = b"SDB1"
+_GCM_NONCE = 12
+_GCM_TAG = 16
+_MAX_PENDING_VERIFICATIONS = 64
+_MAX_NONCES = 200_000
+_SESSION_TTL_S = 120.0
 ALLOWED_DTYPES = frozenset(
     {
         torch.float64,
@@ -77,13 +150,43 @@ ALLOWED_DTYPES = frozenset(
 
 
 class PayloadRejected(ValueError):
-    """A payload from a peer failed validation (size, CID, format, dtype, shape)."""
+    """A payload from a peer failed validation.
+
+    ``reason`` is ``"oversized"`` (over ``max_bytes``, or a chunk longer than asked),
+    ``"cid"`` (bytes do not match the requested CID) or ``"malformed"`` (format, dtype,
+    shape, truncated or undecryptable data).
+    """
+
+    def __init__(self, message: str, reason: str = "malformed") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
-def content_id(data: bytes) -> str:
+class _Refused(Exception):
+    """A request this peer refuses to serve (``code`` goes back to the requester)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _RemoteError(Exception):
+    """A provider answered with an error frame (or an unreadable one)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
+def content_id(data: bytes | bytearray | memoryview) -> str:
     """CIDv1 (raw, sha2-256) of ``data`` in base32, e.g. ``bafkrei...``."""
     digest = hashlib.sha256(data).digest()
     return "b" + base64.b32encode(_CID_PREFIX + digest).decode().lower().rstrip("=")
+
+
+def telemetry_key(peer_id: str) -> str:
+    """The DHT key under which ``peer_id`` publishes its telemetry record."""
+    return f"{TELEMETRY_KEY}/{peer_id}"
 
 
 def encode_tensor(tensor: torch.Tensor) -> bytes:
@@ -107,9 +210,11 @@ def decode_tensor(
     if not isinstance(data, bytes | bytearray):
         raise PayloadRejected(f"payload must be bytes, got {type(data).__name__}")
     if len(data) > max_bytes:
-        raise PayloadRejected(f"payload of {len(data)} bytes exceeds max_bytes={max_bytes}")
-    if expected_cid is not None and content_id(bytes(data)) != expected_cid:
-        raise PayloadRejected(f"payload bytes do not match the requested CID {expected_cid}")
+        raise PayloadRejected(
+            f"payload of {len(data)} bytes exceeds max_bytes={max_bytes}", "oversized"
+        )
+    if expected_cid is not None and content_id(data) != expected_cid:
+        raise PayloadRejected(f"payload bytes do not match the requested CID {expected_cid}", "cid")
     try:
         tensors = st_load(bytes(data))
     except (SafetensorError, ValueError, RuntimeError) as exc:
@@ -132,7 +237,7 @@ def _dtype_names() -> list[str]:
 
 @dataclass
 class P2PStats:
-    """Counters of one :class:`TensorPeer`."""
+    """Counters of one :class:`TensorPeer` (as a requester and as a server)."""
 
     published: int = 0
     fetched: int = 0
@@ -142,15 +247,45 @@ class P2PStats:
     bad_signature: int = 0
     """Telemetry records whose HMAC did not verify (dropped)."""
     rejected_payloads: int = 0
-    """Payloads that failed validation (size, CID, format, dtype, shape)."""
+    """Payloads that failed validation (all reasons: the three counters below)."""
+    rejected_oversized: int = 0
+    """Payloads refused by size: announced over ``max_bytes``, or a chunk longer than asked."""
+    rejected_cid: int = 0
+    """Payloads whose bytes did not match the requested CID."""
+    rejected_malformed: int = 0
+    """Malformed payloads, headers or telemetry received, and malformed requests served."""
+    rejected_unauthorized: int = 0
+    """Requests refused as a server: non-member, bad or missing HMAC, unconfirmed identity,
+    addressed to another peer."""
+    rejected_replayed: int = 0
+    """Requests refused as a server: nonce seen before or timestamp outside the window."""
+    rejected_expiry: int = 0
+    """Telemetry records (or DHT entries) expiring too far in the future, or issued in it."""
+    telemetry_store_failed: int = 0
+    """``publish_telemetry`` calls whose DHT store failed (warned; record still served)."""
     failed_requests: int = 0
-    """Requests to a provider that errored or timed out."""
+    """Requests to a provider that errored, were refused or timed out."""
+    served_bytes: int = 0
+    """Payload bytes this peer served over RPC."""
 
 
 def _free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def _canonical(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class TensorPeer:
@@ -161,12 +296,16 @@ class TensorPeer:
         port: TCP port (0 picks a free one).
         bootstrap: multiaddrs (``/ip4/.../tcp/.../p2p/<id>``) of peers to join through.
         members: peer ids of the training group; this peer is always a member.
-        group_key: shared secret that signs telemetry records (None: allowlist only).
+        group_key: shared secret of the group: authenticates requests, signs telemetry and
+            encrypts BitSwap blocks (None: allowlist only, no BitSwap).
         k: providers to try per fetch (top-k by Eq. 7).
-        max_bytes: largest payload accepted from a peer (bytes).
+        max_bytes: largest payload accepted from a peer (bytes); refused before download.
+        chunk_bytes: transfer chunk (bytes, 1 ... ``MAX_CHUNK_BYTES``).
+        bitswap: publish (encrypted) BitSwap blocks. None: when a ``group_key`` and the
+            ``cryptography`` package are there; True: require it (error otherwise).
         cache_mb: capacity of the utility cache in MB (0 disables it).
         memory: long-term memory for transfer outcomes and cache statistics (duck-typed).
-        telemetry_ttl_s: expiry of the published telemetry records (s).
+        telemetry_ttl_s: expiry of the published telemetry records (s, <= 3600).
         request_timeout_s: timeout of one request to a provider (whole seconds, >= 1).
     """
 
@@ -180,6 +319,8 @@ class TensorPeer:
         group_key: bytes | None = None,
         k: int = 2,
         max_bytes: int = 256 * 2**20,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        bitswap: bool | None = None,
         cache_mb: float = 64.0,
         memory: Any | None = None,
         telemetry_ttl_s: float = 60.0,
@@ -189,12 +330,42 @@ class TensorPeer:
 
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be an integer >= 1, got {k!r}")
-        if not isinstance(max_bytes, int) or max_bytes < 1:
+        if not _is_int(max_bytes) or max_bytes < 1:
             raise ValueError(f"max_bytes must be an integer >= 1, got {max_bytes!r}")
+        if not _is_int(chunk_bytes) or not 1 <= chunk_bytes <= MAX_CHUNK_BYTES:
+            raise ValueError(
+                f"chunk_bytes must be an integer in [1, {MAX_CHUNK_BYTES}], got {chunk_bytes!r}"
+            )
         if group_key is not None and not isinstance(group_key, bytes):
             raise TypeError(f"group_key must be bytes or None, got {type(group_key).__name__}")
+        if group_key is not None and not group_key:
+            raise ValueError("group_key must not be empty (use None for an allowlist-only group)")
         if isinstance(request_timeout_s, bool) or not isinstance(request_timeout_s, int):
             raise ValueError(f"request_timeout_s must be whole seconds, got {request_timeout_s!r}")
+        ttl = float(telemetry_ttl_s)
+        if not (0 < ttl <= MAX_TELEMETRY_TTL_S):
+            raise ValueError(
+                f"telemetry_ttl_s must be in (0, {MAX_TELEMETRY_TTL_S:g}], got {telemetry_ttl_s!r}"
+            )
+        if bitswap not in (None, True, False):
+            raise ValueError(f"bitswap must be None, True or False, got {bitswap!r}")
+        self._bitswap_off_reason: str | None = None
+        if bitswap is False:
+            self._bitswap_off_reason = "this peer was built with bitswap=False"
+        elif group_key is None:
+            self._bitswap_off_reason = (
+                "BitSwap needs a group_key: Lattica's BitSwap serves any block to any peer "
+                "that asks, so blocks are only published encrypted with a key derived from "
+                "the group key"
+            )
+        elif AESGCM is None:
+            self._bitswap_off_reason = (
+                "BitSwap in a keyed group needs the 'cryptography' package (AES-GCM) to "
+                "encrypt blocks; install it or use via='rpc'"
+            )
+        if bitswap is True and self._bitswap_off_reason is not None:
+            raise ValueError(f"bitswap=True is not possible: {self._bitswap_off_reason}")
+
         port = port or _free_port(host)
         builder = (
             Lattica.builder()
@@ -214,21 +385,41 @@ class TensorPeer:
         self.group_key = group_key
         self.k = k
         self.max_bytes = max_bytes
-        self.telemetry_ttl_s = float(telemetry_ttl_s)
+        self.chunk_bytes = chunk_bytes
+        self.telemetry_ttl_s = ttl
         self.request_timeout_s = max(int(request_timeout_s), 1)
         self.selector = PeerSelector(memory=memory, name=f"p2p/{self.peer_id}")
         self.cache = UtilityCache(cache_mb, memory=self.selector.memory) if cache_mb > 0 else None
         self.stats = P2PStats()
         self._last_candidates: dict[str, PeerFeatures] = {}
         self._blocks: dict[str, bytes] = {}
-        blocks = self._blocks
+        self._manifests: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+        self._seen_nonces: dict[str, float] = {}
+        self._pending: dict[str, tuple[str, str, float]] = {}
+        self._verifications: dict[tuple[str, str], dict[str, Any]] = {}
+        self._sessions: dict[str, tuple[str, str, float]] = {}
+        self._last_prune = 0.0
+        self._executor: ThreadPoolExecutor | None = None
+        self._telemetry_payload: bytes | None = None
+        self._telemetry_cache: dict[str, dict[str, float]] = {}
+        self._telemetry_retry: dict[str, float] = {}
+        self._closed = False
+        if group_key is not None:
+            self._request_key = hmac.new(group_key, b"sedma/p2p/request/v1", "sha256").digest()
+            self._telemetry_key = hmac.new(group_key, b"sedma/p2p/telemetry/v1", "sha256").digest()
+            self._block_key = hmac.new(group_key, b"sedma/p2p/bitswap/v1", "sha256").digest()
+        ref = weakref.ref(self)
 
         class SedmaTensorService(ConnectionHandler):
-            """Serves this peer's published payloads by CID (raw bytes in and out)."""
+            """Serves this peer's published payloads (raw framed bytes in and out)."""
 
             @rpc_method
             def fetch(self, request: bytes) -> bytes:
-                return blocks.get(bytes(request).decode("ascii", "replace"), b"")
+                peer = ref()
+                if peer is None:
+                    return _ERR + b'{"error":"closed","message":"peer closed"}'
+                return peer._serve(bytes(request))
 
             def _handle_fetch(self, data: bytes) -> bytes:
                 return self.fetch(data)
@@ -240,66 +431,169 @@ class TensorPeer:
         """Admit ``peer_ids`` to the training group."""
         self.members.update(peer_ids)
 
+    @property
+    def bitswap_enabled(self) -> bool:
+        """Whether this peer publishes and fetches (encrypted) BitSwap blocks."""
+        return self._bitswap_off_reason is None
+
     # ----- publishing ----------------------------------------------------------------
     def publish(self, tensor: torch.Tensor) -> str:
-        """Store ``tensor`` under the CID of its safetensors bytes and advertise it in the
-        DHT; returns the CID."""
+        """Keep ``tensor``'s safetensors bytes under their CID, advertise the CID in the DHT
+        (and, in a keyed group, publish the encrypted BitSwap blocks); returns the CID."""
         data = encode_tensor(tensor)
         if len(data) > self.max_bytes:
             raise ValueError(f"tensor payload of {len(data)} bytes exceeds max_bytes")
         cid = content_id(data)
-        lattica_cid = self._node.put_block(data)
-        if lattica_cid != cid:
-            raise RuntimeError(f"Lattica returned CID {lattica_cid}, expected {cid}")
-        self._blocks[cid] = data
+        if cid not in self._blocks:
+            if self.bitswap_enabled:
+                self._manifests[cid] = self._put_encrypted_blocks(cid, data)
+            self._blocks[cid] = data
         self._node.start_providing(cid)
         self.stats.published += 1
         return cid
 
+    def _block_aad(self, cid: str, chunk: int, index: int, count: int) -> bytes:
+        return f"sedma/bitswap/v1|{cid}|{chunk}|{index}|{count}".encode()
+
+    def _put_encrypted_blocks(self, cid: str, data: bytes) -> dict[str, Any]:
+        aead = AESGCM(self._block_key)
+        chunk = self.chunk_bytes
+        count = max(1, math.ceil(len(data) / chunk))
+        view = memoryview(data)
+        blocks = []
+        for i in range(count):
+            nonce = os.urandom(_GCM_NONCE)
+            sealed = aead.encrypt(
+                nonce, view[i * chunk : (i + 1) * chunk], self._block_aad(cid, chunk, i, count)
+            )
+            block = _BLOCK_MAGIC + nonce + sealed
+            del sealed
+            block_cid = content_id(block)
+            lattica_cid = self._node.put_block(block)
+            if lattica_cid != block_cid:
+                raise RuntimeError(f"Lattica returned CID {lattica_cid}, expected {block_cid}")
+            blocks.append(block_cid)
+        return {"chunk": chunk, "blocks": blocks}
+
     def _sign(self, body: bytes) -> str:
         assert self.group_key is not None
-        return hmac.new(self.group_key, body, hashlib.sha256).hexdigest()
+        return hmac.new(self._telemetry_key, body, hashlib.sha256).hexdigest()
 
     def publish_telemetry(self) -> dict[str, Any]:
-        """Publish this peer's availability and free memory in the DHT (with an expiry)."""
+        """Publish this peer's availability and free memory (with an expiry).
+
+        The record is kept here (members can ask for it over RPC) and stored in the DHT
+        under :func:`telemetry_key`. The DHT store is best effort: when it fails (e.g. a
+        peer filled the record stores, ``MaxRecords``) this warns and counts
+        ``stats.telemetry_store_failed`` instead of raising.
+        """
         availability, host_free, device_free = measure_local()
-        expires = time.time() + self.telemetry_ttl_s
+        now = time.time()
+        expires = now + self.telemetry_ttl_s
         record = {
             "peer": self.peer_id,
             "availability": availability,
             "mem_free_gb": device_free if device_free is not None else host_free,
+            "issued": now,
             "expires": expires,
         }
-        body = json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
+        body = _canonical(record)
         payload = {"body": body.decode()}
         if self.group_key is not None:
             payload["hmac"] = self._sign(body)
-        self._node._lattica_instance.store_with_subkey(
-            TELEMETRY_KEY, json.dumps(payload).encode(), expires, self.peer_id
-        )
+        raw = json.dumps(payload).encode()
+        self._telemetry_payload = raw
+        try:
+            self._node._lattica_instance.store_with_subkey(
+                telemetry_key(self.peer_id), raw, expires, self.peer_id
+            )
+        except Exception as exc:  # record store full, no peers, ...
+            self.stats.telemetry_store_failed += 1
+            warnings.warn(
+                f"telemetry of {self.peer_id} not stored in the DHT ({_first_line(exc)}); "
+                "members still get it over RPC",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return record
 
-    def peer_telemetry(self) -> dict[str, dict[str, float]]:
-        """Valid, unexpired telemetry of member peers from the DHT (others dropped)."""
-        raw = self._node._lattica_instance.get_with_subkey(TELEMETRY_KEY)
+    def peer_telemetry(self, peers: Iterable[str] | None = None) -> dict[str, dict[str, float]]:
+        """Valid, unexpired telemetry of member peers (of ``peers``, default all members).
+
+        In a keyed group a member's record comes from the DHT when it verifies; otherwise
+        (and always without a key, where DHT records cannot be authenticated) it is asked
+        from the member itself over RPC. Records from non-members are dropped and counted.
+        """
+        targets = sorted(self.members) if peers is None else list(dict.fromkeys(peers))
         out: dict[str, dict[str, float]] = {}
-        if not isinstance(raw, dict):
-            return out
         now = time.time()
-        for subkey, entry in raw.items():
-            if subkey not in self.members:
+        for peer in targets:
+            if peer not in self.members:
                 self.stats.unknown_peer += 1
                 continue
-            record = self._parse_telemetry(subkey, entry, now)
+            if peer == self.peer_id:
+                record = (
+                    self._parse_telemetry(peer, self._telemetry_payload, None, now)
+                    if self._telemetry_payload is not None
+                    else None
+                )
+            else:
+                record = self._telemetry_from_dht(peer, now) if self.group_key else None
+                if record is None:
+                    record = self._telemetry_from_rpc(peer, now)
             if record is not None:
-                out[subkey] = record
+                out[peer] = record
         return out
 
-    def _parse_telemetry(self, subkey: str, entry: Any, now: float) -> dict[str, float] | None:
+    def _telemetry_from_dht(self, peer: str, now: float) -> dict[str, float] | None:
         try:
-            value, _ = entry
+            raw = self._node._lattica_instance.get_with_subkey(telemetry_key(peer))
+        except Exception:
+            return None
+        if not isinstance(raw, dict):
+            return None
+        self.stats.unknown_peer += sum(1 for s in raw if s != peer)  # junk under its key
+        entry = raw.get(peer)
+        if entry is None:
+            return None
+        try:
+            value, expiration = entry
+            expiration = float(expiration)
+        except (TypeError, ValueError):
+            self.stats.rejected_malformed += 1
+            return None
+        return self._parse_telemetry(peer, value, expiration, now)
+
+    def _telemetry_from_rpc(self, peer: str, now: float) -> dict[str, float] | None:
+        cached = self._telemetry_cache.get(peer)
+        if cached is not None and cached["expires"] >= now:
+            return cached
+        if self._telemetry_retry.get(peer, 0.0) > now:
+            return None
+        try:
+            value = self._call(peer, self._request("telemetry", peer), timeout=2)
+        except _RemoteError as err:
+            if err.code == "unreachable":  # timeouts are what costs: back off a little
+                self._telemetry_retry[peer] = now + 5.0
+            return None
+        if len(value) > 4096:
+            self.stats.rejected_malformed += 1
+            return None
+        record = self._parse_telemetry(peer, bytes(value), None, now)
+        if record is not None:
+            self._telemetry_cache[peer] = record
+        return record
+
+    def _parse_telemetry(
+        self, peer: str, value: Any, expiration: float | None, now: float
+    ) -> dict[str, float] | None:
+        horizon = now + MAX_TELEMETRY_TTL_S + CLOCK_SKEW_S
+        if expiration is not None and not (expiration <= horizon):
+            self.stats.rejected_expiry += 1  # attacker-chosen DHT expiry
+            return None
+        try:
             if len(value) > 4096:
-                return None
+                raise ValueError("record too long")
             payload = json.loads(bytes(value))
             body = payload["body"].encode()
             if self.group_key is not None and not hmac.compare_digest(
@@ -310,14 +604,281 @@ class TensorPeer:
             record = json.loads(body)
             availability = float(record["availability"])
             mem = float(record["mem_free_gb"])
+            issued = float(record["issued"])
             expires = float(record["expires"])
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+            self.stats.rejected_malformed += 1
             return None
-        if record.get("peer") != subkey or expires < now:
+        if record.get("peer") != peer:
+            self.stats.rejected_malformed += 1
             return None
+        if not (issued <= now + CLOCK_SKEW_S and expires - issued <= MAX_TELEMETRY_TTL_S):
+            self.stats.rejected_expiry += 1
+            return None
+        if not (expires >= now):
+            return None  # expired: normal, not an attack
         if not (0.0 <= availability <= 1.0) or not (mem >= 0 and math.isfinite(mem)):
+            self.stats.rejected_malformed += 1
             return None
         return {"availability": availability, "mem_free_gb": mem, "expires": expires}
+
+    # ----- requests (client side) ----------------------------------------------------
+    def _request(self, op: str, to: str, cid: str = "", **extra: Any) -> bytes:
+        """A signed (keyed group) request from this peer to ``to``."""
+        req: dict[str, Any] = {
+            "v": 1,
+            "op": op,
+            "cid": cid,
+            "from": self.peer_id,
+            "to": to,
+            "ts": time.time(),
+            "nonce": secrets.token_hex(16),
+            **extra,
+        }
+        if self.group_key is not None:
+            req["mac"] = hmac.new(self._request_key, _canonical(req), "sha256").hexdigest()
+        return _canonical(req)
+
+    def _call(self, peer: str, request: bytes, timeout: int | None = None) -> memoryview:
+        """Send ``request`` to ``peer``; the response's payload or :class:`_RemoteError`."""
+        try:
+            client = self._node.get_client(peer)
+            raw = client.call(SERVICE_METHOD, request).result(timeout or self.request_timeout_s)
+        except Exception as exc:  # unreachable peer, timeout
+            raise _RemoteError("unreachable", _first_line(exc)) from exc
+        if not raw:
+            raise _RemoteError("empty", "empty response")
+        if raw[:1] == _OK:
+            return memoryview(raw)[1:]
+        if raw[:1] == _ERR and len(raw) <= MAX_HEAD_BYTES:
+            try:
+                err = json.loads(bytes(raw[1:]))
+                raise _RemoteError(str(err["error"]), str(err.get("message", "")))
+            except (ValueError, KeyError, TypeError):
+                pass
+        raise _RemoteError("malformed", "unreadable response frame")
+
+    def _head(self, peer: str, cid: str) -> dict[str, Any]:
+        """The size/chunk header of ``cid`` from ``peer`` (raises :class:`_RemoteError`,
+        :class:`PayloadRejected`)."""
+        if self.group_key is not None:
+            raw = self._call(peer, self._request("head", peer, cid))
+        else:  # the server confirms our identity by dialling us back: poll while it does
+            request = self._request("head", peer, cid)
+            nonce = json.loads(request)["nonce"]
+            deadline = time.monotonic() + self.request_timeout_s
+            with self._lock:
+                self._pending[nonce] = (cid, peer, time.time() + 2 * REQUEST_WINDOW_S)
+            try:
+                delay = 0.01
+                while True:
+                    try:
+                        raw = self._call(peer, request)
+                        break
+                    except _RemoteError as err:
+                        if err.code != "pending" or time.monotonic() > deadline:
+                            raise
+                    time.sleep(delay)
+                    delay = min(delay * 2, 0.2)
+            finally:
+                with self._lock:
+                    self._pending.pop(nonce, None)
+        if len(raw) > MAX_HEAD_BYTES:
+            raise PayloadRejected(f"header of {len(raw)} bytes from {peer} is too long")
+        try:
+            head = json.loads(bytes(raw))
+            size, chunk = head["size"], head["chunk"]
+            if not (_is_int(size) and size >= 0 and _is_int(chunk) and chunk >= 1):
+                raise ValueError("size/chunk must be non-negative integers")
+        except (ValueError, KeyError, TypeError) as exc:
+            raise PayloadRejected(f"malformed header from {peer}: {exc}") from exc
+        if size > self.max_bytes:
+            raise PayloadRejected(
+                f"{peer} announces {size} bytes for {cid}, over max_bytes={self.max_bytes}",
+                "oversized",
+            )
+        return head
+
+    # ----- serving -------------------------------------------------------------------
+    def _serve(self, data: bytes) -> bytes:
+        try:
+            req = self._parse_request(data)
+            op = req["op"]
+            if op == "confirm":
+                return self._serve_confirm(req)
+            self._authorize(req)
+            if op == "telemetry":
+                if self._telemetry_payload is None:
+                    raise _Refused("not_found", "no telemetry published yet")
+                return _OK + self._telemetry_payload
+            if op == "head":
+                return self._serve_head(req)
+            return self._serve_body(req)
+        except _Refused as ref:
+            counter = {
+                "unauthorized": "rejected_unauthorized",
+                "replayed": "rejected_replayed",
+                "malformed": "rejected_malformed",
+            }.get(ref.code)
+            if counter is not None:
+                with self._lock:
+                    setattr(self.stats, counter, getattr(self.stats, counter) + 1)
+            return _ERR + _canonical({"error": ref.code, "message": str(ref)})
+        except Exception as exc:  # never raise into Lattica (it would retry the call)
+            return _ERR + _canonical({"error": "internal", "message": _first_line(exc)})
+
+    def _parse_request(self, data: bytes) -> dict[str, Any]:
+        if len(data) > MAX_REQUEST_BYTES:
+            raise _Refused("malformed", f"request of {len(data)} bytes > {MAX_REQUEST_BYTES}")
+        try:
+            req = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise _Refused("malformed", f"request is not JSON: {exc}") from exc
+        if not isinstance(req, dict) or req.get("v") != 1 or req.get("op") not in _OPS:
+            raise _Refused("malformed", "request must be a v1 object with a known op")
+        checks = {
+            "from": lambda v: isinstance(v, str) and bool(_PEER_RE.match(v)),
+            "to": lambda v: isinstance(v, str) and bool(_PEER_RE.match(v)),
+            "nonce": lambda v: isinstance(v, str) and bool(_NONCE_RE.match(v)),
+            "ts": lambda v: (
+                isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            ),
+            "cid": lambda v: isinstance(v, str) and (v == "" or bool(_CID_RE.match(v))),
+        }
+        for name, ok in checks.items():
+            if not ok(req.get(name)):
+                raise _Refused("malformed", f"request field {name!r} is missing or invalid")
+        if req["op"] in ("head", "body", "confirm") and not req["cid"]:
+            raise _Refused("malformed", f"op {req['op']!r} needs a cid")
+        if req["op"] == "body":
+            off, length = req.get("off"), req.get("len")
+            if not (_is_int(off) and _is_int(length) and off >= 0 and length >= 1):
+                raise _Refused("malformed", "body request needs integer off >= 0 and len >= 1")
+            if length > MAX_CHUNK_BYTES:
+                raise _Refused("malformed", f"chunk of {length} bytes > {MAX_CHUNK_BYTES}")
+        return req
+
+    def _check_nonce(self, nonce: str, now: float) -> None:
+        """Refuse a nonce seen before; remember it (caller holds the lock)."""
+        if now - self._last_prune > 1.0:
+            self._last_prune = now
+            for nonce_seen in [n for n, exp in self._seen_nonces.items() if exp < now]:
+                del self._seen_nonces[nonce_seen]
+            for tok in [t for t, s in self._sessions.items() if s[2] < now]:
+                del self._sessions[tok]
+            for key in [k for k, v in self._verifications.items() if v["expires"] < now]:
+                del self._verifications[key]
+        if nonce in self._seen_nonces:
+            raise _Refused("replayed", "request nonce was already used")
+        if len(self._seen_nonces) >= _MAX_NONCES:
+            raise _Refused("busy", "too many recent requests")
+        self._seen_nonces[nonce] = now + 2 * REQUEST_WINDOW_S
+
+    def _authorize(self, req: dict[str, Any]) -> None:
+        sender = req["from"]
+        if req["to"] != self.peer_id:
+            raise _Refused("unauthorized", "request is addressed to another peer")
+        if sender not in self.members:
+            raise _Refused("unauthorized", f"{sender} is not a member of this group")
+        now = time.time()
+        if self.group_key is not None:
+            claimed = req.get("mac")
+            body = _canonical({k: v for k, v in req.items() if k != "mac"})
+            expected = hmac.new(self._request_key, body, "sha256").hexdigest()
+            if not isinstance(claimed, str) or not hmac.compare_digest(claimed, expected):
+                raise _Refused("unauthorized", "missing or wrong group-key HMAC")
+            if abs(req["ts"] - now) > REQUEST_WINDOW_S:
+                raise _Refused("replayed", "request timestamp outside the window")
+            with self._lock:
+                self._check_nonce(req["nonce"], now)
+            return
+        # allowlist only: the claimed member confirms by libp2p-authenticated call-back
+        if req["op"] == "telemetry":
+            return  # public record (it is in the DHT in the clear anyway)
+        if req["op"] == "body":
+            with self._lock:
+                session = self._sessions.get(str(req.get("tok", "")))
+                if session is None or session[:2] != (sender, req["cid"]) or session[2] < now:
+                    raise _Refused("unauthorized", "no valid session token for this body")
+                self._sessions[req["tok"]] = (sender, req["cid"], now + _SESSION_TTL_S)
+            return
+        key = (sender, req["nonce"])
+        with self._lock:
+            state = self._verifications.get(key)
+            if state is None:
+                if abs(req["ts"] - now) > REQUEST_WINDOW_S:
+                    raise _Refused("replayed", "request timestamp outside the window")
+                self._check_nonce(req["nonce"], now)
+                pending = sum(1 for v in self._verifications.values() if v["state"] == "pending")
+                if pending >= _MAX_PENDING_VERIFICATIONS:
+                    del self._seen_nonces[req["nonce"]]
+                    raise _Refused("busy", "too many identity checks in flight")
+                self._verifications[key] = {
+                    "state": "pending",
+                    "cid": req["cid"],
+                    "expires": now + 2 * REQUEST_WINDOW_S,
+                }
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(2, thread_name_prefix="sedma-p2p-verify")
+                self._executor.submit(self._verify_identity, sender, req["nonce"], req["cid"])
+                raise _Refused("pending", "confirming the requester's identity; retry")
+            if state["cid"] != req["cid"]:
+                raise _Refused("malformed", "nonce reused for another cid")
+            if state["state"] == "pending":
+                raise _Refused("pending", "confirming the requester's identity; retry")
+            del self._verifications[key]
+            if state["state"] != "ok":
+                raise _Refused("unauthorized", f"{sender} did not confirm this request")
+            token = secrets.token_hex(16)
+            self._sessions[token] = (sender, req["cid"], now + _SESSION_TTL_S)
+            req["_token"] = token
+
+    def _verify_identity(self, sender: str, nonce: str, cid: str) -> None:
+        """Dial ``sender`` (libp2p authenticates its peer id) and ask it to confirm."""
+        ok = False
+        if not self._closed:
+            try:
+                raw = self._call(
+                    sender, self._request("confirm", sender, cid, ask=nonce), timeout=5
+                )
+                ok = bytes(raw) == b"confirmed"
+            except _RemoteError:
+                ok = False
+        with self._lock:
+            state = self._verifications.get((sender, nonce))
+            if state is not None:
+                state["state"] = "ok" if ok else "failed"
+
+    def _serve_confirm(self, req: dict[str, Any]) -> bytes:
+        nonce = req.get("ask")
+        with self._lock:
+            pending = self._pending.get(nonce) if isinstance(nonce, str) else None
+        if pending is None or pending[:2] != (req["cid"], req["from"]) or pending[2] < time.time():
+            raise _Refused("denied", "no such pending request")
+        return _OK + b"confirmed"
+
+    def _serve_head(self, req: dict[str, Any]) -> bytes:
+        data = self._blocks.get(req["cid"])
+        if data is None:
+            raise _Refused("not_found", f"{req['cid']} is not published here")
+        head: dict[str, Any] = {"size": len(data), "chunk": self.chunk_bytes}
+        if "_token" in req:
+            head["token"] = req["_token"]
+        manifest = self._manifests.get(req["cid"])
+        if manifest is not None:
+            head["bitswap"] = manifest
+        return _OK + _canonical(head)
+
+    def _serve_body(self, req: dict[str, Any]) -> bytes:
+        data = self._blocks.get(req["cid"])
+        if data is None:
+            raise _Refused("not_found", f"{req['cid']} is not published here")
+        off, length = req["off"], req["len"]
+        if off + length > len(data):
+            raise _Refused("malformed", f"range {off}+{length} past the end ({len(data)})")
+        with self._lock:
+            self.stats.served_bytes += length
+        return _OK + data[off : off + length]
 
     # ----- finding and fetching ------------------------------------------------------
     def providers(self, cid: str) -> list[str]:
@@ -338,7 +899,7 @@ class TensorPeer:
     def rank_providers(self, cid: str) -> list[str]:
         """The member providers of ``cid``, best Eq. 7 score first (the top ``k``)."""
         providers = self.providers(cid)
-        telemetry = self.peer_telemetry()
+        telemetry = self.peer_telemetry(providers)
         candidates = {}
         for p in providers:
             t = telemetry.get(p, {"availability": 0.0, "mem_free_gb": 0.0})
@@ -363,6 +924,8 @@ class TensorPeer:
         """
         if via not in ("rpc", "bitswap"):
             raise ValueError(f"via must be 'rpc' or 'bitswap', got {via!r}")
+        if via == "bitswap" and self._bitswap_off_reason is not None:
+            raise RuntimeError(f"fetch(via='bitswap') is not available: {self._bitswap_off_reason}")
         if cid in self._blocks:
             return decode_tensor(
                 self._blocks[cid], max_bytes=self.max_bytes, shape=shape, dtype=dtype
@@ -373,19 +936,14 @@ class TensorPeer:
                 self.stats.cache_hits += 1
                 return decode_tensor(cached, max_bytes=self.max_bytes, shape=shape, dtype=dtype)
         chosen = self.rank_providers(cid)
-        if via == "bitswap":
-            data = self._fetch_bitswap(cid, chosen)
-        else:
-            data = None
-            for peer in chosen:
-                data = self._fetch_rpc(cid, peer, shape, dtype)
-                if data is not None:
-                    break
-        if data is None:
+        result = None
+        for peer in chosen:
+            result = self._fetch_from(peer, cid, shape, dtype, via)
+            if result is not None:
+                break
+        if result is None:
             raise LookupError(f"no member provider delivered a valid payload for {cid}")
-        tensor = decode_tensor(
-            data, max_bytes=self.max_bytes, expected_cid=cid, shape=shape, dtype=dtype
-        )
+        data, tensor = result
         if self.cache is not None:
             self.cache.put(cid, data)
         self.stats.fetched += 1
@@ -399,56 +957,122 @@ class TensorPeer:
         else:
             self.selector.memory.record_transfer(peer, ok, latency_ms, nbytes)
 
-    def _validate(self, cid, data, shape, dtype) -> bool:
-        try:
-            decode_tensor(
-                data, max_bytes=self.max_bytes, expected_cid=cid, shape=shape, dtype=dtype
-            )
-        except PayloadRejected:
-            self.stats.rejected_payloads += 1
-            return False
-        return True
+    def _reject(self, exc: PayloadRejected) -> None:
+        self.stats.rejected_payloads += 1
+        name = f"rejected_{exc.reason}"
+        setattr(self.stats, name, getattr(self.stats, name) + 1)
 
-    def _fetch_rpc(self, cid, peer, shape, dtype) -> bytes | None:
+    def _fetch_from(self, peer, cid, shape, dtype, via) -> tuple[bytes, torch.Tensor] | None:
         start = time.perf_counter()
+        nbytes = 0
         try:
-            client = self._node.get_client(peer)
-            data = client.call("SedmaTensorService.fetch", cid.encode()).result(
-                self.request_timeout_s
-            )
-        except Exception:  # unreachable peer, timeout, remote error
+            head = self._head(peer, cid)
+            nbytes = head["size"]
+            if via == "bitswap":
+                self._node.configure_bitswap_peer_selection(
+                    top_n=max(1, len(self._last_candidates)),
+                    enabled=True,
+                    min_peers=1,
+                    enable_randomness=False,
+                )
+                buf = self._download_bitswap(cid, head)
+            else:
+                buf = self._download_rpc(peer, cid, head)
+            if content_id(buf) != cid:
+                raise PayloadRejected(f"payload bytes do not match the requested CID {cid}", "cid")
+            data = bytes(buf)
+            del buf
+            tensor = decode_tensor(data, max_bytes=self.max_bytes, shape=shape, dtype=dtype)
+        except _RemoteError:
             self.stats.failed_requests += 1
             self._record(peer, False, (time.perf_counter() - start) * 1e3, 0)
             return None
-        data = bytes(data) if data is not None else b""
-        ok = bool(data) and self._validate(cid, data, shape, dtype)
-        self._record(peer, ok, (time.perf_counter() - start) * 1e3, len(data))
-        return data if ok else None
+        except PayloadRejected as exc:
+            self._reject(exc)
+            self._record(peer, False, (time.perf_counter() - start) * 1e3, 0)
+            return None
+        self._record(peer, True, (time.perf_counter() - start) * 1e3, nbytes)
+        return data, tensor
 
-    def _fetch_bitswap(self, cid: str, chosen: list[str]) -> bytes | None:
-        if not chosen:
-            return None
-        self._node.configure_bitswap_peer_selection(
-            top_n=len(chosen), enabled=True, min_peers=1, enable_randomness=False
-        )
-        start = time.perf_counter()
+    def _download_rpc(self, peer: str, cid: str, head: dict[str, Any]) -> bytearray:
+        size = head["size"]
+        chunk = min(self.chunk_bytes, head["chunk"], MAX_CHUNK_BYTES)
+        extra = {}
+        if self.group_key is None:
+            token = head.get("token")
+            if not isinstance(token, str):
+                raise PayloadRejected(f"header from {peer} has no session token")
+            extra["tok"] = token
+        buf = bytearray(size)
+        off = 0
+        while off < size:
+            length = min(chunk, size - off)
+            part = self._call(peer, self._request("body", peer, cid, off=off, len=length, **extra))
+            if len(part) > length:
+                raise PayloadRejected(
+                    f"{peer} sent {len(part)} bytes for a {length}-byte chunk", "oversized"
+                )
+            if len(part) < length:
+                raise PayloadRejected(f"{peer} sent a truncated chunk ({len(part)} < {length})")
+            buf[off : off + length] = part
+            del part
+            off += length
+        return buf
+
+    def _download_bitswap(self, cid: str, head: dict[str, Any]) -> bytearray:
+        size = head["size"]
+        manifest = head.get("bitswap")
         try:
-            provider, data = self._node.get_block(cid, timeout_secs=self.request_timeout_s)
-        except RuntimeError:
-            self.stats.failed_requests += 1
-            return None
-        latency_ms = (time.perf_counter() - start) * 1e3
-        if provider is not None and provider not in self.members:
-            self.stats.unknown_peer += 1
-            return None
-        data = bytes(data)
-        ok = self._validate(cid, data, None, None)
-        self._record(provider or "bitswap", ok, latency_ms, len(data))
-        return data if ok else None
+            chunk, blocks = manifest["chunk"], manifest["blocks"]
+            if not (_is_int(chunk) and 1 <= chunk <= MAX_CHUNK_BYTES):
+                raise ValueError(f"chunk {chunk!r} not in [1, {MAX_CHUNK_BYTES}]")
+            count = max(1, math.ceil(size / chunk))
+            if not isinstance(blocks, list) or len(blocks) != count:
+                raise ValueError(f"expected {count} block CIDs")
+            if not all(isinstance(b, str) and _CID_RE.match(b) for b in blocks):
+                raise ValueError("invalid block CID")
+        except (TypeError, KeyError, ValueError) as exc:
+            raise PayloadRejected(f"malformed BitSwap manifest for {cid}: {exc}") from exc
+        aead = AESGCM(self._block_key)
+        buf = bytearray(size)
+        for i, block_cid in enumerate(blocks):
+            expected = min(chunk, size - i * chunk)
+            try:
+                _, block = self._node.get_block(block_cid, timeout_secs=self.request_timeout_s)
+            except RuntimeError as exc:
+                raise _RemoteError("unreachable", _first_line(exc)) from exc
+            if len(block) > len(_BLOCK_MAGIC) + _GCM_NONCE + expected + _GCM_TAG:
+                raise PayloadRejected(f"BitSwap block {i} of {cid} is too long", "oversized")
+            if content_id(block) != block_cid:
+                raise PayloadRejected(f"BitSwap block {i} does not match its CID", "cid")
+            view = memoryview(block)
+            if bytes(view[:4]) != _BLOCK_MAGIC:
+                raise PayloadRejected(f"BitSwap block {i} of {cid} is not a sealed block")
+            try:
+                plain = aead.decrypt(
+                    view[4 : 4 + _GCM_NONCE],
+                    view[4 + _GCM_NONCE :],
+                    self._block_aad(cid, chunk, i, count),
+                )
+            except InvalidTag as exc:
+                raise PayloadRejected(f"BitSwap block {i} of {cid} does not decrypt") from exc
+            del view, block
+            if len(plain) != expected:
+                raise PayloadRejected(f"BitSwap block {i} holds {len(plain)} != {expected} bytes")
+            buf[i * chunk : i * chunk + expected] = plain
+            del plain
+        return buf
 
     def close(self) -> None:
         """Stop providing and shut the node down."""
+        self._closed = True
         for cid in list(self._blocks):
             with contextlib.suppress(RuntimeError):
                 self._node.stop_providing(cid)
+        for manifest in self._manifests.values():
+            for block_cid in manifest["blocks"]:
+                with contextlib.suppress(RuntimeError):
+                    self._node.remove_block(block_cid)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
         self._node.close()

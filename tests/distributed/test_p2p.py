@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -14,32 +15,13 @@ from sedma_torch.distributed.p2p import (
     content_id,
     decode_tensor,
     encode_tensor,
+    telemetry_key,
 )
+
+from .p2p_helpers import KEY, counters, flood_records, make_group, needs_lattica, raw_call
+from .p2p_helpers import until as _until
 
 pytestmark = pytest.mark.timeout(120)
-
-try:
-    import lattica  # noqa: F401
-
-    LATTICA_ERROR = None
-except Exception as exc:  # pragma: no cover - environment dependent
-    LATTICA_ERROR = f"{type(exc).__name__}: {exc}"
-
-needs_lattica = pytest.mark.skipif(
-    LATTICA_ERROR is not None, reason=f"Lattica cannot run: {LATTICA_ERROR}"
-)
-
-KEY = b"training-group-secret"
-
-
-def _until(predicate, timeout_s=10.0):
-    limit = time.monotonic() + timeout_s
-    while time.monotonic() < limit:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    return predicate()
 
 
 @pytest.fixture(scope="module")
@@ -125,10 +107,10 @@ def test_unknown_peer_is_dropped_and_counted(group):
         b.fetch(cid, via="bitswap")
     # its telemetry record is dropped too, even when admitted: its HMAC key is wrong
     outsider.publish_telemetry()
-    _until(
+    assert _until(
         lambda: (
             outsider.peer_id
-            in (b._node._lattica_instance.get_with_subkey("sedma/telemetry/v1") or {})
+            in (b._node._lattica_instance.get_with_subkey(telemetry_key(outsider.peer_id)) or {})
         )
     )
     assert outsider.peer_id not in b.peer_telemetry()
@@ -158,3 +140,192 @@ def test_cid_mismatch_and_oversize_payloads_are_rejected(group):
     finally:
         b.max_bytes = 256 * 2**20
     assert torch.equal(b.fetch(cid), t)
+
+
+# ----- issue 16, item 1: serving enforces membership ----------------------------------
+@needs_lattica
+def test_non_member_cannot_read_over_rpc_or_bitswap(group):
+    a, b, c, outsider = group  # outsider: a real peer holding the wrong group key
+    t = torch.randn(300, 7, generator=torch.Generator().manual_seed(16))
+    cid = a.publish(t)
+    keyless = TensorPeer(bootstrap=[a.address])  # a real peer without any key
+    try:
+        for thief in (keyless, outsider):
+            thief.add_members([a.peer_id])  # the thief trusts the publisher
+            assert _until(lambda thief=thief: thief.providers(cid)) == [a.peer_id]
+        before = counters(a)
+        for thief in (keyless, outsider):
+            with pytest.raises(LookupError):
+                thief.fetch(cid)
+        with pytest.raises(LookupError):
+            outsider.fetch(cid, via="bitswap")
+        # BitSwap serves any block to anyone: the payload itself is not there, and the
+        # blocks that are (even if their CIDs leak) are ciphertext
+        with pytest.raises(RuntimeError):
+            keyless._node.get_block(cid, timeout_secs=1)
+        plain = encode_tensor(t)
+        for block_cid in a._manifests[cid]["blocks"]:
+            _, block = keyless._node.get_block(block_cid, timeout_secs=5)
+            assert plain[-4096:] not in bytes(block) and plain[:64] not in bytes(block)
+        with pytest.raises(RuntimeError, match="BitSwap needs a group_key"):
+            keyless.fetch(cid, via="bitswap")
+        assert a.stats.rejected_unauthorized >= before["rejected_unauthorized"] + 3
+        assert a.stats.served_bytes == before["served_bytes"]  # no byte of the body went out
+        # members still get it, both ways
+        assert torch.equal(b.fetch(cid), t)
+        assert torch.equal(c.fetch(cid, via="bitswap"), t)
+    finally:
+        keyless.close()
+        outsider.members.discard(a.peer_id)
+
+
+@needs_lattica
+def test_allowlist_group_confirms_the_requester_identity():
+    x, y = make_group(2, key=None, cache_mb=0)
+    intruder = TensorPeer(bootstrap=[x.address], cache_mb=0)
+    try:
+        t = torch.arange(1000, dtype=torch.int32)
+        cid = x.publish(t)
+        assert _until(lambda: y.providers(cid))
+        assert torch.equal(y.fetch(cid), t)  # x dialled y back to confirm the nonce
+        intruder.add_members([x.peer_id])
+        assert _until(lambda: intruder.providers(cid))
+        before = counters(x)
+        with pytest.raises(LookupError):
+            intruder.fetch(cid)
+        # its telemetry ask and its head request
+        assert x.stats.rejected_unauthorized >= before["rejected_unauthorized"] + 1
+        before = counters(x)
+        # the intruder claims to be y: x asks y (libp2p-authenticated), y denies
+        forged = json.loads(intruder._request("head", x.peer_id, cid))
+        forged["from"] = y.peer_id
+        request = json.dumps(forged).encode()
+        frame = raw_call(intruder, x.peer_id, request)
+        assert json.loads(frame[1:])["error"] == "pending"
+        frame = _until(
+            lambda: (f := raw_call(intruder, x.peer_id, request)) and b"pending" not in f and f
+        )
+        assert frame[:1] == b"\x01" and json.loads(frame[1:])["error"] == "unauthorized"
+        assert x.stats.rejected_unauthorized == before["rejected_unauthorized"] + 1
+        assert x.stats.served_bytes == len(encode_tensor(t))  # only y's download
+    finally:
+        for p in (x, y, intruder):
+            p.close()
+
+
+# ----- issue 16, item 2: telemetry survives a record flood ----------------------------
+@needs_lattica
+def test_telemetry_publish_survives_a_record_flood():
+    m1, m2 = make_group(2, cache_mb=0)
+    flooder = TensorPeer(bootstrap=[m1.address])
+    try:
+        m1.publish_telemetry()
+        # junk subkeys until every record store in reach is full (MaxRecords), with an
+        # expiry the attacker chose (~11 days)
+        assert flood_records(flooder, "sedma/telemetry/v1") >= 1000
+        with pytest.warns(RuntimeWarning, match="not stored in the DHT"):
+            m2.publish_telemetry()  # raised "Failed to store: MaxRecords" before
+        assert m2.stats.telemetry_store_failed == 1
+        assert set(m1.peer_telemetry()) == set(m2.peer_telemetry()) == {m1.peer_id, m2.peer_id}
+        t = torch.randn(64, generator=torch.Generator().manual_seed(3))
+        cid = m1.publish(t)
+        assert _until(lambda: m2.providers(cid))
+        assert torch.equal(m2.fetch(cid), t) and torch.equal(m2.fetch(cid, via="bitswap"), t)
+    finally:
+        for p in (m1, m2, flooder):
+            p.close()
+
+
+@needs_lattica
+def test_forged_and_far_future_telemetry_records_are_ignored():
+    m1, m2 = make_group(2, cache_mb=0)
+    attacker = TensorPeer(bootstrap=[m1.address])
+    try:
+        real = m1.publish_telemetry()
+        assert _until(lambda: m1.peer_id in m2.peer_telemetry())
+        key1 = telemetry_key(m1.peer_id)
+        now = time.time()
+
+        def forged(body, sign=False):
+            raw = json.dumps(body, sort_keys=True, separators=(",", ":"))
+            payload = {"body": raw}
+            if sign:  # a key holder gone rogue: a valid tag on a record that never expires
+                payload["hmac"] = m1._sign(raw.encode())
+            return json.dumps(payload).encode()
+
+        lie = {"peer": m1.peer_id, "availability": 1.0, "mem_free_gb": 1e6, "issued": now}
+        cases = [  # (value, DHT expiry, counter that must grow)
+            (forged({**lie, "expires": now + 50}), now + 50, "bad_signature"),
+            (forged({**lie, "expires": now + 1e6}, sign=True), now + 50, "rejected_expiry"),
+            (forged({**lie, "expires": now + 50}, sign=True), now + 1e6, "rejected_expiry"),
+        ]
+        for value, expiry, counter in cases:
+            # written over m1's own record, under its key and subkey
+            attacker._node._lattica_instance.store_with_subkey(key1, value, expiry, m1.peer_id)
+            assert _until(
+                lambda value=value: (
+                    (
+                        (m2._node._lattica_instance.get_with_subkey(key1) or {}).get(m1.peer_id)
+                        or (None,)
+                    )[0]
+                    == value
+                )
+            )
+            before = counters(m2)
+            seen = m2.peer_telemetry().get(m1.peer_id)  # m1's real record, asked over RPC
+            assert seen is not None, counter
+            assert seen["mem_free_gb"] == pytest.approx(real["mem_free_gb"]), counter
+            assert counters(m2)[counter] == before[counter] + 1, counter
+    finally:
+        for p in (m1, m2, attacker):
+            p.close()
+
+
+# ----- issue 16, item 3: the size is checked before the body moves --------------------
+@needs_lattica
+def test_oversized_payload_is_refused_before_any_body_byte_moves(group):
+    a, b, _, _ = group
+    t = torch.randn(20_000, generator=torch.Generator().manual_seed(4))
+    cid = a.publish(t)
+    assert _until(lambda: b.providers(cid))
+    served, before = a.stats.served_bytes, b.stats.rejected_oversized
+    b.max_bytes = 50_000  # the payload is 80 kB
+    try:
+        for via in ("rpc", "bitswap"):
+            with pytest.raises(LookupError):
+                b.fetch(cid, via=via)
+    finally:
+        b.max_bytes = 256 * 2**20
+    assert b.stats.rejected_oversized == before + 2
+    assert a.stats.served_bytes == served  # refused on the header: no body was sent
+    assert torch.equal(b.fetch(cid), t)
+    assert a.stats.served_bytes == served + len(encode_tensor(t))
+
+
+@needs_lattica
+def test_payload_travels_in_chunks_and_the_server_caps_them():
+    p, q = make_group(2, chunk_bytes=4096, cache_mb=0)
+    try:
+        t = torch.randn(10_000, generator=torch.Generator().manual_seed(5))  # ~40 kB
+        cid = p.publish(t)
+        assert len(p._manifests[cid]["blocks"]) == 10
+        assert _until(lambda: q.providers(cid))
+        assert torch.equal(q.fetch(cid), t)
+        assert torch.equal(q.fetch(cid, via="bitswap"), t)
+        # a request for more than MAX_CHUNK_BYTES is refused, not built
+        frame = raw_call(q, p.peer_id, q._request("body", p.peer_id, cid, off=0, len=2**30))
+        assert json.loads(frame[1:])["error"] == "malformed"
+    finally:
+        p.close()
+        q.close()
+
+
+def test_bad_constructor_arguments_name_the_problem():
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        TensorPeer(chunk_bytes=0)
+    with pytest.raises(ValueError, match="telemetry_ttl_s"):
+        TensorPeer(telemetry_ttl_s=1e6)
+    with pytest.raises(ValueError, match=r"bitswap=True .*group_key"):
+        TensorPeer(bitswap=True)
+    with pytest.raises(ValueError, match="group_key must not be empty"):
+        TensorPeer(group_key=b"")
