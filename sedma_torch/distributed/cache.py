@@ -13,11 +13,28 @@ first (ties: the least recently accessed, then the key) until the new one fits; 
 larger than the whole capacity is not cached. Every :meth:`UtilityCache.get` counts as an
 access of its content id (hit or miss) in the memory: LTM's ``record_cache_access`` when
 a long-term memory is given, so frequencies carry over to later runs.
+
+Copies and sizes
+----------------
+The cache holds its own compact copy of every value and counts exactly the bytes that copy
+keeps alive, so the capacity bounds the memory the cache actually holds:
+
+* a tensor is stored as a detached, contiguous clone (``numel * element_size`` bytes of a
+  storage of its own): a view of a large tensor (a slice, one element) costs its own size
+  and does not keep the large tensor's storage alive, and a later in-place change of the
+  caller's tensor does not reach the cache. :meth:`UtilityCache.get` returns a fresh clone
+  (copy-out), so changing a returned tensor does not change the cached one either; the copy
+  costs one memory copy of the item per hit, far less than the fetch it saves. Only dense
+  (strided) tensors are accepted;
+* ``bytes`` (immutable) are stored as they are; a ``bytearray`` or ``memoryview`` is copied
+  into ``bytes`` (its ``nbytes``, not its length in items) and ``get`` returns those
+  ``bytes``.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 import threading
 import time
 from collections.abc import Callable
@@ -48,19 +65,49 @@ class CacheStats:
         return self.hits / total if total else 0.0
 
 
-def _size_bytes(value: Any) -> int:
+def _own_copy(value: Any) -> tuple[Any, int]:
+    """(the copy the cache keeps of ``value``, the bytes that copy keeps alive)."""
+    if isinstance(value, torch.Tensor):
+        if value.layout != torch.strided:
+            raise TypeError(f"cache values must be dense (strided) tensors, got {value.layout}")
+        t = value.detach().resolve_conj().resolve_neg()
+        copy = t.clone(memory_format=torch.contiguous_format)
+        return copy, copy.untyped_storage().nbytes()
+    if isinstance(value, bytes):
+        return value, len(value)
+    if isinstance(value, bytearray | memoryview):
+        data = value.tobytes() if isinstance(value, memoryview) else bytes(value)
+        return data, len(data)
+    raise TypeError(f"cache values must be tensors or bytes, got {type(value).__name__}")
+
+
+def _nbytes(value: Any) -> int:
+    """Bytes the cache's copy of ``value`` will hold (computed without copying)."""
     if isinstance(value, torch.Tensor):
         return value.numel() * value.element_size()
-    if isinstance(value, bytes | bytearray | memoryview):
+    if isinstance(value, memoryview):
+        return value.nbytes  # not len(): that counts items of the first dimension
+    if isinstance(value, bytes | bytearray):
         return len(value)
     raise TypeError(f"cache values must be tensors or bytes, got {type(value).__name__}")
+
+
+def _positive(name: str, value: object) -> float:
+    """``value`` as a float, if it is a finite real number > 0 (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number > 0, got {type(value).__name__} {value!r}")
+    x = float(value)
+    if not (math.isfinite(x) and x > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return x
 
 
 class UtilityCache:
     """A size-bounded cache of tensors (or bytes) keyed by content id, evicting by Eq. 10.
 
     Args:
-        capacity_mb: capacity in MB (1e6 bytes), > 0.
+        capacity_mb: capacity in MB (1e6 bytes): a finite real number >= 1e-6 (not a bool;
+            bad values raise ``TypeError``/``ValueError`` naming the argument).
         memory: where access statistics live (duck-typed ``record_cache_access`` /
             ``cache_stats``; None: an :class:`InProcessMemory`).
         recency_decay_s: time constant of the recency decay in seconds (> 0).
@@ -77,17 +124,26 @@ class UtilityCache:
         min_window_s: float = 60.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        for name, value in (
-            ("capacity_mb", capacity_mb),
-            ("recency_decay_s", recency_decay_s),
-            ("min_window_s", min_window_s),
-        ):
-            if not isinstance(value, int | float) or not (value > 0 and math.isfinite(value)):
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-        self.capacity_bytes = int(capacity_mb * 1e6)
+        capacity = _positive("capacity_mb", capacity_mb)
+        self.capacity_bytes = int(capacity * 1e6)
+        if self.capacity_bytes < 1:
+            raise ValueError(f"capacity_mb must be at least 1e-6 (one byte), got {capacity_mb!r}")
+        self.recency_decay_s = _positive("recency_decay_s", recency_decay_s)
+        self.min_window_s = _positive("min_window_s", min_window_s)
+        if not callable(clock):
+            raise TypeError(f"clock must be callable, got {type(clock).__name__} {clock!r}")
+        if memory is not None:
+            missing = [
+                m
+                for m in ("record_cache_access", "cache_stats")
+                if not callable(getattr(memory, m, None))
+            ]
+            if missing:
+                raise TypeError(
+                    f"memory must provide {' and '.join(missing)} (a LongTermMemory or an "
+                    f"InProcessMemory), got {type(memory).__name__}"
+                )
         self.memory = memory if memory is not None else InProcessMemory(clock=clock)
-        self.recency_decay_s = float(recency_decay_s)
-        self.min_window_s = float(min_window_s)
         self.clock = clock
         self.stats = CacheStats()
         self._items: dict[str, tuple[Any, int]] = {}
@@ -102,7 +158,8 @@ class UtilityCache:
 
     @property
     def used_bytes(self) -> int:
-        """Bytes held by cached items."""
+        """Bytes held by cached items: the sizes of the cache's own copies (the storage
+        bytes they keep alive), never more than ``capacity_bytes``."""
         return self._used
 
     def utility(self, content_id: str, now: float | None = None) -> float:
@@ -130,28 +187,32 @@ class UtilityCache:
     def get(self, content_id: str, size_bytes: int | None = None) -> Any | None:
         """The cached value of ``content_id`` or None; counts an access either way.
 
-        ``size_bytes`` is the expected size of a missing item (recorded with the access);
-        a hit records the cached item's size.
+        A tensor is returned as a fresh copy (changing it does not change the cache); bytes
+        as the cached ``bytes``. ``size_bytes`` is the expected size of a missing item
+        (recorded with the access); a hit records the cached item's size.
         """
         with self._lock:
             entry = self._items.get(content_id)
             if entry is not None:
                 self.stats.hits += 1
                 self.memory.record_cache_access(content_id, entry[1])
-                return entry[0]
+                value = entry[0]
+                return value.clone() if isinstance(value, torch.Tensor) else value
             self.stats.misses += 1
             if size_bytes is not None:
                 self.memory.record_cache_access(content_id, int(size_bytes))
             return None
 
     def put(self, content_id: str, value: Any) -> bool:
-        """Cache ``value`` (tensor or bytes) under ``content_id``, evicting lowest-utility
-        items as needed. Returns False when the value is larger than the capacity."""
-        size = _size_bytes(value)
-        with self._lock:
-            if size > self.capacity_bytes:
+        """Cache a copy of ``value`` (tensor or bytes, see the module docstring) under
+        ``content_id``, evicting lowest-utility items as needed. Returns False (and copies
+        nothing) when the value is larger than the capacity."""
+        if _nbytes(value) > self.capacity_bytes:
+            with self._lock:
                 self.stats.rejected += 1
-                return False
+            return False
+        value, size = _own_copy(value)
+        with self._lock:
             if self.memory.cache_stats(content_id) is None:
                 self.memory.record_cache_access(content_id, size)
             old = self._items.pop(content_id, None)

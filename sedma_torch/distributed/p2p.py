@@ -389,7 +389,10 @@ class TensorPeer:
         self.telemetry_ttl_s = ttl
         self.request_timeout_s = max(int(request_timeout_s), 1)
         self.selector = PeerSelector(memory=memory, name=f"p2p/{self.peer_id}")
-        self.cache = UtilityCache(cache_mb, memory=self.selector.memory) if cache_mb > 0 else None
+        off = isinstance(cache_mb, int | float) and not isinstance(cache_mb, bool) and cache_mb == 0
+        # 0 switches the cache off; anything else (NaN, a bool, a negative size) is checked
+        # and refused by UtilityCache, naming capacity_mb
+        self.cache = None if off else UtilityCache(cache_mb, memory=self.selector.memory)
         self.stats = P2PStats()
         self._last_candidates: dict[str, PeerFeatures] = {}
         self._blocks: dict[str, bytes] = {}

@@ -7,7 +7,12 @@ One SQLAlchemy 2 store, chosen by URL; both backends have the same schema:
 - **SQLite** (default): an embedded file, created (with its parent folders) on first use and
   switched to WAL mode. ``LongTermMemory()`` takes the URL from ``$SEDMA_MEMORY_URL``, else
   the path from ``$SEDMA_MEMORY_PATH``, else ``./sedma_memory.db``. A plain path or
-  ``sqlite:///PATH`` works too.
+  ``sqlite:///PATH`` works too. A new store is created atomically (built under a temporary
+  name ``.NAME.PID-RANDOM.creating`` beside it and hard-linked into place), so a store file
+  is never empty: an existing 0-byte file is not a store and is refused, untouched (delete
+  it, or give another path). The file and its folder must be writable (SQLite keeps
+  ``NAME-wal`` and ``NAME-shm`` beside it): a read-only file, folder or file system is
+  refused when opening, naming the path, with nothing written.
 - **PostgreSQL**: ``postgresql+psycopg://USER:PASSWORD@HOST:PORT/DB`` (extra
   ``sedma-torch[postgres]``; ``postgresql://`` is read as ``postgresql+psycopg://``). Use a
   database (or a schema, ``?options=-csearch_path%3Dmyschema``) of its own: a database that
@@ -80,9 +85,10 @@ Errors
 ------
 Invalid arguments (NaN or negative λ/error/sizes, empty keys, unknown URL scheme) raise
 ``ValueError``/``TypeError`` naming the argument and what is allowed. A store that cannot
-be used (unreachable server, a file that is not SQLite, an SQLite database of another
-application, a damaged or newer store) raises :class:`MemoryStoreError` naming the path or
-URL (password hidden) and what is wrong; such a file is never written to.
+be used (unreachable server, an empty file or one that is not SQLite, an SQLite database of
+another application, a damaged or newer store, a file or folder that is not writable:
+permission denied or a read-only file system) raises :class:`MemoryStoreError` naming the
+path or URL (password hidden) and what is wrong; such a file is never written to.
 """
 
 from __future__ import annotations
@@ -92,6 +98,7 @@ import math
 import operator
 import os
 import random
+import secrets
 import sqlite3
 import threading
 import time
@@ -541,7 +548,8 @@ class LongTermMemory:
     # ------------------------------------------------------------------ opening
 
     def _check_sqlite_file(self, path: Path) -> None:
-        """Refuse, without writing to it, a file that is not a healthy SEDMA store."""
+        """Refuse, without writing to it, a file that is not a healthy SEDMA store or that
+        cannot be written to; create a new store when ``path`` does not exist."""
         if path.is_dir():
             raise MemoryStoreError(f"SQLite file {path}: is a directory, not a database file")
         if not path.exists():
@@ -551,19 +559,25 @@ class LongTermMemory:
                 raise MemoryStoreError(
                     f"SQLite file {path}: cannot create its folder: {exc}"
                 ) from exc
-            return
+            self._check_writable(path)
+            self._create_sqlite_file(path)
         try:
             with path.open("rb") as fh:
                 header = fh.read(len(_SQLITE_HEADER))
         except OSError as exc:
             raise MemoryStoreError(f"SQLite file {path}: cannot be read: {exc}") from exc
         if not header:
-            return  # an empty file is an empty SQLite database
+            raise MemoryStoreError(
+                f"SQLite file {path}: is an empty file (0 bytes), not a sedma_torch memory "
+                f"store (a store this code creates is never empty); it was left as it is. "
+                f"Delete it to create a new store at this path, or give another path"
+            )
         if header != _SQLITE_HEADER:
             raise MemoryStoreError(
                 f"SQLite file {path}: is not an SQLite database (its first bytes are "
                 f"{header[:16]!r}, expected {_SQLITE_HEADER!r}); refusing to use or modify it"
             )
+        self._check_writable(path)
         try:
             con = sqlite3.connect(path, timeout=self.busy_timeout_s)
         except sqlite3.Error as exc:
@@ -586,12 +600,83 @@ class LongTermMemory:
                             f"it was left as it is"
                         )
         except sqlite3.DatabaseError as exc:
+            if _is_permission_error(exc):
+                raise MemoryStoreError(
+                    f"SQLite file {path}: cannot be written to ({exc}): permission denied or "
+                    f"a read-only file system; SQLite needs to write the file and to create "
+                    f"{path.name}-wal and {path.name}-shm in its folder. It was left as it is"
+                ) from exc
             raise MemoryStoreError(
                 f"SQLite file {path}: cannot be read as an SQLite database ({exc}); "
                 f"it was left as it is"
             ) from exc
         finally:
             con.close()
+
+    @staticmethod
+    def _check_writable(path: Path) -> None:
+        """Refuse a store that this process cannot write: the file, its ``-wal``/``-shm``
+        companions and its folder (where SQLite creates them) must all be writable."""
+        folder = path.parent
+        targets = [folder] + [p for p in (path, *_companions(path)) if p.exists() or p.is_symlink()]
+        for target in targets:
+            why = _unwritable(target)
+            if why is None:
+                continue
+            if target == folder:
+                raise MemoryStoreError(
+                    f"SQLite file {path}: its folder {folder} is not writable ({why}); SQLite "
+                    f"needs to create {path.name}-wal and {path.name}-shm there. Make the "
+                    f"folder writable or give another path; nothing was written"
+                )
+            what = "is not writable" if target == path else f"its {target.name} is not writable"
+            raise MemoryStoreError(
+                f"SQLite file {path}: {what} ({why}); the long-term memory writes to every "
+                f"store it opens. Make it writable or give another path; it was left as it is"
+            )
+
+    @staticmethod
+    def _create_sqlite_file(path: Path) -> None:
+        """Create an empty SQLite database in WAL mode at ``path`` (which did not exist).
+
+        It is built under a temporary name in the same folder and hard-linked into place, so
+        ``path`` never exists as a 0-byte file (which :meth:`_check_sqlite_file` refuses):
+        processes creating the same store at once all open the one that got linked first.
+        Where hard links are not supported, the header is written into a file created
+        exclusively at ``path`` (a process opening the store in that microsecond sees it
+        empty and refuses it; it can simply retry).
+        """
+        tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.creating")
+        try:
+            try:
+                con = sqlite3.connect(tmp)
+                try:
+                    con.execute("PRAGMA journal_mode = WAL")  # writes the first page
+                finally:
+                    con.close()
+            except sqlite3.Error as exc:
+                detail = "permission denied or a read-only file system: " * (
+                    _is_permission_error(exc)
+                )
+                raise MemoryStoreError(
+                    f"SQLite file {path}: cannot be created ({detail}{exc})"
+                ) from exc
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass  # another process created it first: use that one
+            except OSError:  # no hard links on this file system
+                try:
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                except FileExistsError:
+                    return
+                except OSError as exc:
+                    raise MemoryStoreError(f"SQLite file {path}: cannot be created: {exc}") from exc
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(tmp.read_bytes())
+        finally:
+            for p in (tmp, *_companions(tmp)):
+                p.unlink(missing_ok=True)
 
     def _check_layout(self, names: set[str], read_meta: Callable[[], dict[str, str]]) -> int:
         """Schema version of a store holding tables ``names`` (0 = empty); raises
@@ -1291,6 +1376,36 @@ def _lambda_value(recent: list[tuple[float, float, int]]) -> tuple[str, float]:
 
 def _sqlite_on_connect(dbapi_connection: sqlite3.Connection, _record: object) -> None:
     dbapi_connection.execute("PRAGMA synchronous = NORMAL")
+
+
+def _companions(path: Path) -> tuple[Path, Path]:
+    """The write-ahead log and shared-memory index SQLite keeps beside ``path``."""
+    return path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")
+
+
+def _unwritable(target: Path) -> str | None:
+    """Why this process cannot write ``target`` (an existing file, or a folder to create
+    files in), or None when it can. Uses the kernel's own check (``access(2)``), which also
+    holds for root without ``CAP_DAC_OVERRIDE`` and for read-only mounts."""
+    mode = os.W_OK | os.X_OK if target.is_dir() else os.W_OK
+    if os.access(target, mode):
+        return None
+    try:
+        if os.statvfs(target).f_flag & os.ST_RDONLY:
+            return "it is on a read-only file system"
+    except (OSError, AttributeError):  # AttributeError: no statvfs (Windows)
+        pass
+    return "permission denied"
+
+
+_SQLITE_PERMISSION_CODES = frozenset({3, 8, 14})  # SQLITE_PERM, SQLITE_READONLY, SQLITE_CANTOPEN
+
+
+def _is_permission_error(exc: sqlite3.Error) -> bool:
+    """Whether an SQLite error says the file cannot be written or created (its primary
+    result code is PERM, READONLY or CANTOPEN), rather than that it is not a database."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in _SQLITE_PERMISSION_CODES
 
 
 def _enable_wal(conn: Connection) -> None:
