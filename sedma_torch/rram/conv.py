@@ -7,6 +7,7 @@ and programming they share with the linear layer are :mod:`.state`'s ``_Crossbar
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any
 
 import torch
@@ -24,8 +25,88 @@ from .crossbar import (
     noisy_read_,
     positive_or_one,
 )
-from .read_op import _add_bias, _check_config, _check_input, _copied_from, _crossbar, _output_dtype
+from .read_op import (
+    RRAMValueError,
+    _add_bias,
+    _check_config,
+    _check_input,
+    _copied_from,
+    _crossbar,
+    _output_dtype,
+)
 from .state import _CrossbarMixin
+
+
+def _conv_int(layer: str, what: str, value: Any, low: int) -> int:
+    """``value`` as a Python int >= ``low`` (numpy and 0-d integer tensors too; never a
+    bool): TypeError for another type, :class:`RRAMValueError` below ``low``."""
+    if isinstance(value, bool):
+        raise TypeError(f"{layer}: {what} must be an int, got the bool {value!r}")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(
+            f"{layer}: {what} must be an int, got {value!r} ({type(value).__name__})"
+        ) from None
+    if v < low:
+        raise RRAMValueError(f"{layer}: {what} must be an int >= {low}, got {v}")
+    return v
+
+
+def _conv_ints(layer: str, what: str, value: Any, dims: int, low: int) -> tuple[int, ...]:
+    """An int or a sequence of ``dims`` ints, each >= ``low``, as a ``dims``-tuple."""
+    shape = "an int or a 1-tuple" if dims == 1 else f"an int or a tuple of {dims} ints"
+    if not isinstance(value, tuple | list):
+        return (_conv_int(layer, what, value, low),) * dims
+    if len(value) != dims:
+        raise RRAMValueError(f"{layer}: {what} must be {shape} >= {low}, got {value!r}")
+    try:
+        return tuple(_conv_int(layer, what, v, low) for v in value)
+    except RRAMValueError:
+        raise RRAMValueError(f"{layer}: {what} must be {shape} >= {low}, got {value!r}") from None
+
+
+def _check_conv_args(
+    layer: str,
+    dims: int,
+    in_channels: Any,
+    out_channels: Any,
+    kernel_size: Any,
+    stride: Any,
+    padding: Any,
+    dilation: Any,
+    groups: Any,
+) -> tuple[int, int, tuple, tuple, Any, tuple, int]:
+    """The constructor arguments of a ``dims``-D RRAM convolution, checked and as Python
+    ints: ``(in_channels, out_channels, kernel_size, stride, padding, dilation, groups)``
+    (tuples of ``dims`` ints; padding may stay ``"same"``/``"valid"``). Wrong types raise
+    TypeError, wrong values :class:`RRAMValueError` naming the argument and the value
+    (``nn.Conv2d`` accepts most of them and fails at its first call, a negative kernel
+    size with "negative dimension -1"; zero channels made the crossbar mapping divide by
+    zero)."""
+    cin = _conv_int(layer, "in_channels", in_channels, 1)
+    cout = _conv_int(layer, "out_channels", out_channels, 1)
+    g = _conv_int(layer, "groups", groups, 1)
+    for what, value in (("in_channels", cin), ("out_channels", cout)):
+        if value % g:
+            raise RRAMValueError(f"{layer}: {what}={value} must be divisible by groups={g}")
+    kernel = _conv_ints(layer, "kernel_size", kernel_size, dims, 1)
+    strides = _conv_ints(layer, "stride", stride, dims, 1)
+    dil = _conv_ints(layer, "dilation", dilation, dims, 1)
+    if isinstance(padding, str):
+        if padding not in ("same", "valid"):
+            raise RRAMValueError(
+                f"{layer}: padding must be 'same', 'valid' or ints >= 0, got {padding!r}"
+            )
+        if padding == "same" and any(s != 1 for s in strides):
+            raise RRAMValueError(
+                f"{layer}: padding='same' needs stride 1 (as nn.Conv{dims}d), got stride="
+                f"{strides if dims > 1 else strides[0]}"
+            )
+        pad: Any = padding
+    else:
+        pad = _conv_ints(layer, "padding", padding, dims, 0)
+    return cin, cout, kernel, strides, pad, dil, g
 
 
 class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
@@ -54,6 +135,19 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
         config: RRAMConfig | None = None,
         seed: int | None = None,
     ) -> None:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups = (
+            _check_conv_args(
+                type(self).__name__,
+                2,
+                in_channels,
+                out_channels,
+                kernel_size,
+                stride,
+                padding,
+                dilation,
+                groups,
+            )
+        )
         nn.Conv2d.__init__(
             self,
             in_channels,
@@ -149,13 +243,16 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
             ("kernel_size", self.kernel_size, 1),
             ("stride", self.stride, 1),
             ("dilation", self.dilation, 1),
+            ("padding", self.padding, 0),
         ):
-            if len(values) != 2 or any(not isinstance(v, int) or v < low for v in values):
-                raise ValueError(f"{name}: {what} must be two ints >= {low}, got {values}")
-        if not isinstance(self.padding, str) and any(
-            not isinstance(v, int) or v < 0 for v in self.padding
-        ):
-            raise ValueError(f"{name}: padding must be ints >= 0, got {self.padding}")
+            if what == "padding" and isinstance(values, str):
+                continue
+            if (
+                not isinstance(values, tuple | list)
+                or len(values) != 2
+                or any(not isinstance(v, int) or isinstance(v, bool) or v < low for v in values)
+            ):
+                raise RRAMValueError(f"{name}: {what} must be two ints >= {low}, got {values}")
 
     def _conv_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """``weight`` as a 2-D convolution's (out, in / groups, kh, kw)."""
@@ -262,7 +359,10 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
         xin = x.unsqueeze(0) if unbatched else x
         if xin.dtype != cdt:
             xin = xin.to(cdt)
-        y = _crossbar(self, self._spatial_pad(xin), self.weight)
+        self._check_read_args()
+        xp = self._spatial_pad(xin)
+        self._output_size(xp)  # every read path (and nn.Conv2d) needs an image >= the kernel
+        y = _crossbar(self, xp, self.weight)
         if self.bias is not None:
             y = _add_bias(y, self.bias.to(cdt).view(1, -1, 1, 1))
         y = y.to(_output_dtype(x))
@@ -274,11 +374,19 @@ class RRAMConv2d(_CrossbarMixin, nn.Conv2d):
         h, w = xp.shape[-2:]
         hh, ww = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
         if hh < 1 or ww < 1:
-            raise ValueError(
-                f"{type(self).__name__}: input of spatial size {tuple(xp.shape[-2:])} (after "
-                f"padding) is smaller than the dilated kernel {(dh * (kh - 1) + 1, dw * (kw - 1) + 1)}"
+            show = self._shown
+            span = (dh * (kh - 1) + 1, dw * (kw - 1) + 1)
+            raise RRAMValueError(
+                f"{type(self).__name__}: input of spatial size {show((h, w))} (after padding "
+                f"{show(self.padding) if not isinstance(self.padding, str) else self.padding!r})"
+                f" is smaller than the dilated kernel {show(span)} (kernel_size="
+                f"{show(self.kernel_size)}, dilation={show(self.dilation)})"
             )
         return hh, ww
+
+    def _shown(self, pair: Any) -> tuple:
+        """A (height, width) pair as error messages show it (RRAMConv1d: the length)."""
+        return tuple(int(v) for v in pair)
 
     def _nonfinite_outputs(self, bad: torch.Tensor) -> torch.Tensor:
         # an output depends on its receptive field in the input channels of its group
@@ -750,20 +858,27 @@ class RRAMConv1d(RRAMConv2d):
         config: RRAMConfig | None = None,
         seed: int | None = None,
     ) -> None:
-        def one(value, name: str):
-            v = tuple(value) if isinstance(value, tuple | list) else (value,)
-            if len(v) != 1:
-                raise ValueError(f"RRAMConv1d: {name} must be an int or a 1-tuple, got {value!r}")
-            return v[0]
-
-        pad = padding if isinstance(padding, str) else (0, one(padding, "padding"))
+        # checked as 1-D arguments (the messages name what the caller passed)
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups = (
+            _check_conv_args(
+                type(self).__name__,
+                1,
+                in_channels,
+                out_channels,
+                kernel_size,
+                stride,
+                padding,
+                dilation,
+                groups,
+            )
+        )
         super().__init__(
             in_channels,
             out_channels,
-            (1, one(kernel_size, "kernel_size")),
-            stride=(1, one(stride, "stride")),
-            padding=pad,
-            dilation=(1, one(dilation, "dilation")),
+            (1, *kernel_size),
+            stride=(1, *stride),
+            padding=padding if isinstance(padding, str) else (0, *padding),
+            dilation=(1, *dilation),
             groups=groups,
             bias=bias,
             padding_mode=padding_mode,
@@ -790,6 +905,9 @@ class RRAMConv1d(RRAMConv2d):
 
     def _conv_weight(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.unsqueeze(2) if weight.ndim == 3 else weight
+
+    def _shown(self, pair: Any) -> tuple:
+        return (int(pair[1]),)
 
     def _digital_module(self) -> nn.Module:
         return nn.Conv1d(

@@ -40,8 +40,10 @@ FFTs of length 2n: O(n log n) per vector, no dense inverse, same code on CPU and
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 _FFT_DTYPES = (torch.float32, torch.float64)
@@ -66,13 +68,47 @@ def _mirror_spectrum(p: torch.Tensor) -> torch.Tensor:
 
 
 def _filter_response(lam: float | torch.Tensor, n: int, dtype, device) -> torch.Tensor:
-    """1 / (1 + lam * eig_k) for the n+1 rfft bins of the mirror extension (bin n is 0)."""
+    """1 / (1 + lam * eig_k) for the n+1 rfft bins of the mirror extension (bin n is 0).
+
+    Bin 0 (eig 0, the mean) passes whole for every finite lam, even one that is inf in
+    ``dtype`` (a float32 lam of 1e300: inf * 0 would be NaN); lam * eig beyond the dtype's
+    range gives 0, the limit."""
     k = torch.arange(n + 1, dtype=dtype, device=device)
     eig = 2.0 - 2.0 * torch.cos(math.pi * k / n)
     lam_t = torch.as_tensor(lam, dtype=dtype, device=device)
     if lam_t.ndim:
         lam_t = lam_t.unsqueeze(-1)
-    return 1.0 / (1.0 + lam_t * eig)
+    return torch.where(eig == 0, 1.0, 1.0 / (1.0 + lam_t * eig))
+
+
+def _checked_lam(lam: object) -> torch.Tensor:
+    """``lam`` (a real number, or a tensor, array, list or tuple of them) as a float64 CPU
+    tensor: TypeError for another type, ValueError for NaN, inf (also an int beyond
+    float64's range) or a value < 0."""
+    what = "denoise: lam must be a real number >= 0 or a tensor of them, got"
+    if isinstance(lam, torch.Tensor):
+        if lam.dtype == torch.bool or lam.is_complex():
+            raise TypeError(f"{what} a tensor of dtype {lam.dtype}")
+        lam_t = lam.detach().to("cpu", torch.float64)
+    elif isinstance(lam, np.ndarray):
+        if not (np.issubdtype(lam.dtype, np.integer) or np.issubdtype(lam.dtype, np.floating)):
+            raise TypeError(f"{what} an array of dtype {lam.dtype}")
+        lam_t = torch.from_numpy(lam.astype(np.float64))
+    elif isinstance(lam, numbers.Real) and not isinstance(lam, bool | np.bool_):
+        try:
+            lam_t = torch.tensor(float(lam), dtype=torch.float64)
+        except OverflowError:
+            raise ValueError(f"denoise: lam must be finite in float64, got {lam!r}") from None
+    elif isinstance(lam, list | tuple):
+        try:
+            lam_t = torch.as_tensor(lam, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+            raise TypeError(f"{what} {lam!r}") from exc
+    else:
+        raise TypeError(f"{what} {lam!r} ({type(lam).__name__})")
+    if not bool(torch.all(torch.isfinite(lam_t))) or not bool(torch.all(lam_t >= 0)):
+        raise ValueError(f"denoise: lam must be finite and >= 0, got {lam!r}")
+    return lam_t
 
 
 def denoise(p: torch.Tensor, lam: float | torch.Tensor) -> torch.Tensor:
@@ -80,7 +116,11 @@ def denoise(p: torch.Tensor, lam: float | torch.Tensor) -> torch.Tensor:
 
     Args:
         p: (..., n) any floating dtype, CPU or CUDA. Half types are computed in float32.
-        lam: lambda >= 0, a float or a tensor broadcastable to ``p.shape[:-1]``.
+        lam: lambda >= 0, a real number or a tensor broadcastable to ``p.shape[:-1]``
+            (TypeError for other types, ValueError for NaN, inf or < 0). Any finite lam
+            works in any dtype of ``p``: the filter response is computed in float64, and
+            as lam grows y* tends to the mean of ``p`` along the last dimension (the null
+            space of L).
 
     Returns:
         y*: same shape and dtype as ``p``.
@@ -91,21 +131,30 @@ def denoise(p: torch.Tensor, lam: float | torch.Tensor) -> torch.Tensor:
         raise TypeError(f"denoise: p must have a floating dtype, got {p.dtype}")
     if p.ndim == 0:
         raise ValueError("denoise: p must have at least one dimension (the one to smooth)")
-    lam_t = torch.as_tensor(lam)
-    if not bool(torch.all(lam_t >= 0)) or not bool(torch.all(torch.isfinite(lam_t))):
-        raise ValueError(f"denoise: lam must be finite and >= 0, got {lam!r}")
+    lam_t = _checked_lam(lam)
     n = p.shape[-1]
     if n < 2:
         return p.clone()
     work = p if p.dtype in _FFT_DTYPES else p.float()
+    # rows near the dtype's largest value are scaled by a power of two (exact) so that the
+    # FFT's sums over the 2n-sample mirror extension do not overflow (1e38 in float32
+    # gave NaN); the filter is linear, so y* is scaled back by the same power
+    exponent = None
+    amax = work.detach().abs().amax(dim=-1, keepdim=True)
+    big = amax > torch.finfo(work.dtype).max / (8 * n)
+    if bool(big.any()):
+        _, e = torch.frexp(torch.where(torch.isfinite(amax), amax, torch.ones_like(amax)))
+        exponent = torch.where(big, e, torch.zeros_like(e))
+        work = torch.ldexp(work, -exponent)
     spectrum = _mirror_spectrum(work)
-    response = _filter_response(
-        lam if not isinstance(lam, torch.Tensor) else lam.to(work.device, work.dtype),
-        n,
-        work.dtype,
-        work.device,
-    )
+    # the response in float64 (lam = 1e300 is finite there; eig_k accurate for large n),
+    # then in the signal's dtype: values in [0, 1]
+    rdt = torch.float32 if work.device.type == "mps" else torch.float64  # MPS: no float64
+    lam_r = lam.to(work.device, rdt) if isinstance(lam, torch.Tensor) else lam_t.to(work.device)
+    response = _filter_response(lam_r, n, rdt, work.device).to(work.dtype)
     y = torch.fft.irfft(spectrum * response, n=2 * n, dim=-1)[..., :n]
+    if exponent is not None:
+        y = torch.ldexp(y, exponent)
     return y.to(p.dtype)
 
 

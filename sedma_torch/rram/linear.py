@@ -7,6 +7,7 @@ and programming it shares with the conv layers are :mod:`.state`'s ``_CrossbarMi
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +27,25 @@ from .crossbar import (
     positive_or_one,
     read_blocks,
 )
-from .read_op import _add_bias, _check_input, _copied_from, _crossbar, _output_dtype
+from .read_op import RRAMValueError, _add_bias, _check_input, _copied_from, _crossbar, _output_dtype
 from .state import _CrossbarMixin
+
+
+def _positive_int(name: str, value: object) -> int:
+    """``value`` as a Python int >= 1 (numpy and 0-d integer tensors too): TypeError for a
+    bool or a non-integer, :class:`RRAMValueError` below 1 (``nn.Linear`` builds a layer
+    without weights for 0, which no crossbar holds, and raises RuntimeError below 0)."""
+    if isinstance(value, bool):
+        raise TypeError(f"RRAMLinear: {name} must be a positive int, got the bool {value!r}")
+    try:
+        v = operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(
+            f"RRAMLinear: {name} must be a positive int, got {value!r} ({type(value).__name__})"
+        ) from None
+    if v < 1:
+        raise RRAMValueError(f"RRAMLinear: {name} must be a positive int, got {v}")
+    return v
 
 
 class RRAMLinear(_CrossbarMixin, nn.Linear):
@@ -49,9 +67,8 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
         config: RRAMConfig | None = None,
         seed: int | None = None,
     ) -> None:
-        for name, value in (("in_features", in_features), ("out_features", out_features)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"RRAMLinear: {name} must be a positive int, got {value!r}")
+        in_features = _positive_int("in_features", in_features)
+        out_features = _positive_int("out_features", out_features)
         nn.Linear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._rram_init(config, seed)
 

@@ -6,7 +6,8 @@
   and :func:`_crossbar` picks one of them (or a plain read when nothing needs a gradient).
 * The layer registry (``_LAYERS``): the operator names a layer by an integer handle.
 * Input, config and dtype helpers (``compute_dtype``, ``_output_dtype``, ...), and
-  ``_copied_from``, the end of every ``from_*`` constructor.
+  ``_copied_from``, the end of every ``from_*`` constructor; :class:`RRAMValueError`,
+  the layers' error for bad argument values and input shapes.
 
 Part of the split of :mod:`sedma_torch.rram.layers` (which re-exports all of it).
 """
@@ -21,6 +22,15 @@ import torch
 from torch import nn
 
 from .config import RRAMConfig
+
+
+class RRAMValueError(ValueError, RuntimeError):
+    """A layer argument or input shape an RRAM layer rejects (a zero stride, an input
+    smaller than the kernel, the wrong number of features, ...).
+
+    It is a ``ValueError`` (this project's class for bad values) and a ``RuntimeError``,
+    the class ``nn.Linear`` / ``nn.Conv2d`` / ``nn.Conv1d`` raise for the same mistakes
+    (mostly at their first call), so code written for either layer catches it."""
 
 
 def _add_bias(y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -43,7 +53,7 @@ def _check_input(name: str, x: torch.Tensor, dim_ok, what: str) -> None:
     if not x.is_floating_point():
         raise TypeError(f"{name}: input must have a floating dtype, got {x.dtype}")
     if not dim_ok(x):
-        raise ValueError(f"{name}: input shape {tuple(x.shape)} is not {what}")
+        raise RRAMValueError(f"{name}: input shape {tuple(x.shape)} is not {what}")
 
 
 def _check_finite(name: str, x: torch.Tensor) -> None:
