@@ -166,9 +166,7 @@ def _check_field_type(name: str, value: Any, annotation: str) -> None:
     for part in annotation.replace(" ", "").split("|"):
         allowed.extend((list,) if part.startswith("list") else _FIELD_TYPES.get(part, (object,)))
     is_bool = isinstance(value, bool)
-    ok = any(
-        isinstance(value, t) and (t is bool or not is_bool or t is object) for t in allowed
-    )
+    ok = any(isinstance(value, t) and (t is bool or not is_bool or t is object) for t in allowed)
     if not ok:
         raise TypeError(f"{name} must be {annotation}, got {value!r}")
     if isinstance(value, float) and not math.isfinite(value):

@@ -85,9 +85,11 @@ class Agent:
     def __post_init__(self) -> None:
         _name(self.name, "agent name")
         object.__setattr__(
-            self, "memory_mib", _finite_number(
+            self,
+            "memory_mib",
+            _finite_number(
                 self.memory_mib, f"agent {self.name!r} memory_mib", maximum=MAX_MEMORY_MIB
-            )
+            ),
         )
         object.__setattr__(
             self, "cpu", _finite_number(self.cpu, f"agent {self.name!r} cpu", maximum=MAX_CPU)

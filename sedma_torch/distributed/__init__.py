@@ -19,7 +19,7 @@ from .exchange import (
     register_memory_aware_hook,
     schedule_from_view,
 )
-from .launch import spawn
+from .launch import LaunchResult, RankOutcome, launch, spawn
 from .local_memory import InProcessMemory
 from .p2p import PayloadRejected, TensorPeer, content_id
 from .selection import PeerFeatures, PeerSelector, normalised_terms
@@ -30,15 +30,18 @@ __all__ = [
     "ExchangeConfig",
     "ExchangeStats",
     "InProcessMemory",
+    "LaunchResult",
     "MemoryAwareGroup",
     "PayloadRejected",
     "PeerExchange",
     "PeerFeatures",
     "PeerSelector",
+    "RankOutcome",
     "Telemetry",
     "TensorPeer",
     "UtilityCache",
     "content_id",
+    "launch",
     "measure_local",
     "memory_aware_hook",
     "normalised_terms",

@@ -203,7 +203,7 @@ def _phase_loop(
 ) -> None:
     tcfg = cfg["train"]
     main = distributed is None or distributed.is_main
-    trainer = model if distributed is None else distributed.wrap(model)
+    trainer = model if distributed is None else distributed.wrap(model, phase=phase)
     seed = int(cfg.get("seed", 0))
     start = state["epoch"] if state["phase"] == phase else 0
     if start >= epochs:
@@ -394,10 +394,7 @@ def run_train(
         command=" ".join(sys.argv),
     )
     if distributed is not None:
-        payload["distributed"] = {
-            "world_size": distributed.world_size,
-            "exchange": distributed.stats(),
-        }
+        payload["distributed"] = distributed.summary()
     write_json(run_dir / "results.json", payload)
     plot_metric(
         payload["rows"],

@@ -39,9 +39,22 @@ TINY = [
 ]
 
 
-def _check_run(run_dir) -> None:
+def _check_run(run_dir, *, spawned: bool = True) -> None:
     payload = json.loads((run_dir / "results.json").read_text())
     assert payload["distributed"]["world_size"] == 2
+    section = payload["distributed"]
+    # nobody lost: both phases over both ranks (the hwa phase reuses the world group)
+    assert section["members"] == [0, 1] and section["lost_ranks"] == []
+    assert [(p["phase"], p["members"]) for p in section["phases"]] == [
+        ("digital", [0, 1]),
+        ("hwa", [0, 1]),
+    ]
+    if spawned:  # the launcher's record of how every rank ended
+        assert section["failed_ranks"] == []
+        assert [(r["rank"], r["status"], r["exit_code"]) for r in section["ranks"]] == [
+            (0, "ok", 0),
+            (1, "ok", 0),
+        ]
     assert [r["label"] for r in payload["rows"]] == ["digital", "hwa:digital", "hwa:taox_hfox/none"]
     replicas = {r: torch.load(run_dir / "replicas" / f"rank{r}.pt") for r in (0, 1)}
     for r, rep in replicas.items():
@@ -65,12 +78,19 @@ def test_distributed_group_rejects_unknown_keys_and_bad_values():
         exchange_config({"enabled": True, "bogus": 1})
     with pytest.raises(ValueError, match="deadline_s"):
         exchange_config({"deadline_s": 0})
+    # the launcher's and the phase boundary's bounds
+    assert exchange_config({"exit_grace_s": 0, "unresponsive_s": 2.5, "phase_join_s": 1}).k is None
+    for key, bad in [("exit_grace_s", -1), ("unresponsive_s", 0), ("phase_join_s", "soon")]:
+        with pytest.raises(ValueError, match=key):
+            exchange_config({key: bad})
 
 
 def test_two_rank_run_trains_identical_replicas_and_writes_results(tmp_path):
     args = [_group_override(), "distributed.world_size=2", *TINY, f"hydra.run.dir={tmp_path}"]
-    run_app("train.py", args, timeout=360)
+    proc = run_app("train.py", args, timeout=360)
     _check_run(tmp_path)
+    assert "distributed: started 2 rank(s): rank 0 pid" in proc.stdout
+    assert "unresponsive" not in proc.stdout and "lost rank" not in proc.stderr
 
 
 @pytest.mark.slow
@@ -84,4 +104,4 @@ def test_under_torchrun_the_ranks_join_its_group(tmp_path):
     ]
     proc = subprocess.run(cmd, cwd=REPO, env=app_env(), capture_output=True, text=True, timeout=360)
     assert proc.returncode == 0, proc.stderr[-5000:]
-    _check_run(tmp_path)
+    _check_run(tmp_path, spawned=False)
