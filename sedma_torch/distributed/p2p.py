@@ -113,6 +113,9 @@ CLOCK_SKEW_S = 60.0
 """Tolerated clock difference between peers for telemetry issue times (s)."""
 REQUEST_WINDOW_S = 30.0
 """A request's timestamp must be within this many seconds of the server's clock."""
+UNREACHABLE_BACKOFF_S = 60.0
+"""A provider that did not answer (timeout, dial failure) is tried after the others for
+this long (s): a killed peer's provider records stay in the DHT until they expire."""
 DEFAULT_CHUNK_BYTES = 4 * 2**20
 MAX_CHUNK_BYTES = 16 * 2**20
 """Largest chunk a server serves and a receiver accepts per request/block (bytes)."""
@@ -407,6 +410,8 @@ class TensorPeer:
         self._telemetry_payload: bytes | None = None
         self._telemetry_cache: dict[str, dict[str, float]] = {}
         self._telemetry_retry: dict[str, float] = {}
+        # providers that did not answer (killed, partitioned): tried last until this time
+        self._unreachable_until: dict[str, float] = {}
         self._closed = False
         if group_key is not None:
             self._request_key = hmac.new(group_key, b"sedma/p2p/request/v1", "sha256").digest()
@@ -938,7 +943,7 @@ class TensorPeer:
             if cached is not None:
                 self.stats.cache_hits += 1
                 return decode_tensor(cached, max_bytes=self.max_bytes, shape=shape, dtype=dtype)
-        chosen = self.rank_providers(cid)
+        chosen = self._answering_first(self.rank_providers(cid))
         result = None
         for peer in chosen:
             result = self._fetch_from(peer, cid, shape, dtype, via)
@@ -951,6 +956,16 @@ class TensorPeer:
             self.cache.put(cid, data)
         self.stats.fetched += 1
         return tensor
+
+    def _answering_first(self, ranked: list[str]) -> list[str]:
+        """``ranked`` with the providers that recently timed out or could not be dialled
+        moved to the end (in their order): a killed peer's DHT records outlive it, and
+        without this every fetch would first wait ``request_timeout_s`` for it. Each
+        unanswered request backs the peer off for ``UNREACHABLE_BACKOFF_S``; a peer that
+        answers again is forgiven at once."""
+        now = time.monotonic()
+        down = {p for p in ranked if self._unreachable_until.get(p, 0.0) > now}
+        return [p for p in ranked if p not in down] + [p for p in ranked if p in down]
 
     def _record(self, peer: str, ok: bool, latency_ms: float, nbytes: int) -> None:
         terms = normalised_terms(self._last_candidates)
@@ -986,14 +1001,17 @@ class TensorPeer:
             data = bytes(buf)
             del buf
             tensor = decode_tensor(data, max_bytes=self.max_bytes, shape=shape, dtype=dtype)
-        except _RemoteError:
+        except _RemoteError as err:
             self.stats.failed_requests += 1
+            if err.code == "unreachable":
+                self._unreachable_until[peer] = time.monotonic() + UNREACHABLE_BACKOFF_S
             self._record(peer, False, (time.perf_counter() - start) * 1e3, 0)
             return None
         except PayloadRejected as exc:
             self._reject(exc)
             self._record(peer, False, (time.perf_counter() - start) * 1e3, 0)
             return None
+        self._unreachable_until.pop(peer, None)
         self._record(peer, True, (time.perf_counter() - start) * 1e3, nbytes)
         return data, tensor
 

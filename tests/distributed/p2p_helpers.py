@@ -218,5 +218,80 @@ def _receiver_main() -> None:
     print(json.dumps(report), flush=True)
 
 
+def _provider_main() -> None:
+    """A provider in its own process (``python -m tests.distributed.p2p_helpers provider``),
+    so a test can kill it with SIGKILL. Protocol, one JSON line each: in ``{bootstrap, key,
+    n, seed, request_timeout_s}``; out ``{peer_id}``; in ``{members}``; out ``{cid}`` once
+    it has published the seeded tensor ``randn(n)`` and its telemetry; then it serves until
+    stdin closes."""
+    cfg = json.loads(sys.stdin.readline())
+    peer = TensorPeer(
+        bootstrap=[cfg["bootstrap"]],
+        group_key=bytes.fromhex(cfg["key"]),
+        cache_mb=0,
+        request_timeout_s=cfg.get("request_timeout_s", 10),
+    )
+    print(json.dumps({"peer_id": peer.peer_id}), flush=True)
+    peer.add_members(json.loads(sys.stdin.readline())["members"])
+    import torch
+
+    tensor = torch.randn(cfg["n"], generator=torch.Generator().manual_seed(cfg["seed"]))
+    cid = peer.publish(tensor)
+    peer.publish_telemetry()
+    print(json.dumps({"cid": cid}), flush=True)
+    sys.stdin.read()  # serve until the test closes stdin (or kills this process)
+    peer.close()
+
+
+class ProviderProcess:
+    """A :func:`_provider_main` peer in a child process (see there)."""
+
+    def __init__(self, bootstrap: str, *, key: bytes, n: int, seed: int, timeout_s: int = 10):
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(
+            os.pathsep
+        )
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.distributed.p2p_helpers", "provider"],
+            cwd=REPO,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        cfg = {"bootstrap": bootstrap, "key": key.hex(), "n": n, "seed": seed}
+        cfg["request_timeout_s"] = timeout_s
+        self.peer_id = self._send_and_read(cfg)["peer_id"]
+
+    def _send_and_read(self, message: dict) -> dict:
+        self.proc.stdin.write(json.dumps(message) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.kill()
+            raise RuntimeError(f"provider died: {self.proc.stderr.read()[-3000:]}")
+        return json.loads(line)
+
+    def publish(self, members: list[str]) -> str:
+        """Admit ``members`` and publish; the content id."""
+        return self._send_and_read({"members": members})["cid"]
+
+    def kill(self) -> None:
+        self.proc.kill()  # SIGKILL: no close(), no goodbye to the DHT
+        self.proc.wait()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+                self.proc.wait(timeout=10)
+            except (OSError, subprocess.TimeoutExpired):
+                self.kill()
+
+
 if __name__ == "__main__":
-    _receiver_main()
+    if sys.argv[1:] == ["provider"]:
+        _provider_main()
+    else:
+        _receiver_main()

@@ -44,6 +44,7 @@ def test_missing_and_non_dict_checkpoints(tmp_path):
         load_checkpoint(tmp_path / "list.pt")
 
 
+@pytest.mark.faults
 def test_temporary_of_a_killed_write_is_removed_by_the_next_write(tmp_path):
     # a writer killed (SIGKILL) inside torch.save leaves its temporary file; the next
     # save removes it, and leaves the temporary of a write still running alone
