@@ -11,30 +11,15 @@ sedma_torch.experiments.evaluation.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from sedma_torch.experiments import run_eval
-from sedma_torch.experiments.config_check import check_app_config
-from sedma_torch.redact import redact_run
-
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+from sedma_torch.experiments.cli import run_job
 
 
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    hydra_cfg = HydraConfig.get()
-    redact_run(hydra_cfg.runtime.output_dir)  # no password in argv, .hydra/*.yaml, logs
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    check_app_config(plain, hydra_cfg.runtime.choices, CONFIG_DIR)  # unknown keys, types
-    run_eval(
-        plain,
-        hydra_cfg.runtime.output_dir,
-        rram_label=hydra_cfg.runtime.choices.get("rram", "rram"),
-    )
+    run_job("eval", cfg)  # redact, check the config, run; table and errors also in eval.log
 
 
 if __name__ == "__main__":

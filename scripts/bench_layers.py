@@ -5,6 +5,14 @@ Run from the repository root::
     python scripts/bench_layers.py            # full run (a few minutes on 2 CPU cores)
     python scripts/bench_layers.py --quick    # smoke run: small programming size, few repeats
     python scripts/bench_layers.py --device cuda
+    python scripts/bench_layers.py --only first-forward   # the ResNet-18 first forward alone
+
+The first-forward section times what a user meets first: ``convert_`` of a torchvision
+ResNet-18 (random init) with ``st.preset("corrected")`` and its first ``model(x)`` on one
+224x224 image, split into programming (``convert_``), lambda calibration, ADC calibration
+with the first-order input writes, and the read; each in a fresh process, once with the
+caches as they are (warm) and once with empty compiler caches (``SEDMA_CACHE_DIR`` and
+``TMPDIR``, so the C kernels and torch.compile build again: a first run after install).
 
 Every ratio is ``rram / digital`` from the same run, both sides timed alternately (so a
 change of machine load hits both) and reported as the median after warm-up. Prints one
@@ -353,6 +361,112 @@ def bench_conv(device: torch.device, warmup: int, repeats: int) -> tuple[list[Ro
     return rows, {"rram_conv": state_bytes(layer), "digital_conv": state_bytes(digital)}
 
 
+FIRST_FORWARD_TARGET_S = 5.0
+"""Issue 15: the first forward of a converted ResNet-18 (corrected preset) on 2 cores."""
+
+
+def first_forward_child(size: int) -> None:
+    """In a fresh process: time ``convert_`` and the first two forward passes of a
+    ResNet-18 with the corrected preset; print one JSON line. Benchmark-only wrappers
+    accumulate the time spent in the layers' lambda calibration, ADC calibration and
+    first-order input writes."""
+    import functools
+    from collections import Counter
+
+    import torchvision
+
+    from sedma_torch.rram import lambda_control, state
+
+    spent: Counter[str] = Counter()
+
+    def timed(cls: type, name: str, key: str) -> None:
+        real = getattr(cls, name)
+
+        @functools.wraps(real)
+        def wrapper(*args, **kwargs):
+            begin = time.perf_counter()
+            try:
+                return real(*args, **kwargs)
+            finally:
+                spent[key] += time.perf_counter() - begin
+
+        setattr(cls, name, wrapper)
+
+    timed(lambda_control._LambdaController, "_calibrate", "lambda_calibration")
+    timed(state._CrossbarMixin, "_calibrate_adc", "adc_calibration")
+    timed(state._CrossbarMixin, "_program_inputs", "input_writes")
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, size, size)
+    digital = torchvision.models.resnet18().eval()
+    out: dict[str, float] = {}
+    with torch.no_grad():
+        begin = time.perf_counter()
+        digital(x)
+        out["digital_first"] = time.perf_counter() - begin
+        model = torchvision.models.resnet18().eval()
+        begin = time.perf_counter()
+        st.convert_(model, st.preset("corrected"), progress=False)
+        out["programming"] = time.perf_counter() - begin
+        for label in ("first", "second"):
+            spent.clear()
+            begin = time.perf_counter()
+            model(x)
+            out[label] = time.perf_counter() - begin
+            out.update({f"{label}_{key}": value for key, value in spent.items()})
+    print(json.dumps(out))
+
+
+def bench_first_forward(size: int, cold: bool) -> list[Row]:
+    """The first forward of a converted ResNet-18 (see the module docstring)."""
+    import subprocess
+    import sys
+    import tempfile
+
+    env = dict(os.environ)
+    with tempfile.TemporaryDirectory() as empty:
+        if cold:
+            env["SEDMA_CACHE_DIR"] = os.path.join(empty, "sedma")
+            env["TMPDIR"] = empty  # torch.compile's cache
+        proc = subprocess.run(
+            [sys.executable, __file__, "--first-forward-child", str(size)],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    t = json.loads(proc.stdout.strip().splitlines()[-1])
+    caches = "empty caches" if cold else "warm caches"  # names fit the table's 52 columns
+    first = t["first"]
+    lam = t.get("first_lambda_calibration", 0.0)
+    adc = t.get("first_adc_calibration", 0.0) + t.get("first_input_writes", 0.0)
+    name = f"ResNet-18 corrected {size}px"
+    rows = [
+        Row(f"{name}: programming, {caches}", "s", t["programming"], None, None),
+        Row(
+            f"{name}: 1st fwd, {caches}",
+            "s",
+            first,
+            t["digital_first"],
+            FIRST_FORWARD_TARGET_S,
+            target_is_absolute=True,
+            note=f"lambda calibration {lam:.2f} s, ADC calibration + x~ writes {adc:.2f} s, "
+            f"read {first - lam - adc:.2f} s; digital = nn ResNet-18's 1st fwd",
+        ),
+    ]
+    if not cold:
+        rows.append(
+            Row(
+                f"{name}: 2nd fwd, {caches}",
+                "s",
+                t["second"],
+                None,
+                None,
+                note=f"x~ writes {t.get('second_input_writes', 0.0):.2f} s",
+            )
+        )
+    return rows
+
+
 def set_tf32(enabled: bool) -> None:
     torch.backends.cuda.matmul.allow_tf32 = enabled
     torch.backends.cudnn.allow_tf32 = enabled
@@ -430,7 +544,14 @@ def main() -> None:
         "--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads"
     )
     parser.add_argument("--output", type=Path, default=None, help="JSON path (default results/)")
+    parser.add_argument(
+        "--only", choices=("first-forward",), default=None, help="run one section only"
+    )
+    parser.add_argument("--first-forward-child", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.first_forward_child is not None:
+        first_forward_child(args.first_forward_child)
+        return
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     device = torch.device(args.device)
@@ -458,15 +579,23 @@ def main() -> None:
     print()
 
     rows: list[Row] = []
-    # programming first: its first call in a fresh process is the one that may compile
-    program_size = 1024 if args.quick else 4096
-    rows += bench_programming(device, program_size, full=not args.quick)
-    linear_rows, linear_state = bench_linear(device, warmup, repeats)
-    rows += linear_rows
-    conv_rows, conv_state = bench_conv(device, conv_warmup, conv_repeats)
-    rows += conv_rows
-    if args.device == "cuda":
-        rows += bench_cuda_large(device, warmup, repeats)
+    linear_state: dict = {}
+    conv_state: dict = {}
+    if args.only is None:
+        # programming first: its first call in a fresh process is the one that may compile
+        program_size = 1024 if args.quick else 4096
+        rows += bench_programming(device, program_size, full=not args.quick)
+        linear_rows, linear_state = bench_linear(device, warmup, repeats)
+        rows += linear_rows
+        conv_rows, conv_state = bench_conv(device, conv_warmup, conv_repeats)
+        rows += conv_rows
+        if args.device == "cuda":
+            rows += bench_cuda_large(device, warmup, repeats)
+    if args.device == "cpu":  # the first forward a CPU user meets, in fresh processes
+        size = 64 if args.quick else 224
+        rows += bench_first_forward(size, cold=False)
+        if not args.quick:
+            rows += bench_first_forward(size, cold=True)
     load_after = os.getloadavg()
 
     print_table(rows)
@@ -477,9 +606,8 @@ def main() -> None:
         print("  -- other processes competed for the CPU; timings are noisy", end="")
     print()
 
-    output = args.output or REPO_ROOT / "results" / (
-        f"bench_layers_{args.device}{'_quick' if args.quick else ''}.json"
-    )
+    suffix = ("_quick" if args.quick else "") + (f"_{args.only}" if args.only else "")
+    output = args.output or REPO_ROOT / "results" / f"bench_layers_{args.device}{suffix}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "torch": torch.__version__,

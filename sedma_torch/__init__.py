@@ -10,8 +10,12 @@ The public API (nothing else is promised)::
     mem = st.memory.LongTermMemory("sqlite:///sedma.db")   # or postgresql+psycopg://...
 """
 
-from . import memory, rram
-from .rram import (
+from . import _quiet
+
+_quiet.install()  # no "No CUDA runtime is found, using CUDA_HOME=..." on CPU machines
+
+from . import memory, rram  # noqa: E402
+from .rram import (  # noqa: E402
     PRESETS,
     RRAMConfig,
     RRAMConv1d,

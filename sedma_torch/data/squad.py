@@ -1,4 +1,4 @@
-"""SQuAD v1.1 / v2.0 JSON -> a flat list of extractive question-answering examples."""
+"""SQuAD v1.1 / v2.0 JSON, or a flat list of questions -> extractive QA examples."""
 
 from __future__ import annotations
 
@@ -36,6 +36,17 @@ def _missing_file_message(path: Path) -> str:
     )
 
 
+EXPECTED_FORMATS = (
+    "expected the official SQuAD v1.1/v2.0 JSON (a JSON object with a 'data' list of "
+    "articles: {'version', 'data': [{'title', 'paragraphs': [{'context', 'qas': [{'id', "
+    "'question', 'answers': [{'text', 'answer_start'}]}]}]}]}) or a flat list of "
+    "questions, top level or under 'data' "
+    "([{'id', 'question', 'context', 'answers'}], answers as [{'text', 'answer_start'}] or "
+    "{'text': [...], 'answer_start': [...]}, empty = unanswerable), e.g. transformers' "
+    "tests/fixtures/tests_samples/SQUAD/sample.json"
+)
+
+
 def _select_articles(data: list, articles: slice | list[int] | None, path: Path) -> list:
     if articles is None:
         return data
@@ -65,11 +76,16 @@ def load_squad(
     """Read a SQuAD v1.1 or v2.0 JSON file into a list of :class:`SquadExample`.
 
     Args:
-        path: the JSON file (``{"version": .., "data": [{"title", "paragraphs": [..]}]}``).
+        path: the JSON file: official SQuAD (``{"version": .., "data": [{"title",
+            "paragraphs": [..]}]}``) or a flat list of ``{id, question, context, answers}``
+            records, top level or under ``data`` (Hugging Face ``datasets`` exports,
+            transformers' ``sample.json``; ``answers`` as a list of ``{text, answer_start}``
+            or ``{"text": [..], "answer_start": [..]}``, empty = unanswerable).
         limit: keep only the first ``limit`` questions (after article selection); >= 1.
         articles: keep only these articles (indices into ``data``, or a slice).
 
-    v2.0 questions with ``is_impossible: true`` get no answers; extra keys are ignored.
+    v2.0 questions with ``is_impossible: true`` get no answers; extra keys are ignored. A
+    file with no questions raises a ``ValueError`` naming the formats read.
     """
     path = Path(path)
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
@@ -80,13 +96,65 @@ def load_squad(
         raw = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ValueError(f"load_squad: {path} is not valid JSON ({exc})") from exc
-    if not isinstance(raw, dict) or not isinstance(raw.get("data"), list):
-        raise ValueError(
-            f"load_squad: {path} is not a SQuAD file: expected a JSON object with a 'data' list "
-            "of articles"
-        )
+    records = raw if isinstance(raw, list) else raw.get("data") if isinstance(raw, dict) else None
+    if not isinstance(records, list):
+        raise ValueError(f"load_squad: {path} is not a SQuAD file: {EXPECTED_FORMATS}")
+    if records and all(isinstance(r, dict) and "paragraphs" not in r for r in records):
+        if articles is not None:
+            raise ValueError(
+                f"load_squad: {path} is a flat list of questions (no articles); articles= "
+                "selects articles of the official nested layout only"
+            )
+        examples = _flat_examples(records, path)
+        return examples if limit is None else examples[:limit]
+    examples = _nested_examples(records, articles, path, limit)
+    if not examples:
+        raise ValueError(f"load_squad: {path} holds no questions; {EXPECTED_FORMATS}")
+    return examples
+
+
+def _flat_answers(record: dict) -> tuple[list[str], list[int]]:
+    answers = record.get("answers", [])
+    if isinstance(answers, dict):  # Hugging Face datasets: {"text": [...], "answer_start": [...]}
+        texts, starts = list(answers["text"]), list(answers["answer_start"])
+        if len(texts) != len(starts):
+            raise ValueError("answers.text and answers.answer_start differ in length")
+        return [str(t) for t in texts], [int(s) for s in starts]
+    return [str(a["text"]) for a in answers], [int(a["answer_start"]) for a in answers]
+
+
+def _flat_examples(records: list, path: Path) -> list[SquadExample]:
+    """Examples from a flat list of ``{id, question, context, answers}`` records (the layout
+    of Hugging Face ``datasets`` SQuAD exports and transformers' ``sample.json``)."""
+    examples = []
+    for i, record in enumerate(records):
+        try:
+            texts, starts = _flat_answers(record)
+            impossible = bool(record.get("is_impossible", False)) or not texts
+            examples.append(
+                SquadExample(
+                    id=str(record["id"]),
+                    title=str(record.get("title", "")),
+                    context=record["context"],
+                    question=record["question"],
+                    answers=[] if impossible else texts,
+                    answer_starts=[] if impossible else starts,
+                    is_impossible=impossible,
+                )
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(
+                f"load_squad: {path}: malformed question {i} of the flat list: {exc!r} (needs "
+                f"id, question, context, answers); {EXPECTED_FORMATS}"
+            ) from exc
+    return examples
+
+
+def _nested_examples(
+    data: list, articles: slice | list[int] | None, path: Path, limit: int | None
+) -> list[SquadExample]:
     examples: list[SquadExample] = []
-    for a_idx, article in enumerate(_select_articles(raw["data"], articles, path)):
+    for a_idx, article in enumerate(_select_articles(data, articles, path)):
         title = article.get("title", f"article_{a_idx}")
         for p_idx, paragraph in enumerate(article.get("paragraphs", [])):
             try:

@@ -103,8 +103,10 @@ class DeployConfig:
     """Newest deployment records whose median is the expected performance."""
     time_limit_s: float = 30.0
     """Placement solver time limit, s."""
-    out_dir: str = "results/deploy"
-    """Where manifests (``<out_dir>/v<n>/``) and ``decisions.jsonl`` are written."""
+    out_dir: str | None = None
+    """Where manifests (``<out_dir>/v<n>/``) and ``decisions.jsonl`` are written; ``None``:
+    the training run's own folder, ``<run dir>/deploy`` (``train.py``), or ``./deploy``
+    for a hook built outside a run."""
     kubeconfig: str | None = None
     """Apply manifests to this cluster (server-side apply) when set."""
     dry_run: str | None = "All"
@@ -318,6 +320,29 @@ class DeploymentHook:
         self.recorder = ActivationRecorder(model, self.config.agents)
 
     @property
+    def out_dir(self) -> Path:
+        """Folder of the manifests (``v<n>/``) and ``decisions.jsonl``."""
+        return Path(self.config.out_dir) if self.config.out_dir else Path("deploy")
+
+    def summary(self) -> str:
+        """A few lines for the run's output: the decisions taken and where they went."""
+        if not self.events:
+            return (
+                "deploy: no deployment decided (the hook saw no training step); nothing "
+                f"written to {self.out_dir}"
+            )
+        taken = ", ".join(f"{e.reason} at step {e.step}" for e in self.events)
+        last = self.events[-1]
+        nodes = sorted(set(last.placement.assignment.values()))
+        applied = " (applied to the cluster)" if last.applied else ""
+        return (
+            f"deploy: {len(self.events)} decision(s): {taken}; last placement on "
+            f"{', '.join(map(str, nodes))}{applied}\n"
+            f"deploy: manifests in {self.out_dir}/v000..v{len(self.events) - 1:03d}, "
+            f"decisions in {self.out_dir / 'decisions.jsonl'}"
+        )
+
+    @property
     def current_performance(self) -> float:
         """Mean throughput over the short-term window, samples/s."""
         assert self.stm is not None
@@ -383,7 +408,7 @@ class DeploymentHook:
             port=cfg.port,
         )
         validate_manifests(manifests, k8s_version=cfg.k8s_version)
-        out = Path(cfg.out_dir) / f"v{len(self.events):03d}"
+        out = self.out_dir / f"v{len(self.events):03d}"
         paths = write_manifests(manifests, out)
         applied = False
         if cfg.kubeconfig:
@@ -419,8 +444,8 @@ class DeploymentHook:
         }
         if callable(getattr(self.memory, "put", None)):
             self.memory.put("deploy_decision", record["key"], record)
-        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-        with open(Path(cfg.out_dir) / "decisions.jsonl", "a") as fh:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / "decisions.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
         return event
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import datetime
 import multiprocessing as mp
+import multiprocessing.util
 import os
 import signal
 import socket
@@ -147,6 +148,10 @@ def _entry(
     # deadline passed) keeps a waiter thread inside gloo, and interpreter finalization
     # with such a thread can abort ("terminate called without an active exception"). The
     # function has returned, so its work is done: flush and leave without finalization.
+    # Only multiprocessing's own exit finalizers run: they unlink the semaphores this rank
+    # created (tqdm's lock, even for a disabled bar), which the spawn context's resource
+    # tracker otherwise reports as "leaked semaphore objects" at shutdown.
+    multiprocessing.util._run_finalizers(0)
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     os._exit(0)

@@ -52,6 +52,66 @@ def _weights_path(model_cfg: Mapping[str, Any]) -> str | None:
     return None if weights in (None, "") else os.path.expanduser(str(weights))
 
 
+TRAIN_WEIGHTS = "model_digital.pt"
+"""The file of a ``train.py`` run directory that ``eval.py`` uses for ``model=small_cnn``."""
+
+
+def latest_train_weights(outputs_dir: str | Path) -> Path | None:
+    """The ``model_digital.pt`` of the newest ``train.py`` run under ``outputs_dir`` (by the
+    file's modification time), or None when there is none."""
+    outputs_dir = Path(outputs_dir)
+    if not outputs_dir.is_dir():
+        return None
+    found = [p for p in outputs_dir.rglob(TRAIN_WEIGHTS) if p.is_file()]
+    return max(found, key=lambda p: (p.stat().st_mtime, str(p))) if found else None
+
+
+def _no_small_cnn_weights_message(outputs_dir: str | Path | None = None) -> str:
+    where = (
+        f"no train.py run was found under {str(outputs_dir)!r} (no */{TRAIN_WEIGHTS} in it), "
+        if outputs_dir is not None
+        else ""
+    )
+    return (
+        "model=small_cnn has no pretrained weights: eval.py evaluates the weights a train.py "
+        f"run wrote, and {where}so run `python train.py` first (it writes "
+        f"outputs/<date>/<time>/{TRAIN_WEIGHTS} and model_hwa.pt, which eval.py then finds "
+        f"by itself), or pass model.weights=<path to a {TRAIN_WEIGHTS} or model_hwa.pt>"
+    )
+
+
+def resolve_eval_weights(
+    model_cfg: Mapping[str, Any],
+    dataset_cfg: Mapping[str, Any],
+    outputs_dir: str | Path = "outputs",
+) -> dict[str, Any]:
+    """``model_cfg`` with the weights ``eval.py`` uses filled in.
+
+    For ``model=small_cnn`` on ``dataset=digits`` without ``model.weights``: the digital
+    weights of the newest ``train.py`` run under ``outputs_dir`` (printed), or a
+    ``FileNotFoundError`` saying to run ``python train.py`` or pass ``model.weights``.
+    Other configurations are returned unchanged (as a copy).
+    """
+    out = dict(model_cfg)
+    if (
+        out.get("name") != "small_cnn"
+        or dataset_cfg.get("name") != "digits"
+        or _weights_path(out) is not None
+    ):
+        return out
+    found = latest_train_weights(outputs_dir)
+    if found is None:
+        raise FileNotFoundError(_no_small_cnn_weights_message(outputs_dir))
+    print(
+        f"model.weights not given: using {found} (the digital weights of the newest train.py "
+        f"run under {outputs_dir}; model.weights=<file> picks another, e.g. "
+        f"{found.parent / 'model_hwa.pt'} for the hardware-aware ones)",
+        flush=True,
+    )
+    out["weights"] = str(found)
+    return out
+
+
 def build_model(model_cfg: Mapping[str, Any], *, for_training: bool = False) -> Any:
     """The model the ``model`` group names.
 
@@ -72,11 +132,7 @@ def build_model(model_cfg: Mapping[str, Any], *, for_training: bool = False) -> 
         if weights is None:
             if for_training:
                 return model
-            raise FileNotFoundError(
-                "model=small_cnn has no pretrained weights: pass model.weights=<file>, e.g. "
-                "the model_digital.pt (or model_hwa.pt) that `python train.py` writes to "
-                "its run directory"
-            )
+            raise FileNotFoundError(_no_small_cnn_weights_message())
         if Path(weights).is_dir():
             raise IsADirectoryError(
                 f"model.weights {weights!r} is a directory; give the weights file in it "
@@ -84,7 +140,15 @@ def build_model(model_cfg: Mapping[str, Any], *, for_training: bool = False) -> 
             )
         if not Path(weights).is_file():
             raise FileNotFoundError(f"model.weights file {weights!r} does not exist")
-        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        try:
+            model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        except RuntimeError as exc:
+            raise ValueError(
+                f"model.weights {weights!r} does not fit model=small_cnn with num_classes="
+                f"{model_cfg.get('num_classes', 10)}, channels={list(model_cfg.get('channels', (16, 32)))}, "
+                f"in_channels={model_cfg.get('in_channels', 1)} (set the same model.* as the "
+                f"run that wrote it, or pass model.weights=<another file>): {str(exc)[:300]}"
+            ) from exc
         return model.eval()
     if name == "efficientnet_lite0":
         from ..models.efficientnet_lite import efficientnet_lite0
@@ -112,6 +176,10 @@ def build_model(model_cfg: Mapping[str, Any], *, for_training: bool = False) -> 
             for key in ("min_size", "max_size", "box_score_thresh", "box_detections_per_img")
             if model_cfg.get(key) is not None
         }
+        if weights is None and not for_training:
+            from ..models.detection import missing_coco_weights_message
+
+            raise FileNotFoundError(missing_coco_weights_message())
         return fasterrcnn_mobilenet_v3(
             weights=weights, num_classes=int(model_cfg.get("num_classes", 91)), **extra
         )
@@ -119,6 +187,14 @@ def build_model(model_cfg: Mapping[str, Any], *, for_training: bool = False) -> 
         from ..models.qa import build_qa
 
         path = model_cfg.get("path")
+        if path in ("???", ""):  # qa_checkpoint's mandatory value, left unset
+            raise ValueError(
+                "model=qa_checkpoint: model.path is required: pass model.path=<folder> with a "
+                "local transformers extractive-QA checkpoint (AutoModelForQuestionAnswering: "
+                "config.json, model.safetensors or pytorch_model.bin, tokenizer files), e.g. "
+                "the folder `python scripts/finetune_squad.py` writes (--output, default "
+                "checkpoints/minilm_squad); or model=minilm_qa (MiniLM, untrained QA head)"
+            )
         if path is not None and not Path(os.path.expanduser(str(path))).exists():
             raise FileNotFoundError(
                 f"model.path {str(path)!r} does not exist: give a local transformers question-"
@@ -220,7 +296,9 @@ __all__ = [
     "build_eval_dataset",
     "build_model",
     "check_task",
+    "latest_train_weights",
     "parameter_count",
     "resolve_device",
+    "resolve_eval_weights",
     "seed_everything",
 ]

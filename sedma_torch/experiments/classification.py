@@ -7,10 +7,10 @@ import time
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from ..data.subset import limit_dataset
 from ..metrics.classification import TopKAccuracy
+from ..progress import progress as _progress
 from .results import EvalResult
 
 
@@ -51,7 +51,7 @@ def evaluate_classification(
     meter = TopKAccuracy(ks)
     outputs: list[torch.Tensor] = []
     seconds = 0.0
-    for inputs, target in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
+    for inputs, target in _progress(loader, desc="evaluate", disable=not progress, leave=False):
         inputs = inputs.to(device)
         start = time.perf_counter()
         logits = model(inputs)

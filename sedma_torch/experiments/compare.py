@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
-from tqdm.auto import tqdm
 
+from ..progress import progress as _progress
 from ..rram import summary
 from .memory_setup import ExperimentMemory
 from .results import EvalResult, mean_output_error
@@ -90,7 +90,7 @@ def compare_settings(
     if digital is None:
         digital = evaluate(model)
     rows = [result_row(f"{label_prefix}digital", digital)] if include_digital else []
-    for setting in tqdm(settings, desc="RRAM settings", disable=not progress, leave=False):
+    for setting in _progress(settings, desc="RRAM settings", disable=not progress, leave=False):
         rram_model = memory.convert(copy.deepcopy(model), setting.config, progress=False)
         result = evaluate(rram_model)
         rows.append(
@@ -174,41 +174,113 @@ def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
     return path
 
 
-def plot_metric(
-    rows: Sequence[dict[str, Any]], metric: str, path: str | Path, *, title: str = ""
-) -> Path:
-    """Bar chart of ``metric`` per material (x) and correction mode (bars), digital as a
-    dashed line; rows whose label has a group prefix ``<group>:`` get their own x group."""
+def plot_group(row: dict[str, Any]) -> str:
+    """The x-axis label of a row in :func:`plot_metric`: its table label without the
+    ``/<correction mode>`` suffix that the bar colour shows (``taox_hfox/none`` ->
+    ``taox_hfox``, ``hwa:taox_hfox/none`` -> ``hwa:taox_hfox``, ``open_loop`` stays)."""
+    label, mode = str(row["label"]), f"/{row.get('correction')}"
+    return label[: -len(mode)] if label.endswith(mode) and len(label) > len(mode) else label
+
+
+def sample_text(n_samples: int | None, total: int | None = None, noun: str = "samples") -> str:
+    """``20 of 1,300 images`` (a subset) or ``360 images`` (all of them)."""
+    if n_samples is None:
+        return ""
+    if total is not None and total > n_samples:
+        return f"{n_samples:,} of {total:,} {noun}"
+    return f"{n_samples:,} {noun}"
+
+
+def metric_figure(
+    rows: Sequence[dict[str, Any]],
+    metric: str,
+    *,
+    title: str = "",
+    samples: str | None = None,
+) -> Any:
+    """The figure of :func:`plot_metric` (a matplotlib ``Figure``; the caller closes it):
+    bar chart of ``metric`` per setting (x) and correction mode (bars), digital as a
+    dashed line.
+
+    The x labels are the table's row labels (:func:`plot_group`: the label without its
+    ``/<mode>`` suffix, so a setting labelled ``open_loop`` is ``open_loop`` here too);
+    every bar carries its value, a bar of height 0 gets a marker at 0 so it stays visible,
+    the legend sits outside the axes (it covers no bar), and the title ends with the
+    sample count (``samples``, e.g. ``sample_text(20, 1300, "images")``; default: the
+    ``n_samples`` of the rows).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def group_of(r: dict[str, Any]) -> str:
-        prefix = r["label"].split(":")[0]
-        return f"{prefix}: {r['material']}" if ":" in r["label"] else r["material"]
-
     digital = [r for r in rows if r["material"] == "digital" and ":" not in r["label"]]
     rram = [r for r in rows if r["material"] != "digital" and r.get(metric) is not None]
-    groups = list(dict.fromkeys(group_of(r) for r in rram))
+    groups = list(dict.fromkeys(plot_group(r) for r in rram))
     modes = list(dict.fromkeys(r["correction"] for r in rram))
     width = 0.8 / max(len(modes), 1)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(groups) + 2), 3.8))
+    values = [r[metric] for r in (*rram, *digital) if r.get(metric) is not None]
+    fractions = bool(values) and all(0 <= v <= 1 for v in values)
+    fmt = "{:.3f}" if fractions else "{:.3g}"
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(groups) + 3.5), 4.0))
     for k, mode in enumerate(modes):
         picked = [r for r in rram if r["correction"] == mode]
-        xs = [groups.index(group_of(r)) + (k - (len(modes) - 1) / 2) * width for r in picked]
-        ax.bar(xs, [r[metric] for r in picked], width=width, label=f"correction: {mode}")
+        xs = [groups.index(plot_group(r)) + (k - (len(modes) - 1) / 2) * width for r in picked]
+        heights = [r[metric] for r in picked]
+        bars = ax.bar(xs, heights, width=width, label=f"correction: {mode}")
+        ax.bar_label(
+            bars,
+            labels=[fmt.format(h) for h in heights],
+            fontsize=7,
+            padding=2,
+            rotation=90 if len(modes) >= 3 else 0,  # narrow bars: labels side by side
+        )
+        zero = [(x, h) for x, h in zip(xs, heights, strict=True) if h == 0]
+        if zero:  # a bar of height 0 has no area: mark where it is
+            ax.plot(
+                [x for x, _ in zero],
+                [0.0] * len(zero),
+                ls="none",
+                marker="o",
+                ms=6,
+                color=bars.patches[0].get_facecolor(),
+                markeredgecolor="k",
+                clip_on=False,
+                zorder=3,
+            )
     for r in digital:
-        ax.axhline(r[metric], color="k", ls="--", lw=1, label=f"digital ({r[metric]:.3f})")
+        if r.get(metric) is not None:
+            ax.axhline(
+                r[metric], color="k", ls="--", lw=1, label=f"digital ({fmt.format(r[metric])})"
+            )
     ax.set_xticks(range(len(groups)), groups, rotation=15)
     ax.set_ylabel(metric)
-    values = [r[metric] for r in (*rram, *digital)]
-    if values and all(0 <= v <= 1 for v in values):  # fractions: zoom in on the bars' range
-        ax.set_ylim(max(0.0, math.floor((min(values) - 0.05) * 10) / 10), 1.0)
-    if title:
-        ax.set_title(title)
-    ax.legend(loc="lower right", fontsize=8)
+    if fractions:  # fractions: zoom in on the bars' range, room above for the value labels
+        low = max(0.0, math.floor((min(values) - 0.05) * 10) / 10)
+        ax.set_ylim(low, 1.0 + 0.15 * (1.0 - low))
+        ax.set_yticks([t for t in ax.get_yticks() if low <= t <= 1.0 + 1e-9])
+    if samples is None:
+        counts = [r.get("n_samples") for r in (*digital, *rram) if r.get("n_samples")]
+        samples = sample_text(counts[0]) if counts else ""
+    head = title or metric
+    ax.set_title(f"{head} ({samples})" if samples else head, fontsize=10)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, borderaxespad=0.0)
     fig.tight_layout()
+    return fig
+
+
+def plot_metric(
+    rows: Sequence[dict[str, Any]],
+    metric: str,
+    path: str | Path,
+    *,
+    title: str = "",
+    samples: str | None = None,
+) -> Path:
+    """Save :func:`metric_figure` of ``rows`` as a PNG at ``path``; returns the path."""
+    fig = metric_figure(rows, metric, title=title, samples=samples)  # selects Agg
+    import matplotlib.pyplot as plt
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -220,7 +292,10 @@ __all__ = [
     "compare_settings",
     "crossbar_products",
     "format_table",
+    "metric_figure",
+    "plot_group",
     "plot_metric",
     "result_row",
+    "sample_text",
     "write_json",
 ]

@@ -52,6 +52,7 @@ _NULLABLE: dict[str, tuple[type, ...]] = {
     "dataset.limit_train": (int,),
     "deploy.description": (str,),
     "deploy.kubeconfig": (str,),
+    "deploy.out_dir": (str,),
     "distributed.k": (int,),
 }
 # keys that take more than their default's type

@@ -8,11 +8,11 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm.auto import tqdm
 
 from sedma_torch.data.coco import collate
 from sedma_torch.experiments.results import EvalResult
 from sedma_torch.metrics.coco import coco_map, detections_to_coco, xyxy_to_xywh
+from sedma_torch.progress import progress as _progress
 
 
 def _coco_of(dataset: Any) -> Any | None:
@@ -147,7 +147,7 @@ def evaluate_detection(
     t0 = time.perf_counter()
     try:
         with torch.no_grad():
-            for images, targets in tqdm(
+            for images, targets in _progress(
                 loader, desc="COCO eval", disable=not progress, leave=False
             ):
                 detections = model([img.to(device) for img in images])

@@ -63,6 +63,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -190,9 +191,18 @@ class DistributedContext:
         name = phase or f"phase {len(self.exchanges) + 1}"
         if self.exchanges:
             self._agree_members(name)
-        ddp = nn.parallel.DistributedDataParallel(
-            model, process_group=self.group, broadcast_buffers=False
-        )
+        with warnings.catch_warnings():
+            # torch 2.14 deprecates broadcast_buffers for forward_sync_buffers, whose False
+            # still broadcasts rank 0's buffers at init; the replicas' buffers (programmed
+            # conductances, RNG counters) must stay rank-local, so keep broadcast_buffers=False
+            # as torch's warning itself advises until init_sync_buffers exists, and drop
+            # exactly that warning (printed once per rank and phase otherwise)
+            warnings.filterwarnings(
+                "ignore", message=r"`broadcast_buffers` is deprecated", category=FutureWarning
+            )
+            ddp = nn.parallel.DistributedDataParallel(
+                model, process_group=self.group, broadcast_buffers=False
+            )
         self.exchanges.append(register_memory_aware_hook(ddp, self.config))
         self.phases.append({"phase": name, "members": list(self.members)})
         return ddp
@@ -370,8 +380,10 @@ class DistributedContext:
 
 
 def _worker(rank: int, world_size: int, cfg: dict, run_dir: str, rram_label: str) -> None:
+    from .joblog import tee_from_env
     from .training import run_train
 
+    tee_from_env()  # the table rank 0 prints goes to the job's log file too
     context = DistributedContext(cfg["distributed"])
     try:
         run_train(cfg, run_dir, rram_label=rram_label, distributed=context)

@@ -16,9 +16,10 @@ from .builders import (
     build_model,
     check_task,
     resolve_device,
+    resolve_eval_weights,
     seed_everything,
 )
-from .compare import compare_settings, format_table, plot_metric, write_json
+from .compare import compare_settings, format_table, plot_metric, sample_text, write_json
 from .logger import make_logger
 from .memory_setup import open_memory
 from .results import EvalResult
@@ -63,12 +64,51 @@ def task_evaluator(
     raise ValueError(f"dataset.task must be classification, detection or qa, got {task!r}")
 
 
-def run_eval(cfg: Mapping[str, Any], run_dir: str | Path, *, rram_label: str = "rram") -> dict:
+def collapse_hints(rows: list[dict[str, Any]], num_classes: int) -> list[str]:
+    """Hints for uncorrected RRAM rows whose top-1 collapsed while digital's is fine.
+
+    Digital is "fine" at top-1 >= max(0.2, 5/num_classes); a row has "collapsed" below
+    max(3/num_classes, a tenth of digital's top-1) (near chance, 1/num_classes).
+    """
+    digital = next((r for r in rows if r.get("material") == "digital"), None)
+    if digital is None or digital.get("top1") is None or num_classes < 2:
+        return []
+    chance = 1.0 / num_classes
+    top1 = float(digital["top1"])
+    if top1 < max(0.2, 5 * chance):
+        return []
+    hints = []
+    for row in rows:
+        value = row.get("top1")
+        if row.get("material") == "digital" or row.get("correction") != "none" or value is None:
+            continue
+        if value < max(3 * chance, 0.1 * top1):
+            material = row["material"]
+            hints.append(
+                f"hint: {row['label']} top-1 {value:.4f} is near chance (1/{num_classes} = "
+                f"{chance:.4f}) while digital gets {top1:.4f}: uncorrected read errors compound "
+                f"through the layers on {material}. Turn on first-order correction: "
+                f"eval.corrections=[none,first_order] (every setting both ways), "
+                f"'eval.rram_settings=[{material}/first_order]', or rram.correction=first_order"
+            )
+    return hints
+
+
+def run_eval(
+    cfg: Mapping[str, Any],
+    run_dir: str | Path,
+    *,
+    rram_label: str = "rram",
+    outputs_dir: str | Path = "outputs",
+) -> dict:
     """Evaluate ``cfg.model`` on ``cfg.dataset`` digitally and on each RRAM setting.
 
     ``cfg`` is the composed Hydra config as plain data; ``rram_label`` the ``rram`` group
-    choice (the label of the default setting). Prints the table, writes
-    ``<run_dir>/results.json`` and ``<run_dir>/results.png``; returns the JSON payload.
+    choice (the label of the default setting). ``model=small_cnn`` on digits without
+    ``model.weights`` uses the newest ``train.py`` run's ``model_digital.pt`` under
+    ``outputs_dir`` (:func:`~.builders.resolve_eval_weights`). Prints the table (and
+    :func:`collapse_hints`), writes ``<run_dir>/results.json`` and ``<run_dir>/results.png``;
+    returns the JSON payload.
     """
     run_dir = Path(run_dir)
     task = check_task(cfg["dataset"], cfg["model"])
@@ -84,8 +124,9 @@ def run_eval(cfg: Mapping[str, Any], run_dir: str | Path, *, rram_label: str = "
     apply_threads(cfg.get("threads"))
     device = resolve_device(cfg.get("device", "auto"))
     seed_everything(int(cfg.get("seed", 0)))
-    data = build_eval_dataset(cfg["dataset"], cfg["model"])
-    model = build_model(cfg["model"])
+    model_cfg = resolve_eval_weights(cfg["model"], cfg["dataset"], outputs_dir)
+    data = build_eval_dataset(cfg["dataset"], model_cfg)
+    model = build_model(model_cfg)
     module, evaluate = task_evaluator(task, model, data, cfg, device)
     logger = make_logger(cfg["logger"], run_dir, dict(cfg))
     memory = open_memory(cfg.get("memory"))
@@ -106,6 +147,7 @@ def run_eval(cfg: Mapping[str, Any], run_dir: str | Path, *, rram_label: str = "
         "task": task,
         "dataset": cfg["dataset"].get("name"),
         "model": cfg["model"].get("name"),
+        "model_weights": model_cfg.get("weights"),
         "dataset_size": len(data),
         "n_samples": digital.n_samples,
         "limit": limit,
@@ -124,10 +166,21 @@ def run_eval(cfg: Mapping[str, Any], run_dir: str | Path, *, rram_label: str = "
         f"device={device}"
     )
     print(format_table(rows, metric_keys))
+    if task == "classification":
+        for hint in collapse_hints(rows, int(model_cfg.get("num_classes", 1000))):
+            print(hint)
+    print(memory.describe())
+    payload["memory"] = memory.info()
     json_path = write_json(run_dir / "results.json", payload)
     primary = PRIMARY_METRIC[task] if PRIMARY_METRIC[task] in metric_keys else metric_keys[0]
     plot_path = plot_metric(
-        rows, primary, run_dir / "results.png", title=f"{payload['model']} on {payload['dataset']}"
+        rows,
+        primary,
+        run_dir / "results.png",
+        title=f"{payload['model']} on {payload['dataset']}",
+        samples=sample_text(
+            digital.n_samples, len(data), "questions" if task == "qa" else "images"
+        ),
     )
     print(f"results: {json_path}\nplot: {plot_path}")
     for r in rows:
@@ -136,4 +189,4 @@ def run_eval(cfg: Mapping[str, Any], run_dir: str | Path, *, rram_label: str = "
     return payload
 
 
-__all__ = ["PRIMARY_METRIC", "run_eval", "task_evaluator"]
+__all__ = ["PRIMARY_METRIC", "collapse_hints", "run_eval", "task_evaluator"]

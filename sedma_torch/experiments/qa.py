@@ -20,11 +20,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from sedma_torch.data.squad import SquadExample, references
 from sedma_torch.experiments.results import EvalResult
 from sedma_torch.metrics.squad import squad_scores
+from sedma_torch.progress import progress as _progress
+from sedma_torch.progress import progress_bar
 
 
 @dataclass
@@ -204,7 +205,9 @@ def predict_qa(
     ends: list[torch.Tensor] = []
     n = len(feats.encodings)
     with torch.no_grad():
-        for lo in tqdm(range(0, n, batch_size), desc="QA eval", disable=not progress, leave=False):
+        for lo in _progress(
+            range(0, n, batch_size), desc="QA eval", disable=not progress, leave=False
+        ):
             encodings = feats.encodings[lo : lo + batch_size]
             batch = _collate(tokenizer, encodings, device)
             start, end = _logits(model, batch)
@@ -335,7 +338,7 @@ def train_qa(
     loss_fn = nn.CrossEntropyLoss()
     epoch_losses: list[float] = []
     t0 = time.perf_counter()
-    bar = tqdm(total=total, desc="QA fine-tune", disable=not progress)
+    bar = progress_bar(total=total, desc="QA fine-tune", disable=not progress)
     for _ in range(epochs):
         order = list(range(n))
         rng.shuffle(order)

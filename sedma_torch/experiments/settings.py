@@ -84,16 +84,26 @@ def rram_config_from_mapping(values: Mapping[str, Any], *, where: str = "rram") 
 
 
 def resolve_setting(entry: Any, *, where: str) -> RRAMSetting:
-    """One ``eval.rram_settings`` entry: a preset/material name (``"epiram"``) or a mapping of
-    RRAMConfig fields, optionally with ``preset`` (start from it) and ``label``."""
+    """One ``eval.rram_settings`` entry: a preset/material name (``"epiram"``), optionally
+    with a correction mode (``"taox_hfox/first_order"``, the table label of that row), or a
+    mapping of RRAMConfig fields, optionally with ``preset`` (start from it) and ``label``."""
     entry = _plain(entry)
     if isinstance(entry, str):
-        if entry not in PRESETS:
+        name, _, mode = entry.partition("/")
+        if name not in PRESETS:
             raise ValueError(
-                f"{where}: unknown RRAM preset {entry!r}; known presets (materials included): "
-                f"{', '.join(sorted(PRESETS))}; or give a mapping of RRAMConfig fields"
+                f"{where}: unknown RRAM preset {name!r}; known presets (materials included): "
+                f"{', '.join(sorted(PRESETS))}, each optionally /<correction> "
+                f"({', '.join(CORRECTION_MODES)}); or give a mapping of RRAMConfig fields"
             )
-        return RRAMSetting(entry, PRESETS[entry])
+        if not mode:
+            return RRAMSetting(entry, PRESETS[entry])
+        if mode not in CORRECTION_MODES:
+            raise ValueError(
+                f"{where}: unknown correction mode {mode!r} in {entry!r}; allowed after the "
+                f"'/': {', '.join(CORRECTION_MODES)}"
+            )
+        return RRAMSetting(entry, PRESETS[name].replace(**CORRECTION_MODES[mode]))
     if isinstance(entry, Mapping):
         values = dict(entry)
         label = values.pop("label", None)

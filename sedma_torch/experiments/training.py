@@ -27,13 +27,13 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
+from ..progress import progress as _progress
 from ..rram import to_digital
 from .builders import apply_threads, build_model, check_task, resolve_device, seed_everything
 from .checkpoint import load_checkpoint, save_checkpoint
 from .classification import evaluate_classification
-from .compare import compare_settings, format_table, plot_metric, write_json
+from .compare import compare_settings, format_table, plot_metric, sample_text, write_json
 from .logger import NullLogger, RunLogger, make_logger
 from .memory_setup import ExperimentMemory, open_memory
 from .settings import CORRECTION_MODES, material_sweep, rram_config_from_mapping, with_corrections
@@ -83,7 +83,7 @@ def train_epoch(
     total_loss, samples, start = 0.0, 0, time.perf_counter()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext()
     for step, (inputs, target) in enumerate(
-        tqdm(loader, desc=desc, disable=not progress, leave=False)
+        _progress(loader, desc=desc, disable=not progress, leave=False)
     ):
         step_start = time.perf_counter()
         inputs, target = inputs.to(device), target.to(device)
@@ -132,13 +132,24 @@ class _DeployHook:
     """``sedma_torch.deploy.DeploymentHook`` when ``deploy.enabled``, else nothing."""
 
     def __init__(
-        self, deploy_cfg: Mapping[str, Any] | None, model: nn.Module, memory: Any = None
+        self,
+        deploy_cfg: Mapping[str, Any] | None,
+        model: nn.Module,
+        memory: Any = None,
+        run_dir: Path | None = None,
     ) -> None:
         self.hook = None
         if deploy_cfg and deploy_cfg.get("enabled"):
             from ..deploy import DeploymentHook
 
+            deploy_cfg = dict(deploy_cfg)
+            if not deploy_cfg.get("out_dir") and run_dir is not None:
+                deploy_cfg["out_dir"] = str(Path(run_dir) / "deploy")  # this run's own folder
             self.hook = DeploymentHook.from_config(deploy_cfg, model, memory=memory)
+
+    def summary(self) -> str | None:
+        """The lines the run prints about deployment (None when disabled)."""
+        return None if self.hook is None else self.hook.summary()
 
     def watch(self, model: nn.Module) -> None:
         """Learn the workflow from ``model`` when no forward pass was recorded yet (a run
@@ -221,7 +232,7 @@ def _phase_loop(
             {f"{phase}/loss": loss, f"{phase}/samples_per_s": samples / seconds}, step=state["step"]
         )
 
-    for epoch in tqdm(range(start, epochs), desc=f"{phase} epochs", disable=not progress):
+    for epoch in _progress(range(start, epochs), desc=f"{phase} epochs", disable=not progress):
         stats = train_epoch(
             trainer,
             train_set,
@@ -322,7 +333,7 @@ def run_train(
         torch.set_rng_state(state["torch_rng"])
     logger = make_logger(cfg["logger"], run_dir, dict(cfg)) if main else NullLogger()
     memory = open_memory(cfg.get("memory") if main else None)
-    hook = _DeployHook(cfg.get("deploy") if main else None, digital, memory.long_term)
+    hook = _DeployHook(cfg.get("deploy") if main else None, digital, memory.long_term, run_dir)
     common = {
         "state": state,
         "train_set": train_set,
@@ -391,6 +402,7 @@ def run_train(
         seconds_total=time.perf_counter() - wall,
         history=state["history"],
         deploy_events=hook.events(),
+        deploy_dir=str(hook.hook.out_dir) if hook.hook is not None else None,
         command=" ".join(sys.argv),
     )
     if distributed is not None:
@@ -401,7 +413,10 @@ def run_train(
         "top1",
         run_dir / "results.png",
         title=f"{cfg['model'].get('name')} on {cfg['dataset'].get('name')}: test accuracy",
+        samples=sample_text(payload.get("n_samples"), noun="test images"),
     )
+    if hook.summary():
+        print(hook.summary())
     print(f"results: {run_dir / 'results.json'}\nplot: {run_dir / 'results.png'}")
     for r in payload["rows"]:
         logger.summary({f"{r['label']}/top1": r["top1"]})
@@ -468,7 +483,10 @@ def compare_trained(
         f"{rram_label} ({rram_cfg.device.name}); 'hwa:' rows: the hardware-aware model"
     )
     print(format_table(rows, list(reference.metrics)))
+    if memory is not None:
+        print(memory.describe())
     return {
+        "memory": memory.info() if memory is not None else None,
         "task": "classification",
         "dataset": cfg["dataset"].get("name"),
         "model": cfg["model"].get("name"),

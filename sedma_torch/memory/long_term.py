@@ -1106,6 +1106,11 @@ class LongTermMemory:
             for r in rows
         ]
 
+    def record_count(self) -> int:
+        """Keyed records held (every kind: lambda, partition, deploy decisions, ...)."""
+        stmt = sa.select(sa.func.count()).select_from(_patterns)
+        return int(self._run("record_count", lambda c: c.execute(stmt).scalar_one(), write=False))
+
     # ------------------------------------------------------------------ deployments
 
     def record_deployment(
@@ -1389,6 +1394,10 @@ def _unwritable(target: Path) -> str | None:
     holds for root without ``CAP_DAC_OVERRIDE`` and for read-only mounts."""
     mode = os.W_OK | os.X_OK if target.is_dir() else os.W_OK
     if os.access(target, mode):
+        return None
+    if not os.path.lexists(target):
+        # a -wal/-shm companion that another process's connection removed between our
+        # exists() and access(): SQLite recreates it in the folder, which is checked first
         return None
     try:
         if os.statvfs(target).f_flag & os.ST_RDONLY:

@@ -69,23 +69,39 @@ def squad_scores(
 
     Each question scores the maximum over its references. A question without a prediction
     scores 0 (as in the official script); predictions for unknown ids are ignored.
+
+    When some question is unanswerable (SQuAD v2.0 data), the result also has the official
+    v2.0 script's breakdown: ``HasAns_exact`` / ``HasAns_f1`` (mean over the questions with
+    at least one reference answer) and ``NoAns_exact`` / ``NoAns_f1`` (over those with
+    none), as fractions; ``HasAns_*`` only when some question is answerable.
     """
     if not references:
         raise ValueError("squad_scores: references is empty; nothing to score")
-    em_total = f1_total = 0.0
+    em: dict[str, float] = {}
+    f1s: dict[str, float] = {}
     for qid, answers in references.items():
         if isinstance(answers, str):
             raise TypeError(
                 f"squad_scores: references[{qid!r}] must be a list of answer texts, got a str"
             )
+        em[qid] = f1s[qid] = 0.0
         if qid not in predictions:
             continue
         prediction = predictions[qid]
         refs = reference_answers(answers)
-        em_total += max(exact_match(prediction, r) for r in refs)
-        f1_total += max(f1(prediction, r) for r in refs)
+        em[qid] = max(exact_match(prediction, r) for r in refs)
+        f1s[qid] = max(f1(prediction, r) for r in refs)
     n = len(references)
-    return {"exact_match": em_total / n, "f1": f1_total / n}
+    scores = {"exact_match": sum(em.values()) / n, "f1": sum(f1s.values()) / n}
+    # the official v2.0 script: has_ans = bool(qa["answers"]), the raw reference list
+    no_ans = [qid for qid, answers in references.items() if len(answers) == 0]
+    if no_ans:
+        has_ans = [qid for qid, answers in references.items() if len(answers) > 0]
+        for prefix, qids in (("HasAns", has_ans), ("NoAns", no_ans)):
+            if qids:
+                scores[f"{prefix}_exact"] = sum(em[q] for q in qids) / len(qids)
+                scores[f"{prefix}_f1"] = sum(f1s[q] for q in qids) / len(qids)
+    return scores
 
 
 __all__ = ["exact_match", "f1", "normalize_answer", "reference_answers", "squad_scores"]

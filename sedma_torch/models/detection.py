@@ -13,16 +13,29 @@ TORCHVISION_WEIGHTS_URL = (
 )
 
 
+_WHERE_TO_GET = (
+    "No pretrained COCO detector with a permissive licence installs offline, so the weights "
+    "must come from you: on a machine with internet, download torchvision's Faster R-CNN "
+    "MobileNetV3-Large FPN COCO weights "
+    "(torchvision.models.detection.FasterRCNN_MobileNet_V3_Large_FPN_Weights.COCO_V1, "
+    f"file {TORCHVISION_WEIGHTS_URL}), or train your own with torchvision's detection "
+    "reference scripts, copy the .pth file here and pass its path as "
+    "model.weights=/path/to/fasterrcnn_mobilenet_v3_large_fpn-fb6a3cc7.pth. Nothing is "
+    "downloaded at run time."
+)
+
+
 def _missing_weights_message(path: Path) -> str:
+    return f"Detector weights not found at {str(path)!r}. {_WHERE_TO_GET}"
+
+
+def missing_coco_weights_message() -> str:
+    """What ``eval.py`` says for ``model=fasterrcnn_mobilenet_v3`` without ``model.weights``
+    (a randomly initialised detector would score mAP 0)."""
     return (
-        f"Detector weights not found at {str(path)!r}. No pretrained COCO detector with a "
-        "permissive licence installs offline, so the weights must come from you: on a machine "
-        "with internet, download torchvision's Faster R-CNN MobileNetV3-Large FPN COCO weights "
-        "(torchvision.models.detection.FasterRCNN_MobileNet_V3_Large_FPN_Weights.COCO_V1, "
-        f"file {TORCHVISION_WEIGHTS_URL}), or train your own with torchvision's detection "
-        "reference scripts, copy the .pth file here and pass its path as model.weights. "
-        "Nothing is downloaded at run time; model.weights=null gives a randomly initialised "
-        "detector."
+        "model=fasterrcnn_mobilenet_v3 needs COCO detector weights and model.weights is not "
+        "set (a randomly initialised detector scores mAP 0, so eval.py does not evaluate "
+        f"one). {_WHERE_TO_GET}"
     )
 
 
@@ -81,4 +94,9 @@ def fasterrcnn_mobilenet_v3(
     return model.eval()
 
 
-__all__ = ["TORCHVISION_WEIGHTS_URL", "fasterrcnn_mobilenet_v3", "load_state_dict_file"]
+__all__ = [
+    "TORCHVISION_WEIGHTS_URL",
+    "fasterrcnn_mobilenet_v3",
+    "load_state_dict_file",
+    "missing_coco_weights_message",
+]

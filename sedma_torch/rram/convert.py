@@ -24,11 +24,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from ..progress import progress as _progress
 from .config import RRAMConfig
 from .conv import RRAMConv1d, RRAMConv2d
 from .crossbar import derive_seed
+from .lambda_control import CalibrationProgress
 from .linear import RRAMLinear
 from .partition import tile_sizes_of
 from .state import _CrossbarMixin
@@ -394,8 +395,23 @@ def convert_(
             ", ".join(f"{fqn} ({kind})" for fqn, kind, _ in unsupported[:5])
             + (" ..." if len(unsupported) > 5 else ""),
         )
+    # one progress bar for the layers' first lambda calibrations (the first forward pass)
+    crossbars = list(
+        {
+            id(layer): layer
+            for module in converted
+            for layer in (
+                module.crossbar_layers().values()
+                if isinstance(module, RRAMMultiheadAttention)
+                else [module]
+            )
+        }.values()
+    )  # a module shared by several places counts once
+    calibration_progress = CalibrationProgress(crossbars)
+    for layer in crossbars:
+        layer.__dict__["_calibration_progress"] = calibration_progress
     if program and converted:
-        for layer in tqdm(
+        for layer in _progress(
             converted, desc="programming crossbars", disable=not progress, leave=False
         ):
             layer.program_()  # type: ignore[operator]

@@ -165,34 +165,70 @@ def default_lambda_grid(num: int = 41) -> torch.Tensor:
     )
 
 
+class LambdaErrorStats:
+    """Per-bin statistics of calibration outputs ``p`` against their exact products, from
+    which the mean squared error of ``denoise(p, lam)`` follows for any lam in O(n).
+
+    With S and R the mirror spectra of ``p`` and the reference and r_k(lam) the filter
+    response of bin k, ``|r S - R|^2 = r^2 |E|^2 + 2 r (r - 1) Re(E conj R) + (r - 1)^2 |R|^2``
+    with E = S - R. So the batch means of |E|^2, Re(E conj R) and |R|^2 per bin give the
+    error of every candidate exactly (no approximation), in one O(batch * n log n) pass
+    instead of a (grid, batch, n) tensor per call: the grid of 42 candidates on the
+    12,544 output pixels of a ResNet-18 stem took 0.2 s per layer the old way. The form in
+    E keeps lam = 0 exact (r = 1 leaves the mean of |E|^2) and small errors free of
+    cancellation.
+    """
+
+    def __init__(self, p: torch.Tensor, reference: torch.Tensor) -> None:
+        if p.shape != reference.shape:
+            raise ValueError(
+                f"estimate_lambda: p shape {tuple(p.shape)} != reference shape "
+                f"{tuple(reference.shape)}"
+            )
+        n = self.n = p.shape[-1]
+        if n < 2:
+            self.plain = float(((p.double() - reference.double()) ** 2).mean())
+            return
+        sp = _mirror_spectrum(p.detach().to(torch.float64).reshape(-1, n))
+        sr = _mirror_spectrum(reference.detach().to(torch.float64).reshape(-1, n))
+        se = sp - sr
+        self.device = sp.device
+        self.e2 = (se.real**2 + se.imag**2).mean(0)
+        self.er = (se.real * sr.real + se.imag * sr.imag).mean(0)
+        self.r2 = (sr.real**2 + sr.imag**2).mean(0)
+
+    def mse(
+        self, grid: Sequence[float] | torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(grid, mse)`` as :func:`lambda_errors` returns them."""
+        grid_t = (
+            default_lambda_grid() if grid is None else torch.as_tensor(grid, dtype=torch.float64)
+        )
+        n = self.n
+        if n < 2:
+            return grid_t, torch.full((len(grid_t),), self.plain, dtype=torch.float64)
+        r = _filter_response(grid_t.to(self.device), n, torch.float64, self.device)  # (G, n+1)
+        # Parseval on the mirror extension: ||y||^2 over n samples =
+        # (|Y_0|^2 + 2 sum_{k=1}^{n-1} |Y_k|^2) / (4 n)
+        weights = torch.full((n + 1,), 2.0, dtype=torch.float64, device=self.device)
+        weights[0] = 1.0
+        weights[n] = 0.0
+        per_bin = r**2 * self.e2 + 2 * r * (r - 1) * self.er + (r - 1) ** 2 * self.r2
+        mse = (per_bin * weights).sum(-1) / (4 * n * n)
+        return grid_t.cpu(), mse.clamp_min(0).cpu()
+
+
 def lambda_errors(
     p: torch.Tensor, reference: torch.Tensor, grid: Sequence[float] | torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean squared error of ``denoise(p, lam)`` against ``reference`` for every lam on ``grid``.
 
     ``p`` and ``reference`` are (..., n) calibration outputs and their exact products.
-    Works in the DCT domain: each candidate costs O(batch * n). Returns ``(grid, mse)``,
+    Works in the DCT domain on per-bin batch statistics (:class:`LambdaErrorStats`): the
+    spectra cost O(batch * n log n) once, each candidate O(n). Returns ``(grid, mse)``,
     both float64 of the grid's length.
     """
-    if p.shape != reference.shape:
-        raise ValueError(
-            f"estimate_lambda: p shape {tuple(p.shape)} != reference shape {tuple(reference.shape)}"
-        )
-    grid_t = default_lambda_grid() if grid is None else torch.as_tensor(grid, dtype=torch.float64)
-    n = p.shape[-1]
-    if n < 2:
-        err = float(((p.double() - reference.double()) ** 2).mean())
-        return grid_t, torch.full((len(grid_t),), err, dtype=torch.float64)
-    sp = _mirror_spectrum(p.detach().to(torch.float64).reshape(-1, n))
-    sr = _mirror_spectrum(reference.detach().to(torch.float64).reshape(-1, n))
-    responses = _filter_response(grid_t.to(sp.device), n, torch.float64, sp.device)  # (G, n+1)
-    # Parseval on the mirror extension: ||y||^2 over n samples = (|Y_0|^2 + 2 sum_{k=1}^{n-1} |Y_k|^2) / (4 n)
-    weights = torch.full((n + 1,), 2.0, dtype=torch.float64, device=sp.device)
-    weights[0] = 1.0
-    weights[n] = 0.0
-    diff = sp.unsqueeze(0) * responses.unsqueeze(1) - sr.unsqueeze(0)  # (G, B, n+1)
-    mse = ((diff.abs() ** 2) * weights).sum(-1).mean(-1) / (4 * n * n)
-    return grid_t.cpu(), mse.cpu()
+    return LambdaErrorStats(p, reference).mse(grid)
 
 
 def estimate_lambda(
@@ -242,6 +278,7 @@ def gcv_lambda(
 
 
 __all__ = [
+    "LambdaErrorStats",
     "default_lambda_grid",
     "denoise",
     "difference_matrix",

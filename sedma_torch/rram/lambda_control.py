@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .correction import default_lambda_grid, lambda_errors
+from .correction import LambdaErrorStats, default_lambda_grid
 from .fingerprint import fingerprint
 
 if TYPE_CHECKING:
@@ -40,6 +40,78 @@ LAMBDA_DRIFT_TOLERANCE = 0.2
 LAMBDA_LOG_FLOOR = float(default_lambda_grid()[1])
 """Smallest positive point of ``default_lambda_grid()`` (1e-4): in the log-scale mix of
 lam_memory and lam_recent a lambda below it (the grid's 0) counts as this value."""
+
+
+CALIBRATION_MAX_VECTORS = 4096
+"""A calibration scores the lambda grid on at most this many output vectors (rows of a
+linear layer, pixels of a convolution: its last dimension is the one denoised). A conv
+layer's ``calibration_rows`` images hold H*W vectors each (12,544 per image in a
+ResNet-18 stem at 224x224), far more than the error estimate needs; above the cap a
+uniform sample without replacement is taken, drawn from a generator seeded by the layer
+seed and the calibration step (no global RNG state is touched, so reruns repeat it).
+4096 vectors of n >= 2 outputs give a relative error whose sampling error is ~1/sqrt(4096)
+= 1.6% per grid point, smaller than the curve's differences that decide lambda; the exact
+products are still computed for all the rows, so the denoised outputs and
+``reference_products`` do not change."""
+CALIBRATION_PROGRESS_DELAY_S = 1.0
+"""The first calibrations of a converted model's layers (during its first forward pass)
+show one tqdm bar, ``calibrating lambda``, once they have taken this long (on a terminal
+only: tqdm's ``disable=None``)."""
+
+
+class CalibrationProgress:
+    """The progress bar of the first calibrations of the layers that one ``convert_``
+    converted (``convert_`` sets it as each layer's ``_calibration_progress``).
+
+    The bar opens at the first layer's first calibration with one step per layer still
+    uncalibrated, appears after :data:`CALIBRATION_PROGRESS_DELAY_S`, and closes when the
+    last of them has calibrated. Copies (deepcopy, pickling) carry none.
+    """
+
+    def __init__(self, layers: Any = ()) -> None:
+        import weakref
+
+        self._layers = [weakref.ref(layer) for layer in layers]
+        self._bar: Any = None
+
+    def __getstate__(self) -> dict:
+        return {"_layers": [], "_bar": None}
+
+    def _pending(self) -> int:
+        return sum(
+            1
+            for ref in self._layers
+            if (layer := ref()) is not None
+            and layer.rram_config.denoise == "adaptive"
+            and layer._lambda_recent is None
+        )
+
+    def start(self) -> None:
+        """Before a layer's first calibration: open the bar when none is open."""
+        if self._bar is None:
+            total = self._pending()
+            if total <= 1:
+                return
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(
+                total=total,
+                desc="calibrating lambda",
+                unit="layer",
+                leave=False,
+                delay=CALIBRATION_PROGRESS_DELAY_S,
+                disable=None,
+            )
+
+    def done(self) -> None:
+        """After a layer's first calibration."""
+        bar = self._bar
+        if bar is None:
+            return
+        bar.update(1)
+        if bar.n >= bar.total:
+            bar.close()
+            self._bar = None
 
 
 def mix_lambda(lam_memory: float, lam_recent: float, alpha: float) -> float:
@@ -130,7 +202,8 @@ class _LambdaController:
 
         ``adaptive`` (SPEC.md Eq. 5-6): every ``calibration_interval`` calls (ten times less
         often once converged) the first ``calibration_rows`` outputs are compared with the
-        exact product ``reference(rows)``: the relative error of ``denoise(p, lam)`` for
+        exact product ``reference(rows)`` (on at most :data:`CALIBRATION_MAX_VECTORS` of
+        their output vectors, a seeded sample): the relative error of ``denoise(p, lam)`` for
         every lam on ``default_lambda_grid()`` enters the short-term windows, and
         lam_recent is the grid point with the lowest windowed mean error. Then
         lam_t = exp(alpha log lam_memory + (1 - alpha) log lam_recent) (the mix on the log
@@ -163,12 +236,37 @@ class _LambdaController:
         return mix_lambda(self.lambda_memory, self._lambda_recent, self.rram_config.denoise_alpha)
 
     def _calibrate(self, p: torch.Tensor, reference) -> None:
+        """One calibration: the lambda grid scored on this call's outputs (see
+        :meth:`_lambda`), on at most :data:`CALIBRATION_MAX_VECTORS` output vectors, from
+        per-bin spectral statistics computed once (:class:`~.correction.LambdaErrorStats`:
+        every candidate, and the error at lam_t, cost O(n) after one FFT pass)."""
+        first = self._lambda_recent is None
+        progress = getattr(self, "_calibration_progress", None) if first else None
+        if progress is not None:
+            progress.start()
+        try:
+            self._calibrate_lambda(p, reference)
+        finally:
+            if progress is not None:
+                progress.done()
+
+    def _calibrate_lambda(self, p: torch.Tensor, reference) -> None:
         cfg = self.rram_config
         rows = min(cfg.calibration_rows, p.shape[0])
         ref = reference(rows)
         # the digital products calibration costs: one per output vector (row, or pixel)
         self.rram_stats.reference_products += ref.numel() // max(ref.shape[-1], 1)
-        grid, mse = lambda_errors(p[:rows], ref)
+        n = max(p.shape[-1], 1)
+        got, ref = p[:rows].reshape(-1, n), ref.reshape(-1, n)
+        if got.shape[0] > CALIBRATION_MAX_VECTORS:
+            gen = torch.Generator().manual_seed(
+                (self.rram_seed * 1_000_003 + self.calibration_steps) % (2**63)
+            )
+            pick = torch.randperm(got.shape[0], generator=gen)[:CALIBRATION_MAX_VECTORS]
+            pick = pick.to(got.device)
+            got, ref = got[pick], ref[pick]
+        errors = LambdaErrorStats(got, ref)
+        grid, mse = errors.mse()
         power = float((ref.detach().double() ** 2).mean())
         rel = mse / max(power, 1e-300)
         ltm = self.long_term_memory
@@ -195,7 +293,7 @@ class _LambdaController:
         self.calibration_steps += 1
         self._calls_since_calibration = 0
         lam_t = self._lambda_t()
-        err_t = float(lambda_errors(p[:rows], ref, [lam_t])[1][0]) / max(power, 1e-300)
+        err_t = float(errors.mse([lam_t])[1][0]) / max(power, 1e-300)
         self.last_calibration_error = err_t
         best_err = float(rel.min())
         if self.lambda_converged:

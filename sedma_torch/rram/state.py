@@ -481,6 +481,7 @@ class _CrossbarMixin(_LambdaController):
         for name in _MEMORY_ATTRS:  # databases and shared windows are not copied
             state[name] = None
         state.pop("_packed_cache", None)  # a cache of w_read; rebuilt on first use
+        state.pop("_calibration_progress", None)  # the progress bar of one convert_
         return state
 
     def __setstate__(self, state) -> None:

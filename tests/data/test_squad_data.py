@@ -127,3 +127,52 @@ def test_real_subset_has_501_questions_in_12_articles(shared_data):
     for e in examples:
         for text, start in zip(e.answers, e.answer_starts, strict=True):
             assert e.context[start : start + len(text)] == text
+
+
+# transformers' tests/fixtures/tests_samples/SQUAD/sample.json layout: flat records under
+# "data", answers as Hugging Face datasets' {"answer_start": [...], "text": [...]}
+FLAT = [
+    {
+        "id": "f1",
+        "question": "Who won?",
+        "context": CONTEXT_A,
+        "answers": {"answer_start": [0, 0], "text": ["Denver", "Denver"]},
+    },
+    {
+        "id": "f2",
+        "question": "Who painted the river?",
+        "context": CONTEXT_B,
+        "answers": {"answer_start": [], "text": []},
+    },
+    {
+        "id": "f3",
+        "question": "Where was the stadium?",
+        "context": CONTEXT_A,
+        "answers": [{"text": "Santa Clara", "answer_start": 40}],
+    },
+]
+
+
+@pytest.mark.parametrize("layout", ["data", "top_level_list"])
+def test_flat_question_list_reads_like_the_nested_layout(tmp_path, layout):
+    raw = {"version": 2.0, "data": FLAT} if layout == "data" else FLAT
+    examples = load_squad(write(tmp_path, raw))
+    assert [e.id for e in examples] == ["f1", "f2", "f3"]
+    f1, f2, f3 = examples
+    assert f1.answers == ["Denver", "Denver"] and f1.answer_starts == [0, 0]
+    assert f1.context == CONTEXT_A and f1.question == "Who won?" and not f1.is_impossible
+    assert f2.is_impossible and f2.answers == [] and f2.answer_starts == []
+    assert f3.answers == ["Santa Clara"] and f3.answer_starts == [40]
+    assert [e.id for e in load_squad(write(tmp_path, raw), limit=2)] == ["f1", "f2"]
+
+
+def test_files_without_questions_name_the_formats_read(tmp_path):
+    for name, raw in [
+        ("empty.json", {"version": "1.1", "data": []}),
+        ("noqas.json", {"data": [{"title": "t", "paragraphs": []}]}),
+    ]:
+        with pytest.raises(ValueError, match=r"holds no questions.*flat list of questions"):
+            load_squad(write(tmp_path, raw, name))
+    bad = [{"id": "x", "question": "q"}]  # no context
+    with pytest.raises(ValueError, match=r"malformed question 0 of the flat list.*context"):
+        load_squad(write(tmp_path, bad, "nocontext.json"))

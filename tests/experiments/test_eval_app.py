@@ -140,7 +140,7 @@ def test_missing_torchvision_weights_error_names_the_cache_file(
 def test_small_cnn_without_weights_says_where_to_get_them(tmp_path):
     cfg = compose_cfg(["logger=none"])
     with pytest.raises(FileNotFoundError, match=r"model_digital\.pt"):
-        run_eval(cfg, tmp_path)
+        run_eval(cfg, tmp_path, outputs_dir=tmp_path / "outputs")  # no train.py run there
 
 
 @pytest.mark.parametrize(

@@ -64,3 +64,39 @@ def test_disabled_memory_converts_with_the_configured_tiles():
 def test_bad_memory_config_is_named(bad, match):
     with pytest.raises(ValueError, match=match):
         open_memory(bad)
+
+
+def test_default_store_is_in_the_user_data_folder_and_env_overrides_it(tmp_path, monkeypatch):
+    from sedma_torch.experiments.memory_setup import default_memory_path
+
+    monkeypatch.delenv("SEDMA_MEMORY_URL", raising=False)
+    monkeypatch.delenv("SEDMA_MEMORY_PATH", raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    expected = tmp_path / "xdg" / "sedma_torch" / "sedma_memory.db"
+    assert default_memory_path() == expected
+    mem = open_memory({"enabled": True})
+    try:
+        assert mem.store == str(expected) and expected.is_file()
+        assert mem.records_at_start == 0
+        assert f"memory: SQLite file {expected}, 0 record(s) at start" in mem.describe()
+        mem.long_term.put("note", "k", {"v": 1})
+    finally:
+        mem.close()
+    assert not list(tmp_path.glob("*.db"))  # nothing in the working directory
+    again = open_memory({"enabled": True})
+    assert again.records_at_start == 1 and "1 record(s) at start" in again.describe()
+    again.close()
+    monkeypatch.delenv("XDG_DATA_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_memory_path() == tmp_path / "home" / ".local/share/sedma_torch/sedma_memory.db"
+    monkeypatch.setenv("SEDMA_MEMORY_PATH", str(tmp_path / "p.db"))
+    from_path = open_memory({"enabled": True})
+    assert from_path.store == str(tmp_path / "p.db")
+    from_path.close()
+    monkeypatch.setenv("SEDMA_MEMORY_URL", f"sqlite:///{tmp_path / 'u.db'}")
+    from_url = open_memory({"enabled": True})
+    assert from_url.store == str(tmp_path / "u.db")
+    from_url.close()
+    none = open_memory({"enabled": False})
+    assert none.store is None and none.describe().startswith("memory: none (memory=none)")

@@ -155,11 +155,20 @@ def test_unanswerable_questions_predict_empty_only_with_null_answers(tiny):
     preds, _ = predict_qa(oracle, tok, examples, max_length=64, stride=16, progress=False)
     assert preds["q0"] == preds["q1"] == "" and preds["q2"] == examples[2].answers[0]
     res = evaluate_qa(oracle, tok, examples, max_length=64, stride=16, progress=False)
-    assert res.metrics == {"exact_match": 1.0, "f1": 1.0}
+    assert res.metrics == {
+        "exact_match": 1.0,
+        "f1": 1.0,
+        "HasAns_exact": 1.0,
+        "HasAns_f1": 1.0,
+        "NoAns_exact": 1.0,
+        "NoAns_f1": 1.0,
+    }
     forced = evaluate_qa(
         oracle, tok, examples, max_length=64, stride=16, progress=False, null_answers=False
     )
     assert forced.metrics["exact_match"] == pytest.approx(0.5)  # spans forced on q0, q1
+    # the answerable questions keep their answers, the unanswerable ones all fail
+    assert forced.metrics["HasAns_exact"] == 1.0 and forced.metrics["NoAns_exact"] == 0.0
 
 
 def test_max_answer_length_excludes_longer_spans(tiny):

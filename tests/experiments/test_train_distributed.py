@@ -91,6 +91,12 @@ def test_two_rank_run_trains_identical_replicas_and_writes_results(tmp_path):
     _check_run(tmp_path)
     assert "distributed: started 2 rank(s): rank 0 pid" in proc.stdout
     assert "unresponsive" not in proc.stdout and "lost rank" not in proc.stderr
+    # no library noise (issue 15 item 12): DDP's broadcast_buffers FutureWarning, the
+    # resource tracker's leaked-semaphore warning of the spawned ranks
+    assert "broadcast_buffers" not in proc.stderr, proc.stderr[-2000:]
+    assert "leaked semaphore" not in proc.stderr, proc.stderr[-2000:]
+    # rank 0 prints the table in a spawned process: it reaches the job's log too
+    assert "hwa:taox_hfox/none" in (tmp_path / "train.log").read_text()
 
 
 @pytest.mark.slow

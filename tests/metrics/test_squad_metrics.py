@@ -77,3 +77,34 @@ def test_squad_scores_reject_bad_references():
         squad_scores({"q": "a"}, {"q": "a"})
     with pytest.raises(TypeError, match="expects a str"):
         normalize_answer(None)  # type: ignore[arg-type]
+
+
+def test_squad_v2_scores_break_down_into_has_ans_and_no_ans_by_hand():
+    # computed by hand with the official evaluate-v2.0.py rules (has_ans = bool(answers))
+    refs = {
+        "a1": ["the cat"],  # pred "cat": EM 1, F1 1
+        "a2": ["big red dog"],  # pred "red dog house": 2 common, P = R = 2/3 -> F1 2/3
+        "n1": [],  # pred "": EM 1, F1 1
+        "n2": [],  # pred "something": EM 0, F1 0
+    }
+    preds = {"a1": "cat", "a2": "red dog house", "n1": "", "n2": "something"}
+    out = squad_scores(preds, refs)
+    assert out == pytest.approx(
+        {
+            "exact_match": 2 / 4,
+            "f1": (1 + 2 / 3 + 1 + 0) / 4,
+            "HasAns_exact": 1 / 2,
+            "HasAns_f1": (1 + 2 / 3) / 2,
+            "NoAns_exact": 1 / 2,
+            "NoAns_f1": 1 / 2,
+        }
+    )
+    # only unanswerable questions: no HasAns keys (the official script skips empty groups)
+    assert set(squad_scores({"n1": ""}, {"n1": []})) == {
+        "exact_match",
+        "f1",
+        "NoAns_exact",
+        "NoAns_f1",
+    }
+    # v1.1 data (every question answerable): no breakdown, as before
+    assert set(squad_scores({"a1": "cat"}, {"a1": ["cat"]})) == {"exact_match", "f1"}
