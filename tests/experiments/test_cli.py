@@ -225,3 +225,36 @@ def test_sedma_reproduce_runs_train_then_eval(tmp_path):
     assert evaluated["rows"][0]["label"] == "digital"
     assert "sedma reproduce: done" in proc.stdout
     assert os.path.exists(out_dir / "eval" / "eval.log")
+
+
+def test_a_config_error_is_one_line_and_leaves_no_run_folder(tmp_path):
+    """A wrong value caught before the job runs: exit 2, the message naming the key, no
+    traceback, and no ``outputs/<date>/<time>/`` left behind (issue 15 item 10)."""
+    proc = _run([sys.executable, str(REPO / "train.py"), "train.lr=fast"], tmp_path, ok=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "train: invalid config: config key 'train.lr' must be a number" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "outputs").exists(), sorted(p.name for p in tmp_path.rglob("*"))
+    kept = tmp_path / "kept"  # a folder the user named is never removed
+    proc = _run(
+        [sys.executable, str(REPO / "train.py"), "train.lr=fast", f"hydra.run.dir={kept}"],
+        tmp_path,
+        ok=False,
+    )
+    assert proc.returncode == 2 and kept.is_dir() and f"details kept in {kept}" in proc.stderr
+
+
+def test_a_value_error_in_the_job_prints_its_message_and_keeps_the_traceback_in_the_log(
+    tmp_path,
+):
+    run_dir = tmp_path / "run"
+    args = [sys.executable, str(REPO / "eval.py"), "model=qa_checkpoint", "dataset=squad"]
+    proc = _run([*args, f"hydra.run.dir={run_dir}"], tmp_path, ok=False)
+    assert proc.returncode == 1
+    assert "eval: ValueError: dataset=squad: dataset.path is not set" in proc.stderr
+    assert "Traceback" not in proc.stderr and f"traceback in {run_dir}" in proc.stderr
+    assert "Traceback" in (run_dir / "eval.log").read_text()
+    env = app_env()
+    env["HYDRA_FULL_ERROR"] = "1"  # developers get the traceback on screen
+    full = _run([*args, f"hydra.run.dir={tmp_path / 'full'}"], tmp_path, env=env, ok=False)
+    assert full.returncode == 1 and "Traceback" in full.stderr

@@ -53,28 +53,75 @@ def run_job(kind: str, cfg: Any) -> None:
     from omegaconf import OmegaConf
 
     from ...redact import redact_run
-    from ..config_check import check_app_config
+    from ..config_check import ConfigError, check_app_config
     from ..joblog import hydra_log_path, job_log
 
     hydra_cfg = HydraConfig.get()
     out = hydra_cfg.runtime.output_dir
-    with job_log(hydra_log_path(out, hydra_cfg.job.name)):
-        redact_run(out)  # no password in argv, .hydra/*.yaml, logs
-        plain = OmegaConf.to_container(cfg, resolve=True)
+    redact_run(out)  # no password in argv, .hydra/*.yaml, logs
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    try:
         check_app_config(plain, hydra_cfg.runtime.choices, config_dir())  # unknown keys, types
-        label = hydra_cfg.runtime.choices.get("rram", "rram")
-        if kind == "eval":
-            from .. import run_eval
+    except ConfigError as exc:
+        # nothing ran: no traceback, and a single run removes the folder this try created
+        chosen = any(o.startswith("hydra.run.dir=") for o in hydra_cfg.overrides.hydra)
+        removed = not chosen and _discard_untouched_run_dir(out, str(hydra_cfg.mode))
+        where = "" if removed else f" (details kept in {out})"
+        print(f"{hydra_cfg.job.name}: invalid config: {exc}{where}", file=sys.stderr)
+        raise SystemExit(2) from None
+    from ...memory.long_term import MemoryStoreError
 
-            run_eval(plain, out, rram_label=label)
-        elif (plain.get("distributed") or {}).get("enabled"):
-            from ..distributed_train import run_train_distributed
+    log_path = hydra_log_path(out, hydra_cfg.job.name)
+    try:
+        with job_log(log_path):
+            label = hydra_cfg.runtime.choices.get("rram", "rram")
+            if kind == "eval":
+                from .. import run_eval
 
-            run_train_distributed(plain, out, rram_label=label)
-        else:
-            from .. import run_train
+                run_eval(plain, out, rram_label=label)
+            elif (plain.get("distributed") or {}).get("enabled"):
+                from ..distributed_train import run_train_distributed
 
-            run_train(plain, out, rram_label=label)
+                run_train_distributed(plain, out, rram_label=label)
+            else:
+                from .. import run_train
+
+                run_train(plain, out, rram_label=label)
+    except (ValueError, FileNotFoundError, MemoryStoreError) as exc:
+        # an input the user can fix (value, missing file, store): its message, not a
+        # traceback (that is in the log; HYDRA_FULL_ERROR=1 shows it here too)
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(
+            f"{hydra_cfg.job.name}: {type(exc).__name__}: {exc}\n(traceback in {log_path})",
+            file=sys.stderr,
+        )
+        raise SystemExit(1) from None
+
+
+def _discard_untouched_run_dir(out: str | Path, mode: str) -> bool:
+    """Remove a single run's output folder when it holds only what Hydra wrote before the
+    job started (``.hydra/`` and the job's ``.log``); keep anything else (a sweep's job
+    folder, a folder that already had results; the caller keeps one named by
+    ``hydra.run.dir``)."""
+    import shutil
+
+    folder = Path(out)
+    if not mode.endswith("RUN") or mode.endswith("MULTIRUN") or not folder.is_dir():
+        return False
+    entries = list(folder.iterdir())
+    if any(not (e.name == ".hydra" or (e.suffix == ".log" and e.is_file())) for e in entries):
+        return False
+    shutil.rmtree(folder, ignore_errors=True)
+    cwd = Path.cwd().resolve()
+    for parent in list(folder.resolve().parents)[:2]:  # outputs/<date>/, outputs/ if empty
+        if parent == cwd or cwd not in parent.parents:
+            break
+        try:
+            parent.rmdir()  # only succeeds on an empty folder
+        except OSError:
+            break
+    return not folder.exists()
 
 
 # --------------------------------------------------------------------------- sedma
