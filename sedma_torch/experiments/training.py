@@ -3,11 +3,23 @@
 ``train_epoch`` is one pass over a dataset. ``run_train`` is what ``train.py`` runs:
 
 1. train the model digitally for ``train.epochs`` epochs;
-2. convert a copy to the ``rram`` config (``sedma_torch.convert_`` programs the crossbars)
-   and fine-tune it through the RRAM layers for ``train.hwa_epochs`` epochs
-   (hardware-aware training: the forward pass reads the programmed conductances, every
-   optimiser step re-programs them, which is the main cost of this phase);
-3. program both trained models onto each RRAM setting and evaluate them against digital.
+2. convert a copy to the ``rram`` config and fine-tune it through the RRAM layers for
+   ``train.hwa_epochs`` epochs (hardware-aware training, ``train.hwa``):
+
+   * ``noise`` (default): every read runs on a freshly sampled chip
+     (:mod:`sedma_torch.rram.hwa`: the programming error of the configured material and
+     write-verify iterations, drawn from the programming model's own error distribution,
+     stuck cells, drift, read noise, DAC/ADC) with straight-through gradients to the
+     digital weights; nothing is programmed during training, as aihwkit(-lightning)
+     trains. ``train.hwa_weight_clip``: clip the weights to that many standard
+     deviations per layer after each step (aihwkit-lightning's layer-Gaussian clipping);
+   * ``reprogram``: the forward pass reads the programmed conductances and every
+     optimiser step re-programs them with write-and-verify (the earlier mode: one
+     programming event per layer and step, the main cost of the phase, and the model
+     fits one chip's noise draw instead of the distribution of chips);
+   * ``none``: no hardware-aware phase;
+3. program the trained models once onto each RRAM setting and evaluate them against
+   digital (same chip seeds for the digital and the hardware-aware weights).
 
 A checkpoint is written atomically after every epoch (``<checkpoint_dir>/last.pt``); a
 run started again with the same checkpoint folder continues from the epoch after the
@@ -30,6 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..progress import progress as _progress
 from ..rram import to_digital
+from ..rram.hwa import HWA_MODES, clip_weights_, hwa_noise_
 from .builders import apply_threads, build_model, check_task, resolve_device, seed_everything
 from .checkpoint import load_checkpoint, save_checkpoint
 from .classification import evaluate_classification
@@ -225,7 +238,11 @@ def _phase_loop(
     elif start:
         print(f"resuming {phase} training at epoch {start + 1}/{epochs} from {ckpt_path}")
 
+    clip = tcfg.get("hwa_weight_clip") if phase == "hwa" else None
+
     def on_step(step: int, samples: int, seconds: float, loss: float) -> None:
+        if clip is not None:
+            clip_weights_(model, float(clip))
         state["step"] += 1
         hook.on_step(state["step"], samples, seconds)
         logger.log(
@@ -302,6 +319,7 @@ def run_train(
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"train.{key} must be an int >= {low}, got {value!r}")
     rram_cfg = rram_config_from_mapping(cfg["rram"], where="rram")
+    hwa_mode = hwa_mode_of(tcfg)
     apply_threads(cfg.get("threads"))
     device = resolve_device(cfg.get("device", "auto"))
     amp = use_amp(tcfg.get("amp", "auto"), device)
@@ -361,28 +379,43 @@ def run_train(
             state["digital_model"] = digital.state_dict()
         else:
             digital.load_state_dict(state["digital_model"])
-        # hardware-aware phase: never mixed precision (the simulator reads in float32)
-        hwa = _hwa_model(digital, rram_cfg, program=state["phase"] != "hwa", memory=memory)
-        hwa_opt = torch.optim.Adam(hwa.parameters(), lr=float(tcfg["hwa_lr"]))
-        if state["phase"] == "hwa":
-            _load(hwa, hwa_opt, state, ckpt_path)
-        hook.watch(hwa)
-        common["amp"] = False
-        _phase_loop(
-            phase="hwa", model=hwa, optimizer=hwa_opt, epochs=int(tcfg["hwa_epochs"]), **common
-        )
+        hwa = None
+        if hwa_mode != "none":
+            # hardware-aware phase: never mixed precision (the simulator reads in float32)
+            program = hwa_mode == "reprogram" and state["phase"] != "hwa"
+            hwa = _hwa_model(digital, rram_cfg, program=program, memory=memory)
+            hwa_opt = torch.optim.Adam(hwa.parameters(), lr=float(tcfg["hwa_lr"]))
+            if state["phase"] == "hwa":
+                _load(hwa, hwa_opt, state, ckpt_path)
+            hook.watch(hwa)
+            common["amp"] = False
+            hwa_noise_(hwa, hwa_mode == "noise")
+            try:
+                _phase_loop(
+                    phase="hwa",
+                    model=hwa,
+                    optimizer=hwa_opt,
+                    epochs=int(tcfg["hwa_epochs"]),
+                    **common,
+                )
+            finally:
+                hwa_noise_(hwa, False)
     finally:
         hook.close()
     train_seconds = time.perf_counter() - wall
 
-    hwa_digital = to_digital(copy.deepcopy(hwa))
+    hwa_digital = None if hwa is None else to_digital(copy.deepcopy(hwa))
     if distributed is not None:
-        distributed.finish(run_dir, {"digital": digital, "hwa": hwa_digital})
+        models = {"digital": digital}
+        if hwa_digital is not None:
+            models["hwa"] = hwa_digital
+        distributed.finish(run_dir, models)
         if not main:
             memory.close()
             return {}
     torch.save(digital.state_dict(), run_dir / "model_digital.pt")
-    torch.save(hwa_digital.state_dict(), run_dir / "model_hwa.pt")
+    if hwa_digital is not None:
+        torch.save(hwa_digital.state_dict(), run_dir / "model_hwa.pt")
     try:
         payload = compare_trained(
             cfg,
@@ -398,6 +431,7 @@ def run_train(
     finally:
         memory.close()
     payload.update(
+        hwa_mode=hwa_mode,
         train_seconds=train_seconds,
         seconds_total=time.perf_counter() - wall,
         history=state["history"],
@@ -424,6 +458,20 @@ def run_train(
     return payload
 
 
+def hwa_mode_of(train_cfg: Mapping[str, Any]) -> str:
+    """``train.hwa`` (default ``noise``), checked against :data:`HWA_MODES`."""
+    mode = train_cfg.get("hwa", "noise")
+    if mode is False:  # YAML "none"/"false" spelled as a boolean
+        mode = "none"
+    if mode not in HWA_MODES:
+        raise ValueError(f"train.hwa must be one of {', '.join(HWA_MODES)}, got {mode!r}")
+    clip = train_cfg.get("hwa_weight_clip")
+    number = isinstance(clip, (int, float)) and not isinstance(clip, bool)
+    if clip is not None and (not number or clip <= 0):
+        raise ValueError(f"train.hwa_weight_clip must be null or a number > 0, got {clip!r}")
+    return str(mode)
+
+
 def _load(model: nn.Module, optimizer, state: Mapping[str, Any], path: Path) -> None:
     try:
         model.load_state_dict(state["model"])
@@ -438,7 +486,7 @@ def _load(model: nn.Module, optimizer, state: Mapping[str, Any], path: Path) -> 
 def compare_trained(
     cfg: Mapping[str, Any],
     digital: nn.Module,
-    hwa_digital: nn.Module,
+    hwa_digital: nn.Module | None,
     test_set: Dataset,
     *,
     device: torch.device,
@@ -464,19 +512,22 @@ def compare_trained(
         material_sweep(rram_cfg, tcfg.get("compare_materials") or []), corrections
     )
     rows, reference = compare_settings(digital, sweep, evaluate, progress=progress, memory=memory)
-    hwa_settings = with_corrections(material_sweep(rram_cfg, [rram_cfg.device.name]), corrections)
-    hwa_reference = evaluate(hwa_digital)
-    hwa_rows, _ = compare_settings(
-        hwa_digital,
-        hwa_settings,
-        evaluate,
-        digital=hwa_reference,
-        label_prefix="hwa:",
-        progress=progress,
-        memory=memory,
-    )
-    hwa_rows[0]["mean_output_error"] = None
-    rows += hwa_rows
+    if hwa_digital is not None:
+        hwa_settings = with_corrections(
+            material_sweep(rram_cfg, [rram_cfg.device.name]), corrections
+        )
+        hwa_reference = evaluate(hwa_digital)
+        hwa_rows, _ = compare_settings(
+            hwa_digital,
+            hwa_settings,
+            evaluate,
+            digital=hwa_reference,
+            label_prefix="hwa:",
+            progress=progress,
+            memory=memory,
+        )
+        hwa_rows[0]["mean_output_error"] = None
+        rows += hwa_rows
     print(
         f"\nclassification: model={cfg['model'].get('name')} dataset={cfg['dataset'].get('name')}"
         f" ({reference.n_samples} test samples), device={device}; hardware-aware training on "
@@ -497,4 +548,11 @@ def compare_trained(
     }
 
 
-__all__ = ["compare_trained", "epoch_generator", "run_train", "train_epoch", "use_amp"]
+__all__ = [
+    "compare_trained",
+    "epoch_generator",
+    "hwa_mode_of",
+    "run_train",
+    "train_epoch",
+    "use_amp",
+]

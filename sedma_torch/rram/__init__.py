@@ -6,6 +6,7 @@ from .conv import RRAMConv1d, RRAMConv2d
 from .convert import ConversionReport, RRAMConv1D, RRAMSummary, conversion_report, convert_, summary
 from .correction import denoise, estimate_lambda, gcv_lambda, lambda_errors
 from .crossbar import CrossbarStats
+from .hwa import hwa_noise, hwa_noise_
 from .layers import to_digital
 from .linear import RRAMLinear
 from .materials import Material, get_material, list_materials, register_material
@@ -55,6 +56,8 @@ __all__ = [
     "fixed_partition",
     "gcv_lambda",
     "get_material",
+    "hwa_noise",
+    "hwa_noise_",
     "lambda_errors",
     "layer_shapes",
     "layer_tiling",

@@ -291,6 +291,11 @@ class _CrossbarMixin(_LambdaController):
 
     def _ensure_programmed(self, weight: torch.Tensor) -> None:
         w = weight.detach()
+        if self.__dict__.get("_hwa_error_model") is not None:  # noise injection (hwa.py)
+            from .hwa import sample_chip_
+
+            sample_chip_(self, w)
+            return
         fp = fingerprint(w)
         if fp != self._programmed_fp or not self._read_state_ok(w):
             self._program(w, fp)
