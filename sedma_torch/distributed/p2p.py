@@ -382,6 +382,11 @@ class TensorPeer:
         if bootstrap:
             builder = builder.with_bootstraps(bootstrap)
         self._node = builder.build()
+        # Lattica's public ``store``/``get`` pickle values (``get`` would unpickle whatever
+        # any peer stored), so DHT records use the raw-bytes calls of its core SDK object
+        # (lattica_python_core.LatticaSDK, public in that module), reached through the one
+        # attribute Lattica keeps it in; no other private part of Lattica is used
+        self._dht = self._node._lattica_instance
         self.peer_id: str = self._node.peer_id()
         self.address = f"/ip4/{host}/tcp/{port}/p2p/{self.peer_id}"
         self.members: set[str] = {self.peer_id, *members}
@@ -460,6 +465,15 @@ class TensorPeer:
         self.stats.published += 1
         return cid
 
+    def unpublish(self, cid: str) -> None:
+        """Stop serving and advertising ``cid`` (and drop its BitSwap blocks)."""
+        self._blocks.pop(cid, None)
+        for block_cid in self._manifests.pop(cid, {}).get("blocks", ()):
+            with contextlib.suppress(RuntimeError):
+                self._node.remove_block(block_cid)
+        with contextlib.suppress(RuntimeError):
+            self._node.stop_providing(cid)
+
     def _block_aad(self, cid: str, chunk: int, index: int, count: int) -> bytes:
         return f"sedma/bitswap/v1|{cid}|{chunk}|{index}|{count}".encode()
 
@@ -512,9 +526,7 @@ class TensorPeer:
         raw = json.dumps(payload).encode()
         self._telemetry_payload = raw
         try:
-            self._node._lattica_instance.store_with_subkey(
-                telemetry_key(self.peer_id), raw, expires, self.peer_id
-            )
+            self.store_record(telemetry_key(self.peer_id), raw, expires)
         except Exception as exc:  # record store full, no peers, ...
             self.stats.telemetry_store_failed += 1
             warnings.warn(
@@ -524,6 +536,29 @@ class TensorPeer:
                 stacklevel=2,
             )
         return record
+
+    def store_record(self, key: str, value: bytes, expires: float) -> None:
+        """Store raw ``value`` in the DHT under ``key`` with this peer's id as subkey, until
+        unix time ``expires``. Raises what Lattica raises (``MaxRecords``, no peers)."""
+        if not isinstance(value, bytes):
+            raise TypeError(f"value must be bytes, got {type(value).__name__}")
+        self._dht.store_with_subkey(key, value, float(expires), self.peer_id)
+
+    def get_records(self, key: str) -> dict[str, tuple[bytes, float]]:
+        """Every subkey's raw ``(value, expiry)`` under ``key`` in the DHT ({} when none).
+
+        The DHT is writable by anyone: the caller authenticates what it reads."""
+        raw = self._dht.get_with_subkey(key)
+        if not isinstance(raw, dict):
+            return {}
+        out = {}
+        for sub, entry in raw.items():
+            try:
+                value, expiry = entry
+                out[str(sub)] = (bytes(value), float(expiry))
+            except (TypeError, ValueError):
+                self.stats.rejected_malformed += 1
+        return out
 
     def peer_telemetry(self, peers: Iterable[str] | None = None) -> dict[str, dict[str, float]]:
         """Valid, unexpired telemetry of member peers (of ``peers``, default all members).
@@ -555,10 +590,8 @@ class TensorPeer:
 
     def _telemetry_from_dht(self, peer: str, now: float) -> dict[str, float] | None:
         try:
-            raw = self._node._lattica_instance.get_with_subkey(telemetry_key(peer))
+            raw = self.get_records(telemetry_key(peer))
         except Exception:
-            return None
-        if not isinstance(raw, dict):
             return None
         self.stats.unknown_peer += sum(1 for s in raw if s != peer)  # junk under its key
         entry = raw.get(peer)

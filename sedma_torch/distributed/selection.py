@@ -28,8 +28,12 @@ each past transfer with how strongly ``w`` favours it (a softmax policy of tempe
 so a weight grows when the peers that scored high on its term completed their transfers
 more often than the average. Weights are clipped at 0 after the update (a term never
 counts negatively). Outcomes are stored in the long-term memory (``record_transfer``) when
-one is given, else in an :class:`InProcessMemory`; the learned weights are saved with
-``memory.put("peer_selector", name, {"weights": [...]})`` so a later run starts from them.
+one is given, else in an :class:`InProcessMemory`; the learned weights and the history
+the gradient is estimated from (the features of each chosen peer and the outcome, the last
+``history`` transfers) are saved with ``memory.put("peer_selector", name, {"weights":
+[...], "history": [[x1, x2, x3, y], ...]})`` at every :meth:`PeerSelector.update_weights`,
+so a restarted peer (same ``name``) reads both back and continues the adaptation exactly
+where it stopped.
 """
 
 from __future__ import annotations
@@ -99,6 +103,19 @@ def normalised_terms(
     }
 
 
+def _stored_history(rows: Any) -> list[tuple[np.ndarray, float]]:
+    """(features, outcome) pairs from a stored ``history``; malformed rows are skipped."""
+    out = []
+    for row in rows if isinstance(rows, list) else ():
+        try:
+            values = np.asarray(row, dtype=np.float64)
+        except (TypeError, ValueError):
+            continue
+        if values.shape == (4,) and np.all(np.isfinite(values)) and values[3] in (0.0, 1.0):
+            out.append((values[:3].copy(), float(values[3])))
+    return out
+
+
 class PeerSelector:
     """Scores peers with Eq. 7, picks the top ``k`` and adapts its weights (Eq. 8-9).
 
@@ -143,11 +160,12 @@ class PeerSelector:
         self.eta = float(eta)
         self.temperature = float(temperature)
         self.min_latency_ms = float(min_latency_ms)
+        self._history: deque[tuple[np.ndarray, float]] = deque(maxlen=history)
         stored = self.memory.get("peer_selector", name)
         if stored is not None and len(stored.get("weights", ())) == 3:
             w = np.asarray(stored["weights"], dtype=np.float64)
+            self._history.extend(_stored_history(stored.get("history", ())))
         self.weights = w
-        self._history: deque[tuple[np.ndarray, float]] = deque(maxlen=history)
         self._unflushed: list[tuple[str, bool, float, int]] = []
 
     # ----- Eq. 7 ----------------------------------------------------------------------
@@ -218,7 +236,14 @@ class PeerSelector:
         w = np.maximum(self.weights + self.eta * self.success_rate_gradient(), 0.0)
         if w.sum() > 0:
             self.weights = w
-        self.memory.put("peer_selector", self.name, {"weights": self.weights.tolist()})
+        self.memory.put(
+            "peer_selector",
+            self.name,
+            {
+                "weights": self.weights.tolist(),
+                "history": [[*x.tolist(), y] for x, y in self._history],
+            },
+        )
         return self.weights.copy()
 
     def _arrays(self) -> tuple[np.ndarray, np.ndarray]:

@@ -79,6 +79,10 @@ def run_job(kind: str, cfg: Any) -> None:
                 from .. import run_eval
 
                 run_eval(plain, out, rram_label=label)
+            elif (plain.get("distributed") or {}).get("mode") == "p2p":
+                from ..p2p_train import run_train_p2p
+
+                run_train_p2p(plain, out, rram_label=label)
             elif (plain.get("distributed") or {}).get("enabled"):
                 from ..distributed_train import run_train_distributed
 
