@@ -937,17 +937,23 @@ class TensorPeer:
             return math.inf
         return rtt_s * 1e3 if rtt_s > 0 else math.inf
 
-    def rank_providers(self, cid: str) -> list[str]:
-        """The member providers of ``cid``, best Eq. 7 score first (the top ``k``)."""
-        providers = self.providers(cid)
-        telemetry = self.peer_telemetry(providers)
-        candidates = {}
-        for p in providers:
+    def peer_features(self, peers: Iterable[str]) -> dict[str, PeerFeatures]:
+        """Eq. 7's inputs for each of ``peers``: availability and free memory from their DHT
+        telemetry (0 without any), latency from Lattica's RTT (1e6 ms when unmeasured)."""
+        peers = list(peers)
+        telemetry = self.peer_telemetry(peers)
+        out = {}
+        for p in peers:
             t = telemetry.get(p, {"availability": 0.0, "mem_free_gb": 0.0})
             rtt = self.rtt_ms(p)
-            candidates[p] = PeerFeatures(
+            out[p] = PeerFeatures(
                 t["availability"], rtt if math.isfinite(rtt) else 1e6, t["mem_free_gb"]
             )
+        return out
+
+    def rank_providers(self, cid: str) -> list[str]:
+        """The member providers of ``cid``, best Eq. 7 score first (the top ``k``)."""
+        candidates = self.peer_features(self.providers(cid))
         self._last_candidates = candidates
         return self.selector.select(candidates, self.k)
 

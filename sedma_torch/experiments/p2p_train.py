@@ -221,20 +221,6 @@ def _batches(dataset, batch_size: int, seed: int):
         yield from DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=gen)
 
 
-def _features(peer: Any, candidates: list[str]):
-    from ..distributed import PeerFeatures
-
-    telemetry = peer.peer_telemetry(candidates)
-    out = {}
-    for p in candidates:
-        t = telemetry.get(p, {"availability": 0.0, "mem_free_gb": 0.0})
-        rtt = peer.rtt_ms(p)
-        out[p] = PeerFeatures(
-            t["availability"], rtt if math.isfinite(rtt) else 1e6, t["mem_free_gb"]
-        )
-    return out
-
-
 def run_peer(
     cfg: Mapping[str, Any],
     *,
@@ -343,7 +329,7 @@ def run_peer(
                 break
             time.sleep(0.1)
         wait_s = time.perf_counter() - t1
-        candidates = _features(peer, sorted(records))
+        candidates = peer.peer_features(sorted(records))
         ranked = peer.selector.select(candidates, len(candidates))
         ranked += [p for p in sorted(records) if p not in ranked]
         vectors = {cid: own}

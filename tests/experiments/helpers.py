@@ -31,17 +31,22 @@ def app_env() -> dict[str, str]:
     }
 
 
-def run_app(script: str, args: list[str], *, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run ``python <script> <args>`` in the repository root; fails the test on error."""
+def run_app(
+    script: str, args: list[str], *, timeout: float = 600, cwd: Path = REPO
+) -> subprocess.CompletedProcess:
+    """Run ``python <script> <args>`` in ``cwd`` (default the repository root); fails the
+    test on error."""
     proc = subprocess.run(
         [sys.executable, str(REPO / script), *args],
-        cwd=REPO,
+        cwd=cwd,
         env=app_env(),
         capture_output=True,
         text=True,
         timeout=timeout,
     )
-    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    assert proc.returncode == 0, (
+        f"{script} {args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    )
     return proc
 
 

@@ -13,8 +13,6 @@ import json
 import os
 import re
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -30,7 +28,7 @@ from tests.data.test_coco_data import make_coco_fixture
 from tests.data.test_squad_data import FLAT, squad_json, write
 
 from ..conftest import REPO, SHARED_DATA
-from .helpers import app_env, compose_cfg
+from .helpers import compose_cfg, run_app
 
 THIS = "tests/experiments/test_readme_entry_points.py"
 
@@ -286,18 +284,7 @@ def test_collapse_hint_names_the_correction_switch_only_for_collapsed_uncorrecte
 
 
 def _run(cwd: Path, script: str, args: list[str], timeout: float = 1800):
-    proc = subprocess.run(
-        [sys.executable, str(REPO / script), *args],
-        cwd=cwd,
-        env=app_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert proc.returncode == 0, (
-        f"{script} {args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    )
-    return proc
+    return run_app(script, args, timeout=timeout, cwd=cwd)
 
 
 def _needs_shared_data() -> Path:
