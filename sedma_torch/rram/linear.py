@@ -390,18 +390,31 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
         w_a = self.w_exact  # type: ignore[attr-defined]
 
         noisy = bool(var_x.any())
+        w_a2 = self._exact_squared() if noisy else None
 
         def std_a(inputs: torch.Tensor, cols: slice, rows: slice) -> torch.Tensor | None:
             # the read noise of the x~ cells, weighted by A's codes applied to them
-            if not noisy:
+            if w_a2 is None:
                 return None
-            return torch.bmm(var_x[:, rows], w_a[..., cols].square()).clamp_min_(0).sqrt_()
+            return torch.bmm(var_x[:, rows], w_a2[..., cols]).clamp_min_(0).sqrt_()
 
         return [
             (x_tilde, w_a, 0, rng.transpose(0, 1), std_a),
             (codes_t, self.w_read, 1, s_in_t, std_of),
             (codes_tilde, self.w_read, -1, s_in_t, std_of),
         ]
+
+    def _exact_squared(self) -> torch.Tensor:
+        """``w_exact ** 2`` (the squared codes of A applied to the x~ cells in first-order
+        correction's ``A x~`` read), cached until ``w_exact`` changes."""
+        w_a = self.w_exact  # type: ignore[attr-defined]
+        key = (w_a.data_ptr(), w_a._version, tuple(w_a.shape), w_a.dtype, w_a.device)
+        # in the packed-weights cache, which every re-programming, load and move drops
+        cache = self.__dict__.setdefault("_packed_cache", {})
+        if cache.get("w_exact^2", (None,))[0] != key:
+            cache.pop("w_exact^2", None)
+            cache["w_exact^2"] = (key, w_a.square())
+        return cache["w_exact^2"][1]
 
     def _fused_reads(
         self,

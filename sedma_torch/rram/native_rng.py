@@ -116,7 +116,23 @@ def _flags(openmp: bool) -> list[str]:
         flags += ["-mavx2", "-mfma"]
     if capability == "AVX512" and os.environ.get("SEDMA_NATIVE_AVX512", "1") != "0":
         flags += ["-mavx512f"]
+        # the read-noise variance product in bfloat16 (kernels/fused_read.c, kernel_bf16)
+        if _cpu_has_avx512_bf16() and os.environ.get("SEDMA_NATIVE_BF16", "1") != "0":
+            flags += ["-mavx512bf16"]
     return flags
+
+
+def _cpu_has_avx512_bf16() -> bool:
+    """Whether this CPU executes AVX512_BF16 (``vdpbf16ps``): the ``avx512_bf16`` flag of
+    ``/proc/cpuinfo`` (Linux; False elsewhere, which keeps the float32 variance product)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    return "avx512_bf16" in line.split()
+    except OSError:
+        pass
+    return False
 
 
 def _compile(compiler: str, flags: list[str], source_text: str, target: Path) -> None:
@@ -168,8 +184,15 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.sedma_packed_size.restype = i64
     lib.sedma_pack_weights_f32.argtypes = [ptr, i64, i64, i64, i64, ptr]
     lib.sedma_pack_weights_f32.restype = None
+    lib.sedma_bf16_variance.argtypes = []
+    lib.sedma_bf16_variance.restype = ctypes.c_int
+    lib.sedma_packed_var_bf16_size.argtypes = [i64, i64, i64, i64]
+    lib.sedma_packed_var_bf16_size.restype = i64
+    lib.sedma_pack_var_bf16.argtypes = [ptr, i64, i64, i64, i64, ptr]
+    lib.sedma_pack_var_bf16.restype = None
     fused = lib.sedma_fused_read_f32
-    fused.argtypes = [ptr, ptr, i64, i64, ptr, ptr, i64, ctypes.c_int, ptr, f32, ptr, f32, f32]
+    fused.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ctypes.c_int, i64, ctypes.c_int, ptr, f32]
+    fused.argtypes += [ptr, f32, f32]
     fused.argtypes += [f32, ptr]
     fused.argtypes += [u32, u32, ptr, i64, ctypes.c_int, i64]
     fused.restype = ctypes.c_int
@@ -410,6 +433,43 @@ def pack_weights(w: torch.Tensor, group: int) -> torch.Tensor:
     return out
 
 
+def bf16_variance() -> bool:
+    """Whether the compiled read has the bfloat16 variance product (an AVX512_BF16 CPU,
+    ``SEDMA_NATIVE_BF16`` not ``0``): then :func:`pack_variances` packs in bfloat16."""
+    return available() and bool(_lib().sedma_bf16_variance())
+
+
+def packed_var_bf16_size(t: int, k: int, c: int, group: int) -> int:
+    """bfloat16 elements of :func:`pack_variances`' bfloat16 packing of a (t, k, c) stack:
+    :func:`packed_size` with k rounded up to even (the product takes rows in pairs)."""
+    return packed_size(t, k + k % 2, c, group)
+
+
+def pack_variances(v: torch.Tensor, group: int) -> torch.Tensor:
+    """The (T, K, C) stack of read-noise variances per weight (state-dependent read noise)
+    packed for :func:`fused_read_`'s ``packed_var``. With :func:`bf16_variance` a 1-D
+    ``torch.bfloat16`` tensor (rows in pairs, rounded to nearest even): the variance
+    product ``codes^2 @ V`` then runs in bfloat16 with float32 sums, at twice the products
+    per instruction; both operands are >= 0, so each variance is within a relative 2^-8 of
+    the float32 product (the noise std within 2^-9), which the tests check. Else
+    :func:`pack_weights` (float32)."""
+    if not bf16_variance():
+        return pack_weights(v, group)
+    check_tensor("pack_variances", "v", v, contiguous=False)
+    if v.ndim != 3:
+        raise ValueError(f"pack_variances: v must be a (T, K, C) tensor, got {tuple(v.shape)}")
+    group = check_int("pack_variances", "group", group, 1)
+    t, k, c = v.shape
+    group = min(group, max(c, 1))
+    size = packed_var_bf16_size(t, k, c, group)
+    check_products("pack_variances", "the packed size", size, 2)
+    out = torch.empty(size, dtype=torch.bfloat16)
+    if size:
+        v = v.contiguous()
+        _lib().sedma_pack_var_bf16(v.data_ptr(), t, k, c, group, out.data_ptr())
+    return out
+
+
 @dataclass(frozen=True)
 class ReadSpec:
     """What one compiled crossbar read does besides the products (see :func:`fused_read_`
@@ -506,7 +566,23 @@ def _read(name, x, geometry, s_in, packed, col_scale, out, spec, noise_offset, p
         )
     if packed.data_ptr() % 32:
         raise ValueError(f"{name}: packed must be 32-byte aligned (pack_weights' output)")
-    if packed_var is not None:
+    var_bf16 = packed_var is not None and packed_var.dtype == torch.bfloat16
+    if var_bf16:
+        check_tensor(name, "packed_var", packed_var, dtype=torch.bfloat16)
+        want = packed_var_bf16_size(t, k, c, group)
+        if packed_var.numel() != want or packed_var.data_ptr() % 32:
+            raise ValueError(
+                f"{name}: a bfloat16 packed_var must be pack_variances of a ({t}, {k}, {c}) "
+                f"variance stack with group {spec.group} ({want} bfloat16, 32-byte aligned), "
+                f"got {packed_var.numel()}"
+            )
+        if not bf16_variance():
+            raise ValueError(
+                f"{name}: a bfloat16 packed_var needs the bfloat16 variance product, which "
+                "this build lacks (no AVX512_BF16, or SEDMA_NATIVE_BF16=0): pack with "
+                "pack_variances of this build"
+            )
+    elif packed_var is not None:
         check_tensor(name, "packed_var", packed_var)
         if packed_var.numel() != expected or packed_var.data_ptr() % 32:
             raise ValueError(
@@ -546,6 +622,7 @@ def _read(name, x, geometry, s_in, packed, col_scale, out, spec, noise_offset, p
         c,
         packed.data_ptr(),
         None if packed_var is None else packed_var.data_ptr(),
+        int(var_bf16),
         group,
         int(bool(spec.quantise)),
         s_in.data_ptr(),

@@ -601,14 +601,16 @@ class _CrossbarMixin(_LambdaController):
             read(i, spec, self._packed(weights, spec.group), var)
 
     def _packed(self, name: str, group: int) -> torch.Tensor:
-        """Buffer ``name`` (``w_read`` or ``w_exact``) packed for the compiled read, cached
+        """Buffer ``name`` (``w_read``, ``w_exact`` or ``w_var``) packed for the compiled read, cached
         until it changes (re-programming, loading, a device or dtype move)."""
         weights = getattr(self, name)
         key = (weights.data_ptr(), weights._version, tuple(weights.shape), group)
         cache = self.__dict__.setdefault("_packed_cache", {})
         if cache.get(name, (None,))[0] != key:
             cache.pop(name, None)  # free the old copy first
-            cache[name] = (key, native_rng.pack_weights(weights, group))
+            # read-noise variances pack for the bfloat16 variance product where it exists
+            pack = native_rng.pack_variances if name == "w_var" else native_rng.pack_weights
+            cache[name] = (key, pack(weights, group))
         return cache[name][1]
 
     def _epilogue_keys(

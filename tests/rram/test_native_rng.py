@@ -851,3 +851,80 @@ def test_fused_read_rejects_a_packed_var_of_another_size():
             tile_rows=37,
             packed_var=packed[:-16].clone(),
         )
+
+
+def _bf16(a: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 -> float32, round to nearest even (finite values)."""
+    u = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) >> 16 << 16
+    return u.astype(np.uint32).view(np.float32)
+
+
+@pytest.mark.skipif(not native_rng.bf16_variance(), reason="needs an AVX512_BF16 CPU")
+@pytest.mark.parametrize(
+    ("group", "noise_std", "k"), [(24, 0.0, 37), (40, 0.01, 37), (16, 0.0, 36)]
+)
+def test_bfloat16_variance_product_equals_the_reference_of_its_rounded_operands(
+    group, noise_std, k
+):
+    # pack_variances on an AVX512_BF16 CPU: codes^2 and V rounded to bfloat16 (nearest
+    # even), products summed in float32. One tile, so each output's noise is one keyed draw
+    # z times its std: the read's noise must be the float32 path's draw scaled by
+    # sqrt(variance of the rounded operands / exact variance), which is within 2^-9 of 1
+    x, xt, w, col_scale, s_in = _read_case(90 + group, t=1, k=k, c_in=k - 3)
+    var = np.random.default_rng(group).uniform(0, 4e-4, w.shape).astype(np.float32)
+    var[:, :5] = 0.0  # zero-variance rows stay zero
+    dac_levels, levels, key = 31, 2**22 - 1, (4243, 98)
+    codes = np.clip(np.round(xt * (np.float32(dac_levels) / s_in.T[..., None])), -31, 31)
+    c64 = codes.astype(np.float64)[:, 0]  # (B, K): the one tile
+    common = dict(
+        group=group, levels=levels, dac_levels=dac_levels, fixed=None, key=key, rows=x.shape[0]
+    )
+    packed_var = native_rng.pack_variances(torch.from_numpy(var), group)
+    assert packed_var.dtype == torch.bfloat16
+    assert packed_var.numel() == native_rng.packed_var_bf16_size(1, k, 50, group)
+    out = torch.empty(x.shape[0], w.shape[-1])
+    spec = _spec(group=group, noise_std=noise_std, levels=levels, dac_levels=dac_levels, key=key)
+    native_rng.fused_read_(
+        torch.from_numpy(x),
+        torch.from_numpy(s_in),
+        native_rng.pack_weights(torch.from_numpy(w), group),
+        torch.from_numpy(col_scale),
+        out,
+        spec,
+        tile_rows=k,
+        packed_var=packed_var,
+    )
+    a3 = c64[:, None, :]
+    quiet, steps = np_fused_read(a3, s_in, w, col_scale, noise_std=0.0, **common)
+    exact, _ = np_fused_read(
+        a3, s_in, w, col_scale, noise_std=noise_std, var=var.astype(np.float64), **common
+    )
+    base = (noise_std * np.linalg.norm(c64, axis=1))[:, None] ** 2
+    exact_var = base + c64**2 @ var[0].astype(np.float64)
+    sq = _bf16((codes[:, 0] ** 2).astype(np.float32)).astype(np.float64)
+    rounded_var = base + sq @ _bf16(var[0]).astype(np.float64)
+    scale = np.sqrt(rounded_var / exact_var)
+    assert np.all(np.abs(scale - 1) <= 2.0**-9) and np.abs(scale - 1).max() > 0
+    want = quiet + (exact - quiet) * scale
+    err = np.abs(out.numpy() - want)
+    # float32 sums: a few ADC steps and 1e-5 of the noise
+    assert np.all(err <= 4 * steps + 1e-5 * np.abs(exact - quiet) + 1e-6), float(err.max())
+    # and the rounding shows: the exact-variance read is further off than that
+    assert np.abs(out.numpy() - exact).max() > 10 * err.max()
+
+
+def test_fused_read_rejects_a_bfloat16_packed_var_of_another_size():
+    x, _, w, col_scale, s_in = _read_case(4)
+    args = (
+        torch.from_numpy(x),
+        torch.from_numpy(s_in),
+        native_rng.pack_weights(torch.from_numpy(w), 16),
+        torch.from_numpy(col_scale),
+        torch.empty(x.shape[0], w.shape[-1]),
+        _spec(group=16),
+    )
+    with pytest.raises(ValueError, match="bfloat16 packed_var"):
+        native_rng.fused_read_(
+            *args, tile_rows=37, packed_var=torch.zeros(1000, dtype=torch.bfloat16)
+        )

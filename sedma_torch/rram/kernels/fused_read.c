@@ -124,6 +124,59 @@ static inline void kernel_6x32(const float *restrict a, const float *restrict b0
   _mm512_storeu_ps(c + 5 * ldc, c50); _mm512_storeu_ps(c + 5 * ldc + NR, c51);
 }
 #endif
+#if defined(__AVX512BF16__)
+/* The variance product in bfloat16 (AVX512_BF16 vdpbf16ps: two products per fp32 lane and
+   instruction, fp32 accumulation), twice the fp32 kernel's products per instruction. The
+   operands are pairs along k: a holds (codes_k^2, codes_{k+1}^2) of each row as one 32-bit
+   word ([kp][MR]), each strip of V holds (V[k][j], V[k+1][j]) at [kp][j][2]. Only the
+   variance of the read noise goes this way (sedma_pack_var_bf16): both operands are >= 0,
+   so the relative error of a variance is at most that of bfloat16 rounding (2^-8) and the
+   noise std's at most 2^-9; the read's own product stays float32. */
+#define SEDMA_BF16_VAR 1
+static inline void kernel_bf16(const uint32_t *restrict a, const uint16_t *restrict b0,
+                               const uint16_t *restrict b1, int64_t KP, float *restrict c,
+                               int64_t ldc) {
+  __m512 c00 = _mm512_setzero_ps(), c01 = _mm512_setzero_ps();
+  __m512 c10 = _mm512_setzero_ps(), c11 = _mm512_setzero_ps();
+  __m512 c20 = _mm512_setzero_ps(), c21 = _mm512_setzero_ps();
+  __m512 c30 = _mm512_setzero_ps(), c31 = _mm512_setzero_ps();
+  __m512 c40 = _mm512_setzero_ps(), c41 = _mm512_setzero_ps();
+  __m512 c50 = _mm512_setzero_ps(), c51 = _mm512_setzero_ps();
+  if (b1) {
+    for (int64_t k = 0; k < KP; ++k) {
+      __m512bh w0 = (__m512bh)_mm512_loadu_si512(b0 + 2 * NR * k);
+      __m512bh w1 = (__m512bh)_mm512_loadu_si512(b1 + 2 * NR * k);
+      const uint32_t *ak = a + MR * k;
+      __m512bh x;
+      x = (__m512bh)_mm512_set1_epi32((int)ak[0]); c00 = _mm512_dpbf16_ps(c00, x, w0); c01 = _mm512_dpbf16_ps(c01, x, w1);
+      x = (__m512bh)_mm512_set1_epi32((int)ak[1]); c10 = _mm512_dpbf16_ps(c10, x, w0); c11 = _mm512_dpbf16_ps(c11, x, w1);
+      x = (__m512bh)_mm512_set1_epi32((int)ak[2]); c20 = _mm512_dpbf16_ps(c20, x, w0); c21 = _mm512_dpbf16_ps(c21, x, w1);
+      x = (__m512bh)_mm512_set1_epi32((int)ak[3]); c30 = _mm512_dpbf16_ps(c30, x, w0); c31 = _mm512_dpbf16_ps(c31, x, w1);
+      x = (__m512bh)_mm512_set1_epi32((int)ak[4]); c40 = _mm512_dpbf16_ps(c40, x, w0); c41 = _mm512_dpbf16_ps(c41, x, w1);
+      x = (__m512bh)_mm512_set1_epi32((int)ak[5]); c50 = _mm512_dpbf16_ps(c50, x, w0); c51 = _mm512_dpbf16_ps(c51, x, w1);
+    }
+  } else {
+    for (int64_t k = 0; k < KP; ++k) {
+      __m512bh w0 = (__m512bh)_mm512_loadu_si512(b0 + 2 * NR * k);
+      const uint32_t *ak = a + MR * k;
+      c00 = _mm512_dpbf16_ps(c00, (__m512bh)_mm512_set1_epi32((int)ak[0]), w0);
+      c10 = _mm512_dpbf16_ps(c10, (__m512bh)_mm512_set1_epi32((int)ak[1]), w0);
+      c20 = _mm512_dpbf16_ps(c20, (__m512bh)_mm512_set1_epi32((int)ak[2]), w0);
+      c30 = _mm512_dpbf16_ps(c30, (__m512bh)_mm512_set1_epi32((int)ak[3]), w0);
+      c40 = _mm512_dpbf16_ps(c40, (__m512bh)_mm512_set1_epi32((int)ak[4]), w0);
+      c50 = _mm512_dpbf16_ps(c50, (__m512bh)_mm512_set1_epi32((int)ak[5]), w0);
+    }
+  }
+  _mm512_storeu_ps(c + 0 * ldc, c00); _mm512_storeu_ps(c + 1 * ldc, c10);
+  _mm512_storeu_ps(c + 2 * ldc, c20); _mm512_storeu_ps(c + 3 * ldc, c30);
+  _mm512_storeu_ps(c + 4 * ldc, c40); _mm512_storeu_ps(c + 5 * ldc, c50);
+  if (b1) {
+    _mm512_storeu_ps(c + 0 * ldc + NR, c01); _mm512_storeu_ps(c + 1 * ldc + NR, c11);
+    _mm512_storeu_ps(c + 2 * ldc + NR, c21); _mm512_storeu_ps(c + 3 * ldc + NR, c31);
+    _mm512_storeu_ps(c + 4 * ldc + NR, c41); _mm512_storeu_ps(c + 5 * ldc + NR, c51);
+  }
+}
+#endif
 #else
 static inline void kernel_6x16(const float *restrict a, const float *restrict b, int64_t K,
                                float *restrict c, int64_t ldc) {
@@ -168,6 +221,51 @@ void sedma_pack_weights_f32(const float *restrict w, int64_t T, int64_t K, int64
           float *dst = o + (s * K + k) * NR;
           for (int64_t j = 0; j < NR; ++j) dst[j] = c0 + s * NR + j < c1 ? src[j] : 0.0f;
         }
+    }
+}
+
+/* Round-to-nearest-even float -> bfloat16 bits (finite inputs). */
+static inline uint16_t to_bf16(float f) {
+  union { float f; uint32_t u; } v = {f};
+  uint32_t u = v.u;
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return (uint16_t)(u >> 16);
+}
+
+/* 1 when this build has the bfloat16 variance product (kernel_bf16), else 0. */
+int sedma_bf16_variance(void) {
+#ifdef SEDMA_BF16_VAR
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+/* bfloat16 elements of sedma_pack_var_bf16 of a (T, K, C) stack: K rounded up to even. */
+int64_t sedma_packed_var_bf16_size(int64_t T, int64_t K, int64_t C, int64_t group) {
+  return sedma_packed_size(T, K + (K & 1), C, group);
+}
+
+/* A (T, K, C) stack of read-noise variances packed for the bfloat16 variance product:
+   the strips of sedma_pack_weights_f32 with the rows in pairs, strip s of group g of tile t
+   holding bf16(V[t, k, c]) at [k / 2][j][k % 2] (zero padded, K rounded up to even). */
+void sedma_pack_var_bf16(const float *restrict v, int64_t T, int64_t K, int64_t C,
+                         int64_t group, uint16_t *restrict out) {
+  if (T <= 0 || K <= 0 || C <= 0 || group < 1) return;
+  int64_t KP = (K + 1) / 2, G = ceil_div(C, group), gs = ceil_div(group, NR);
+  int64_t per_t = sedma_packed_var_bf16_size(1, K, C, group);
+  #pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t g = 0; g < G; ++g) {
+      int64_t c0 = g * group, c1 = c0 + group < C ? c0 + group : C;
+      uint16_t *o = out + t * per_t + g * gs * 2 * KP * NR;
+      for (int64_t s = 0; s * NR < c1 - c0; ++s)
+        for (int64_t k = 0; k < 2 * KP; ++k)
+          for (int64_t j = 0; j < NR; ++j) {
+            int64_t col = c0 + s * NR + j;
+            float val = k < K && col < c1 ? v[(t * K + k) * C + col] : 0.0f;
+            o[((s * KP + k / 2) * NR + j) * 2 + (k & 1)] = to_bf16(val);
+          }
     }
 }
 
@@ -255,7 +353,9 @@ static void pack_block(const struct source *s, int64_t r0, int64_t valid, int64_
    correction's full-precision input). s_in is (T, n). Read noise is added to each partial
    sum with variance noise_std^2 ||codes of the row's tile input||^2 (state-independent
    cells) plus, when vp is not NULL, sum_k codes_k^2 V[t, k, c] (a state-dependent
-   variance per weight V, packed as the weights: one more product, codes^2 @ V); the
+   variance per weight V, packed as the weights: one more product, codes^2 @ V; with
+   var_bf16, vp is sedma_pack_var_bf16's bfloat16 packing of V and the product runs in
+   bfloat16 with float32 sums, kernel_bf16; a build without it returns -2); the
    noise of (t, r, c) is drawn per ADC group, keyed by the 64-bit pair counter counter0 +
    (t * rows + r) * C + c (rows: the read's n * oh * ow rows). Then the column ADC
    (`levels`, groups of `group` columns; full scale adc_full[t * G + g] of tile t and group
@@ -268,8 +368,8 @@ static void pack_block(const struct source *s, int64_t r0, int64_t valid, int64_
    below 2^62, 1 <= group <= C; the checks here only stop a call that bypasses it from
    reading outside x. Returns 0, -1 when out of memory, -2 for an invalid geometry. */
 int sedma_fused_read_f32(const float *x, const int64_t *geometry, int64_t T, int64_t C,
-                         const float *restrict wp, const float *restrict vp, int64_t group,
-                         int quantise,
+                         const float *restrict wp, const void *restrict vp, int var_bf16,
+                         int64_t group, int quantise,
                          const float *s_in, float noise_std, const float *col_scale,
                          float levels, float dac_levels, float fixed_full,
                          const float *adc_full, uint32_t lo,
@@ -286,10 +386,16 @@ int sedma_fused_read_f32(const float *x, const int64_t *geometry, int64_t T, int
       || src.oh != (src.h - src.dh * (src.kh - 1) - 1) / src.sh + 1
       || src.ow != (src.w - src.dw * (src.kw - 1) - 1) / src.sw + 1)
     return -2;
+#ifndef SEDMA_BF16_VAR
+  if (var_bf16) return -2;
+#endif
   if (src.n == 0 || C == 0) return 0;
   int64_t pix = src.oh * src.ow, B = src.n * pix, K = src.cpt * src.kh * src.kw;
   int64_t G = ceil_div(C, group), gs = ceil_div(group, NR), ldc = gs * NR;
   int64_t per_t = sedma_packed_size(1, K, C, group);
+  int64_t KP = (K + 1) / 2, per_tv = sedma_packed_var_bf16_size(1, K, C, group);
+  const float *vp32 = var_bf16 ? NULL : (const float *)vp;
+  const uint16_t *vp16 = var_bf16 ? (const uint16_t *)vp : NULL;
   int threads = 1;
 #ifdef _OPENMP
   threads = omp_get_max_threads();
@@ -310,7 +416,7 @@ int sedma_fused_read_f32(const float *x, const int64_t *geometry, int64_t T, int
   float *apack = alloc64(chunk_blocks * MR * K);
   float *cbuf = alloc64(MR * ldc);
   float *vbuf = vp ? alloc64(MR * ldc) : NULL;
-  float *apack2 = vp ? alloc64(chunk_blocks * MR * K) : NULL;
+  float *apack2 = vp ? alloc64(chunk_blocks * MR * (var_bf16 ? KP : K)) : NULL;
   float *noise = alloc64(ldc);
   float sd[MR * 32], si[MR * 32];
   int ok = apack && cbuf && noise && (!vp || (vbuf && apack2));
@@ -338,12 +444,24 @@ int sedma_fused_read_f32(const float *x, const int64_t *geometry, int64_t T, int
         pack_block(&src, rb, valid, t, K, mult, quantise, dac_levels, apack + b * MR * K, ss);
         for (int64_t m = 0; m < MR; ++m) sd[b * MR + m] = noise_std * sqrtf(ss[m]);
       }
-      if (vp) {  /* squared codes for the variance product */
+      if (vp32) {  /* squared codes for the variance product */
         const float *a = apack;
         #pragma omp simd
         for (int64_t k = 0; k < nb * MR * K; ++k) apack2[k] = a[k] * a[k];
+      } else if (vp16) {  /* squared codes in bfloat16 pairs along k ([kp][MR] per block) */
+        uint32_t *pairs = (uint32_t *)apack2;
+        for (int64_t b = 0; b < nb; ++b) {
+          const float *a = apack + b * MR * K;
+          uint32_t *d = pairs + b * MR * KP;
+          for (int64_t kp = 0; kp < KP; ++kp)
+            for (int64_t m = 0; m < MR; ++m) {
+              float lo = a[2 * kp * MR + m], hi = 2 * kp + 1 < K ? a[(2 * kp + 1) * MR + m] : 0.0f;
+              d[kp * MR + m] = (uint32_t)to_bf16(lo * lo) | ((uint32_t)to_bf16(hi * hi) << 16);
+            }
+        }
       }
-      const float *vt = vp ? vp + t * per_t + g * gs * K * NR : NULL;
+      const float *vt = vp32 ? vp32 + t * per_t + g * gs * K * NR : NULL;
+      const uint16_t *vt16 = vp16 ? vp16 + t * per_tv + g * gs * 2 * KP * NR : NULL;
       const float *wt = wp + t * per_t + g * gs * K * NR;
       const float *cs = col_scale + t * C + c0;
       int first = (t == 0) && (mode == 0);
@@ -366,12 +484,21 @@ int sedma_fused_read_f32(const float *x, const int64_t *geometry, int64_t T, int
           for (; s < strips; ++s)
             kernel_6x16(apack2 + b * MR * K, vt + s * K * NR, K, vbuf + s * NR, ldc);
         }
+#ifdef SEDMA_BF16_VAR
+        if (vt16) {
+          const uint32_t *ap = (const uint32_t *)apack2 + b * MR * KP;
+          for (s = 0; s < strips; s += 2)
+            kernel_bf16(ap, vt16 + s * 2 * KP * NR,
+                        s + 1 < strips ? vt16 + (s + 1) * 2 * KP * NR : NULL, KP,
+                        vbuf + s * NR, ldc);
+        }
+#endif
         for (int64_t i = 0; i < MR; ++i) {
           int64_t r = r0 + b * MR + i;
           if (r >= r1) break;
           float *v = cbuf + i * ldc;
           float sdev = sd[b * MR + i];
-          if (vt) {
+          if (vp) {
             const float *var = vbuf + i * ldc;
             float s2 = sdev * sdev;
             normal_pairs(noise, width, lo, hi, (uint64_t)(counter0 + (t * B + r) * C + c0));
