@@ -106,7 +106,7 @@ MAX_ELEMENTS = INDEX_LIMIT
 """Largest draw (and largest first pair counter plus pairs): the counters are 64-bit."""
 
 
-def _flags(openmp: bool) -> list[str]:
+def _flags(openmp: bool, bf16: bool = True) -> list[str]:
     # -fopenmp: the kernels run on OpenMP threads. PyTorch has loaded its own
     # libgomp.so.1 by then, so the kernel shares PyTorch's thread pool and thread count.
     # Without OpenMP support the same source builds single-threaded (-fopenmp-simd).
@@ -117,7 +117,7 @@ def _flags(openmp: bool) -> list[str]:
     if capability == "AVX512" and os.environ.get("SEDMA_NATIVE_AVX512", "1") != "0":
         flags += ["-mavx512f"]
         # the read-noise variance product in bfloat16 (kernels/fused_read.c, kernel_bf16)
-        if _cpu_has_avx512_bf16() and os.environ.get("SEDMA_NATIVE_BF16", "1") != "0":
+        if bf16 and _cpu_has_avx512_bf16() and os.environ.get("SEDMA_NATIVE_BF16", "1") != "0":
             flags += ["-mavx512bf16"]
     return flags
 
@@ -154,14 +154,16 @@ def build_library(name: str, source: str) -> ctypes.CDLL | None:
     """Compile C ``source`` (once per machine: the file name carries a hash of source,
     flags and compiler) into ``$SEDMA_CACHE_DIR/<name>_<hash>.so`` and load it; ``None``
     where there is no C compiler (or not Linux). Built with OpenMP when the compiler has
-    it, else single-threaded (``-fopenmp-simd``). Raises ``OSError`` /
+    it, else single-threaded (``-fopenmp-simd``); with the bfloat16 variance product where
+    the CPU has it, else (a compiler without ``-mavx512bf16``) without. Raises ``OSError`` /
     ``subprocess.SubprocessError`` when the build fails; callers fall back to PyTorch."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None or not sys.platform.startswith("linux"):
         return None
     cache = Path(os.environ.get("SEDMA_CACHE_DIR", Path.home() / ".cache" / "sedma_torch"))
-    for openmp in (True, False):
-        flags = _flags(openmp)
+    tries = [_flags(openmp, bf16) for openmp in (True, False) for bf16 in (True, False)]
+    tries = [f for i, f in enumerate(tries) if f not in tries[:i]]  # bf16 may not apply
+    for i, flags in enumerate(tries):
         key = hashlib.sha256((source + " ".join(flags) + compiler).encode()).hexdigest()[:16]
         target = cache / f"{name}_{key}.so"
         if target.exists():
@@ -170,7 +172,7 @@ def build_library(name: str, source: str) -> ctypes.CDLL | None:
             _compile(compiler, flags, source, target)
             break
         except subprocess.CalledProcessError:
-            if not openmp:
+            if i == len(tries) - 1:
                 raise
     return ctypes.CDLL(str(target))
 

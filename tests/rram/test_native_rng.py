@@ -928,3 +928,26 @@ def test_fused_read_rejects_a_bfloat16_packed_var_of_another_size():
         native_rng.fused_read_(
             *args, tile_rows=37, packed_var=torch.zeros(1000, dtype=torch.bfloat16)
         )
+
+
+@pytest.mark.skipif(
+    not native_rng._cpu_has_avx512_bf16() or torch.backends.cpu.get_cpu_capability() != "AVX512",
+    reason="needs an AVX512_BF16 CPU",
+)
+def test_a_compiler_without_bfloat16_still_builds_the_kernels_with_float32_variances(tmp_path):
+    # a compiler that rejects -mavx512bf16 (older GCC / clang): the kernels build without
+    # it and pack the variances in float32 instead of falling back to PyTorch
+    cc = tmp_path / "cc"
+    cc.write_text('#!/bin/sh\ncase "$*" in *-mavx512bf16*) exit 1;; esac\nexec gcc "$@"\n')
+    cc.chmod(0o755)
+    script = (
+        "import torch; from sedma_torch.rram import native_rng as n; "
+        "v = n.pack_variances(torch.rand(2, 5, 20), 16); "
+        "print(n.available(), n.bf16_variance(), v.dtype)"
+    )
+    env = {**os.environ, "CC": str(cc), "SEDMA_CACHE_DIR": str(tmp_path / "cache")}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "False", "torch.float32"], done.stdout + done.stderr
