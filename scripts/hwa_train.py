@@ -38,12 +38,14 @@ from sedma_torch.rram.hwa import clip_weights_, hwa_noise
 MATERIALS = ["epiram", "ag_asi", "alox_hfo2", "taox_hfox"]
 
 
-def fine_tune(model, train_set, epochs: int, lr: float, seed: int, phase: str, clip=None):
+def fine_tune(
+    model, train_set, epochs: int, lr: float, seed: int, phase: str, clip=None, per_channel=False
+):
     opt = torch.optim.Adam(model.parameters(), lr=lr)
 
     def on_step(*_: float) -> None:
         if clip is not None:
-            clip_weights_(model, clip)
+            clip_weights_(model, clip, per_channel=per_channel)
 
     for epoch in range(epochs):
         train_epoch(

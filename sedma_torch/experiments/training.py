@@ -12,7 +12,10 @@
      stuck cells, drift, read noise, DAC/ADC) with straight-through gradients to the
      digital weights; nothing is programmed during training, as aihwkit(-lightning)
      trains. ``train.hwa_weight_clip``: clip the weights to that many standard
-     deviations per layer after each step (aihwkit-lightning's layer-Gaussian clipping);
+     deviations per layer after each step (aihwkit-lightning's layer-Gaussian clipping;
+     per output channel with ``train.hwa_weight_clip_per_channel``);
+     ``train.hwa_weight_noise``: Gaussian weight noise (std in column-|max| units) added
+     before each sampled chip (aihwkit-lightning's ``ADD_NORMAL_PER_CHANNEL``);
    * ``reprogram``: the forward pass reads the programmed conductances and every
      optimiser step re-programs them with write-and-verify (the earlier mode: one
      programming event per layer and step, the main cost of the phase, and the model
@@ -239,10 +242,11 @@ def _phase_loop(
         print(f"resuming {phase} training at epoch {start + 1}/{epochs} from {ckpt_path}")
 
     clip = tcfg.get("hwa_weight_clip") if phase == "hwa" else None
+    per_channel = bool(tcfg.get("hwa_weight_clip_per_channel", False))
 
     def on_step(step: int, samples: int, seconds: float, loss: float) -> None:
         if clip is not None:
-            clip_weights_(model, float(clip))
+            clip_weights_(model, float(clip), per_channel=per_channel)
         state["step"] += 1
         hook.on_step(state["step"], samples, seconds)
         logger.log(
@@ -389,7 +393,9 @@ def run_train(
                 _load(hwa, hwa_opt, state, ckpt_path)
             hook.watch(hwa)
             common["amp"] = False
-            hwa_noise_(hwa, hwa_mode == "noise")
+            hwa_noise_(
+                hwa, hwa_mode == "noise", weight_noise=float(tcfg.get("hwa_weight_noise") or 0.0)
+            )
             try:
                 _phase_loop(
                     phase="hwa",
@@ -469,6 +475,15 @@ def hwa_mode_of(train_cfg: Mapping[str, Any]) -> str:
     number = isinstance(clip, (int, float)) and not isinstance(clip, bool)
     if clip is not None and (not number or clip <= 0):
         raise ValueError(f"train.hwa_weight_clip must be null or a number > 0, got {clip!r}")
+    noise = train_cfg.get("hwa_weight_noise", 0.0)
+    numeric = isinstance(noise, (int, float)) and not isinstance(noise, bool)
+    if noise is not None and (not numeric or noise < 0):
+        raise ValueError(f"train.hwa_weight_noise must be a number >= 0, got {noise!r}")
+    per_channel = train_cfg.get("hwa_weight_clip_per_channel", False)
+    if not isinstance(per_channel, bool):
+        raise ValueError(
+            f"train.hwa_weight_clip_per_channel must be true or false, got {per_channel!r}"
+        )
     return str(mode)
 
 

@@ -124,12 +124,17 @@ def sample_chip_(layer: nn.Module, weight: torch.Tensor) -> None:
         tiles = layer.weight_tiles(w).to(compute_dtype(w.dtype))  # type: ignore[operator]
         scale = column_scale(tiles)
         u = tiles / scale.unsqueeze(1)
-        t = torch.stack([u.clamp(min=0), u.neg().clamp_(min=0)])  # (2, T, R, C) in [0, 1]
         # keyed by the layer's read counter (a buffer: saved in state dicts, so a resumed run
         # draws the chips of an uninterrupted one)
         call = layer._bump_read_calls()  # type: ignore[attr-defined]
         seed = derive_seed(layer.rram_seed, "hwa", call)  # type: ignore[attr-defined]
-        gn = model.sample(t, make_generator(seed, "cpu"))
+        gen = make_generator(seed, "cpu")
+        extra = float(getattr(layer, "_hwa_weight_noise", 0.0) or 0.0)
+        if extra > 0:  # aihwkit-lightning's ADD_NORMAL_PER_CHANNEL on top of the chip's error
+            noise = torch.randn(u.shape, generator=gen, dtype=u.dtype, device=gen.device)
+            u = u + noise.to(u.device).mul_(extra)
+        t = torch.stack([u.clamp(min=0), u.neg().clamp_(min=0)])  # (2, T, R, C) >= 0
+        gn = model.sample(t.clamp_(max=1), gen)
         g = gn.mul_(material.g_range).add_(material.g_min)
         _, stuck, nu = chip_properties(
             tuple(g.shape), cfg, material, derive_seed(seed, "chip"), g.device, g.dtype
@@ -145,11 +150,19 @@ def sample_chip_(layer: nn.Module, weight: torch.Tensor) -> None:
     layer.hwa_samples += 1  # type: ignore[attr-defined]
 
 
-def hwa_noise_(model: nn.Module, enabled: bool = True) -> nn.Module:
+def hwa_noise_(model: nn.Module, enabled: bool = True, *, weight_noise: float = 0.0) -> nn.Module:
     """Switch noise-injection reads on (or off) for every RRAM layer of ``model``, in
     place; returns ``model``. Switching off forgets the sampled read state, so the next
-    read programs the current weights (one programming event)."""
+    read programs the current weights (one programming event).
+
+    ``weight_noise`` > 0 adds, before each chip is sampled, Gaussian noise of that std to
+    every weight in units of its column's |max| (the conductance window): the
+    ``ADD_NORMAL_PER_CHANNEL`` weight noise of aihwkit-lightning, a regulariser on top of
+    the chip's own error (``train.hwa_weight_noise``); 0 (default) samples the chip alone."""
+    if not (isinstance(weight_noise, (int, float)) and weight_noise >= 0):
+        raise ValueError(f"hwa_noise_: weight_noise must be a number >= 0, got {weight_noise!r}")
     for layer in _rram_layers(model):
+        layer._hwa_weight_noise = float(weight_noise) if enabled else 0.0  # type: ignore[attr-defined]
         if enabled:
             layer._hwa_error_model = ProgrammingErrorModel.fit(layer.rram_config)  # type: ignore[attr-defined]
             layer.hwa_samples = getattr(layer, "hwa_samples", 0)  # type: ignore[attr-defined]
@@ -161,24 +174,35 @@ def hwa_noise_(model: nn.Module, enabled: bool = True) -> nn.Module:
 
 
 @contextlib.contextmanager
-def hwa_noise(model: nn.Module) -> Iterator[nn.Module]:
+def hwa_noise(model: nn.Module, *, weight_noise: float = 0.0) -> Iterator[nn.Module]:
     """``with hwa_noise(model): ...`` — :func:`hwa_noise_` on inside, off afterwards."""
-    hwa_noise_(model, True)
+    hwa_noise_(model, True, weight_noise=weight_noise)
     try:
         yield model
     finally:
         hwa_noise_(model, False)
 
 
-def clip_weights_(model: nn.Module, sigma: float) -> None:
+def clip_weights_(model: nn.Module, sigma: float, *, per_channel: bool = False) -> None:
     """aihwkit-lightning's ``WeightClipType.LAYER_GAUSSIAN``: clamp each RRAM layer's
     digital weights to ``sigma`` standard deviations of that layer (after an optimiser
-    step), so that one outlier does not set the column scale of its whole column."""
+    step), so that one outlier does not set the column scale of its whole column. With
+    ``per_channel``, its ``LAYER_GAUSSIAN_PER_CHANNEL``: the std of each output channel's
+    weights (a row of a linear weight, one output channel of a conv), which is what a
+    column scale of the crossbar maps to the conductance window."""
     with torch.no_grad():
         for layer in _rram_layers(model):
-            bound = float(layer.weight.detach().std()) * sigma
+            w = layer.weight
+            if per_channel:
+                rows = w.detach().reshape(w.shape[0], -1)
+                bound = rows.std(dim=1, keepdim=True).mul_(sigma)
+                shape = (w.shape[0],) + (1,) * (w.dim() - 1)
+                bound = bound.reshape(shape)
+                w.copy_(torch.minimum(torch.maximum(w, -bound), bound))
+                continue
+            bound = float(w.detach().std()) * sigma
             if bound > 0:
-                layer.weight.clamp_(-bound, bound)
+                w.clamp_(-bound, bound)
 
 
 __all__ = [

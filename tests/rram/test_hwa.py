@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 from scipy import stats
@@ -181,6 +182,10 @@ def test_train_hwa_mode_is_checked():
         hwa_mode_of({"hwa": "bogus"})
     with pytest.raises(ValueError, match=r"train\.hwa_weight_clip"):
         hwa_mode_of({"hwa_weight_clip": -1})
+    with pytest.raises(ValueError, match=r"train\.hwa_weight_noise"):
+        hwa_mode_of({"hwa_weight_noise": -0.1})
+    with pytest.raises(ValueError, match=r"train\.hwa_weight_clip_per_channel"):
+        hwa_mode_of({"hwa_weight_clip_per_channel": "yes"})
 
 
 def test_noisy_reads_follow_a_reconfigured_material():
@@ -205,3 +210,52 @@ def test_noisy_reads_follow_a_reconfigured_material():
                 )
                 spreads.append(float((layer(x) - layer.bias - x @ w.t()).std()))
     assert spreads[0] < 1e-5 < 1e-2 < spreads[1]
+
+
+def test_per_channel_weight_clipping_bounds_each_output_channel_at_sigma_std():
+    # aihwkit-lightning's LAYER_GAUSSIAN_PER_CHANNEL: row r of a linear weight (output
+    # channel r of a conv, over its in_channels x kh x kw weights) is clamped to sigma x its
+    # own std; NumPy reference on fresh seeded weights with outliers
+    torch.manual_seed(4)
+    model = st.convert_(_cnn(), st.RRAMConfig(), program=False, progress=False)
+    layers = [m for m in model if hasattr(m, "rram_config")]
+    with torch.no_grad():
+        for m in layers:
+            m.weight.view(-1)[::7] *= 6.0  # outliers in many channels
+    before = [m.weight.detach().numpy().copy() for m in layers]
+    clip_weights_(model, 2.5, per_channel=True)
+    for m, w in zip(layers, before, strict=True):
+        rows = w.reshape(w.shape[0], -1)
+        bound = 2.5 * rows.std(axis=1, ddof=1, keepdims=True)
+        want = np.clip(rows, -bound, bound).reshape(w.shape)
+        np.testing.assert_allclose(m.weight.detach().numpy(), want, rtol=0, atol=1e-7)
+        assert (np.abs(want) < np.abs(w)).any()  # something was clipped
+
+
+def test_weight_noise_adds_gaussian_weight_noise_in_column_max_units():
+    # aihwkit-lightning's ADD_NORMAL_PER_CHANNEL on our mapping: on an ideal device without
+    # converters the read is x @ (W + sigma * colmax * n)^T, so each output's variance over
+    # fresh chips is sigma^2 colmax_c^2 ||x||^2 (closed form). Input 0 carries every row's
+    # largest weight (the window's edge, where draws clamp) and is 0; the others stay within
+    # half the window. sigma = 0 is the plain noise-free read
+    torch.manual_seed(0)
+    digital = nn.Linear(40, 12, bias=False)
+    with torch.no_grad():
+        digital.weight[:, 0] = 2 * digital.weight[:, 1:].abs().amax(1)
+    cfg = st.RRAMConfig(material="ideal", dac_bits=None, adc_bits=None)
+    layer = st.RRAMLinear.from_linear(copy.deepcopy(digital), cfg, program=False)
+    x = torch.randn(1, 40, generator=torch.Generator().manual_seed(3))
+    x[0, 0] = 0.0
+    sigma, n = 0.05, 800
+    with torch.no_grad():
+        with hwa_noise(layer, weight_noise=sigma):
+            ys = torch.cat([layer(x) for _ in range(n)]).double()
+        with hwa_noise(layer):
+            torch.testing.assert_close(layer(x), digital(x), rtol=1e-5, atol=1e-5)
+    colmax = digital.weight.detach().abs().amax(1).double()
+    pred = sigma**2 * colmax**2 * float(x.double().square().sum())
+    ratio = ys.var(0) / pred
+    assert torch.all((ratio - 1).abs() < 5 * math.sqrt(2 / n)), ratio
+    torch.testing.assert_close(ys.mean(0), digital(x).double()[0], rtol=0, atol=0.02)
+    with pytest.raises(ValueError, match="weight_noise"):
+        st.rram.hwa_noise_(layer, True, weight_noise=-1)
