@@ -53,6 +53,24 @@ with an expiry, and Lattica's measured RTT) -> fetch from the top ``k``.
   warning, not an error, and a reader takes a member's record from the DHT only when it
   verifies (keyed group: HMAC, peer, issue time, expiry not too far in the future) and
   otherwise asks the member itself over RPC (authenticated by the libp2p dial).
+* Lookups are bounded and have a second source. Lattica's ``get_providers`` never returns
+  when its DHT query ends without a provider and without a peer to ask (the last peer
+  alive in a group, a joiner whose bootstrap dial has not completed), so every DHT read
+  and provider announcement runs with a deadline of ``request_timeout_s`` (a failed or
+  abandoned call is counted in ``dht_failures``; a failed announcement does not stop the
+  payload from being served). Lattica keeps the subkeys of a key in one index record
+  that each store reads, extends and writes back: members storing under one key at once
+  (every peer posting its round record) can drop each other's subkey from the index, and
+  a query times out after 1 s on a loaded machine. So a reader that misses a member's record can
+  ask that member for it (``get_records(key, ask=...)``: each peer keeps the records it
+  stored and serves them to members, op ``record``), and a fetch whose DHT lookup finds
+  no provider that delivers can ask named members directly (``fetch(cid, ask=...)``, e.g.
+  the peer that signed the record naming the CID). Both are counted
+  (``record_fallbacks``, ``provider_fallbacks``); every check above still applies (member
+  senders only, request HMAC, size and CID checks; the caller authenticates records).
+* Identity: ``key_path`` keeps the libp2p key in a folder (mode 0700, the key 0600), so a
+  restarted peer has the same peer id, and with the same long-term ``memory`` its
+  :class:`PeerSelector` (stored under ``p2p/<peer id>``) continues its Eq. 8 weights.
 * Rejections are counted in :class:`P2PStats` (both as a requester and as a server).
 * A :class:`~sedma_torch.distributed.UtilityCache` (Eq. 10) sits in front of fetches.
 """
@@ -76,6 +94,7 @@ import weakref
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -121,13 +140,19 @@ MAX_CHUNK_BYTES = 16 * 2**20
 """Largest chunk a server serves and a receiver accepts per request/block (bytes)."""
 MAX_REQUEST_BYTES = 4096
 MAX_HEAD_BYTES = 64 * 1024
+MAX_RECORD_BYTES = 16 * 1024
+"""Largest record value a peer keeps to answer members directly and accepts from one."""
+MAX_RECORD_KEY = 256
+"""Longest DHT key (characters) a direct record request may name."""
+RECORD_RETRY_S = 5.0
+"""A member that did not answer a direct record request is not asked again for this long (s)."""
 SERVICE_METHOD = "SedmaTensorService.fetch"
 
 _CID_PREFIX = bytes([0x01, 0x55, 0x12, 0x20])  # CIDv1, raw codec, sha2-256, 32 bytes
 _CID_RE = re.compile(r"^b[a-z2-7]{58}$")
 _PEER_RE = re.compile(r"^[1-9A-HJ-NP-Za-km-z]{32,128}$")
 _NONCE_RE = re.compile(r"^[0-9a-f]{32}$")
-_OPS = frozenset({"head", "body", "telemetry", "confirm"})
+_OPS = frozenset({"head", "body", "telemetry", "record", "confirm"})
 _OK = b"\x00"
 _ERR = b"\x01"
 _BLOCK_MAGIC = b"SDB1"
@@ -136,6 +161,8 @@ _GCM_TAG = 16
 _MAX_PENDING_VERIFICATIONS = 64
 _MAX_NONCES = 200_000
 _SESSION_TTL_S = 120.0
+_MAX_KEPT_RECORDS = 1024
+_MAX_LOOKUPS_IN_FLIGHT = 8
 ALLOWED_DTYPES = frozenset(
     {
         torch.float64,
@@ -268,6 +295,14 @@ class P2PStats:
     """``publish_telemetry`` calls whose DHT store failed (warned; record still served)."""
     failed_requests: int = 0
     """Requests to a provider that errored, were refused or timed out."""
+    dht_failures: int = 0
+    """DHT calls (lookups, provider announcements) that raised (Lattica's queries time out
+    after 1 s) or were abandoned after ``request_timeout_s`` (``get_providers`` can wait
+    forever)."""
+    record_fallbacks: int = 0
+    """Records asked from their author directly because the DHT answer lacked them."""
+    provider_fallbacks: int = 0
+    """Fetches that asked named members directly: no provider from the DHT delivered."""
     served_bytes: int = 0
     """Payload bytes this peer served over RPC."""
 
@@ -309,7 +344,17 @@ class TensorPeer:
         cache_mb: capacity of the utility cache in MB (0 disables it).
         memory: long-term memory for transfer outcomes and cache statistics (duck-typed).
         telemetry_ttl_s: expiry of the published telemetry records (s, <= 3600).
-        request_timeout_s: timeout of one request to a provider (whole seconds, >= 1).
+        request_timeout_s: timeout of one request to a provider and of one DHT lookup
+            (whole seconds, >= 1).
+        key_path: folder of this peer's libp2p key (Lattica's ``p2p.key``, made on first
+            use; the folder is kept at mode 0700, the key at 0600) and of a ``peer_id``
+            file naming the id it gave: the same folder gives the same peer id after a
+            restart. None: a new identity every time.
+        admit_key_holders: in a keyed group, admit the sender of a request whose group-key
+            HMAC (and timestamp, nonce) verifies, as p2p training admits the author of a
+            record with a valid HMAC: the key is then the only credential. A peer whose
+            announcement the DHT lost still becomes known to those it asks. False: only
+            ``members`` and :meth:`add_members` admit.
     """
 
     def __init__(
@@ -328,6 +373,8 @@ class TensorPeer:
         memory: Any | None = None,
         telemetry_ttl_s: float = 60.0,
         request_timeout_s: int = 10,
+        key_path: str | os.PathLike[str] | None = None,
+        admit_key_holders: bool = False,
     ) -> None:
         from lattica import ConnectionHandler, Lattica, rpc_method
 
@@ -381,6 +428,12 @@ class TensorPeer:
         bootstrap = list(bootstrap)
         if bootstrap:
             builder = builder.with_bootstraps(bootstrap)
+        key_folder = None
+        if key_path is not None:
+            key_folder = Path(key_path)
+            key_folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(key_folder, 0o700)  # it holds a private key
+            builder = builder.with_key_path(str(key_folder))
         self._node = builder.build()
         # Lattica's public ``store``/``get`` pickle values (``get`` would unpickle whatever
         # any peer stored), so DHT records use the raw-bytes calls of its core SDK object
@@ -388,8 +441,11 @@ class TensorPeer:
         # attribute Lattica keeps it in; no other private part of Lattica is used
         self._dht = self._node._lattica_instance
         self.peer_id: str = self._node.peer_id()
+        if key_folder is not None:
+            self._check_identity(key_folder)
         self.address = f"/ip4/{host}/tcp/{port}/p2p/{self.peer_id}"
         self.members: set[str] = {self.peer_id, *members}
+        self.admit_key_holders = bool(admit_key_holders)
         self.group_key = group_key
         self.k = k
         self.max_bytes = max_bytes
@@ -417,6 +473,11 @@ class TensorPeer:
         self._telemetry_retry: dict[str, float] = {}
         # providers that did not answer (killed, partitioned): tried last until this time
         self._unreachable_until: dict[str, float] = {}
+        # records this peer stored (its own subkey): key -> (value, expiry), for members
+        self._records: dict[str, tuple[bytes, float]] = {}
+        self._record_retry: dict[str, float] = {}
+        self._lookups_in_flight = 0
+        self._answered: dict[str, float] = {}  # peer -> time.monotonic() of its last answer
         self._closed = False
         if group_key is not None:
             self._request_key = hmac.new(group_key, b"sedma/p2p/request/v1", "sha256").digest()
@@ -439,10 +500,31 @@ class TensorPeer:
 
         self._service = SedmaTensorService(self._node)
 
+    def _check_identity(self, folder: Path) -> None:
+        """Keep the key at mode 0600 and check that the folder's key gave the id it gave
+        before: Lattica makes a new key, without a word, when ``p2p.key`` does not load."""
+        key_file = folder / "p2p.key"
+        if key_file.is_file():
+            os.chmod(key_file, 0o600)
+        id_file = folder / "peer_id"
+        if id_file.is_file():
+            known = id_file.read_text().strip()
+            if known != self.peer_id:
+                self._node.close()
+                raise ValueError(
+                    f"key_path {folder}: {key_file} did not load (Lattica made a new peer id "
+                    f"{self.peer_id}, the folder's key is {known}); restore the key or use "
+                    "a new folder"
+                )
+        else:
+            id_file.write_text(self.peer_id + "\n")
+
     # ----- membership ----------------------------------------------------------------
     def add_members(self, peer_ids: Iterable[str]) -> None:
         """Admit ``peer_ids`` to the training group."""
-        self.members.update(peer_ids)
+        admitted = set(peer_ids)
+        with self._lock:  # a new set, as the server's admissions (admit_key_holders) make
+            self.members = self.members | admitted
 
     @property
     def bitswap_enabled(self) -> bool:
@@ -452,7 +534,11 @@ class TensorPeer:
     # ----- publishing ----------------------------------------------------------------
     def publish(self, tensor: torch.Tensor) -> str:
         """Keep ``tensor``'s safetensors bytes under their CID, advertise the CID in the DHT
-        (and, in a keyed group, publish the encrypted BitSwap blocks); returns the CID."""
+        (and, in a keyed group, publish the encrypted BitSwap blocks); returns the CID.
+
+        The advertisement is best effort (a failed or late one is counted in
+        ``dht_failures``): the payload is served all the same, to providers' lookups that
+        still find it and to members that ask this peer directly (``fetch(ask=...)``)."""
         data = encode_tensor(tensor)
         if len(data) > self.max_bytes:
             raise ValueError(f"tensor payload of {len(data)} bytes exceeds max_bytes")
@@ -461,7 +547,7 @@ class TensorPeer:
             if self.bitswap_enabled:
                 self._manifests[cid] = self._put_encrypted_blocks(cid, data)
             self._blocks[cid] = data
-        self._node.start_providing(cid)
+        self._bounded(lambda: self._node.start_providing(cid) or True)
         self.stats.published += 1
         return cid
 
@@ -539,26 +625,109 @@ class TensorPeer:
 
     def store_record(self, key: str, value: bytes, expires: float) -> None:
         """Store raw ``value`` in the DHT under ``key`` with this peer's id as subkey, until
-        unix time ``expires``. Raises what Lattica raises (``MaxRecords``, no peers)."""
+        unix time ``expires``. Raises what Lattica raises (``MaxRecords``, no peers).
+
+        The latest record per key (up to ``MAX_RECORD_BYTES``, at most 1024 keys) is also
+        kept here, before the DHT store, so members can ask for it directly when the DHT
+        loses it (see :meth:`get_records`)."""
         if not isinstance(value, bytes):
             raise TypeError(f"value must be bytes, got {type(value).__name__}")
+        if len(value) <= MAX_RECORD_BYTES and len(key) <= MAX_RECORD_KEY:
+            now = time.time()
+            with self._lock:
+                self._records[key] = (value, float(expires))
+                for old in [k for k, (_, exp) in self._records.items() if exp < now]:
+                    del self._records[old]
+                while len(self._records) > _MAX_KEPT_RECORDS:  # drop the first to expire
+                    del self._records[min(self._records, key=lambda k: self._records[k][1])]
         self._dht.store_with_subkey(key, value, float(expires), self.peer_id)
 
-    def get_records(self, key: str) -> dict[str, tuple[bytes, float]]:
+    def get_records(self, key: str, ask: Iterable[str] = ()) -> dict[str, tuple[bytes, float]]:
         """Every subkey's raw ``(value, expiry)`` under ``key`` in the DHT ({} when none).
 
-        The DHT is writable by anyone: the caller authenticates what it reads."""
-        raw = self._dht.get_with_subkey(key)
-        if not isinstance(raw, dict):
-            return {}
+        ``ask``: members whose own record (subkey = their peer id) is asked from them
+        directly when the DHT answer lacks it (see the module docstring: concurrent
+        stores can drop a subkey from Lattica's index); a member that does not answer is
+        not asked again for ``RECORD_RETRY_S``, non-members are not asked (counted in
+        ``unknown_peer``). The DHT is writable by anyone: the caller authenticates what
+        it reads, a member's direct answer included."""
+        raw = self._bounded(self._dht.get_with_subkey, key)
         out = {}
-        for sub, entry in raw.items():
+        for sub, entry in raw.items() if isinstance(raw, dict) else ():
             try:
                 value, expiry = entry
                 out[str(sub)] = (bytes(value), float(expiry))
             except (TypeError, ValueError):
                 self.stats.rejected_malformed += 1
+        for peer in dict.fromkeys(ask):
+            if peer in out:
+                continue
+            if peer not in self.members:
+                self.stats.unknown_peer += 1
+                continue
+            entry = self._records.get(key) if peer == self.peer_id else self._record_from(peer, key)
+            if entry is not None and entry[1] >= time.time():
+                out[peer] = entry
+                self.stats.record_fallbacks += 1
         return out
+
+    def _record_from(self, peer: str, key: str) -> tuple[bytes, float] | None:
+        """The record ``peer`` stored under ``key``, asked from it over RPC (None: it has
+        none, refused, or did not answer)."""
+        now = time.time()
+        if len(key) > MAX_RECORD_KEY or self._record_retry.get(peer, 0.0) > now:
+            return None
+        try:
+            raw = self._call(peer, self._request("record", peer, key=key), timeout=2)
+        except _RemoteError as err:
+            if err.code == "unreachable":
+                self._record_retry[peer] = now + RECORD_RETRY_S
+            return None
+        try:
+            if len(raw) > 2 * MAX_RECORD_BYTES:
+                raise ValueError("answer too long")
+            answer = json.loads(bytes(raw))
+            value = base64.b64decode(answer["value"], validate=True)
+            expiry = float(answer["expires"])
+            if len(value) > MAX_RECORD_BYTES or not math.isfinite(expiry):
+                raise ValueError("record too long or expiry not finite")
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            self.stats.rejected_malformed += 1
+            return None
+        return (value, expiry) if expiry >= now else None
+
+    def _bounded(self, fn, *args: Any) -> Any:
+        """``fn(*args)`` (a Lattica DHT call) waited for at most ``request_timeout_s``;
+        None when it raised or has not returned by then (counted in ``dht_failures``).
+
+        Lattica's ``get_providers`` never returns when its query ends without a provider
+        and without a peer to ask, so the call runs on a daemon thread that is abandoned
+        at the deadline (Lattica releases the GIL while such a call waits; closing the
+        node ends the wait). At most ``_MAX_LOOKUPS_IN_FLIGHT`` calls run at once: past that a lookup
+        fails at once, since the node has stopped answering anyway."""
+        with self._lock:
+            if self._lookups_in_flight >= _MAX_LOOKUPS_IN_FLIGHT:
+                self.stats.dht_failures += 1
+                return None
+            self._lookups_in_flight += 1
+        box: dict[str, Any] = {}
+        done = threading.Event()
+
+        def call() -> None:
+            try:
+                box["value"] = fn(*args)
+            except Exception:  # Lattica raises RuntimeError on a query timeout
+                pass
+            finally:
+                with self._lock:
+                    self._lookups_in_flight -= 1
+                done.set()
+
+        threading.Thread(target=call, name="sedma-p2p-lookup", daemon=True).start()
+        if not done.wait(self.request_timeout_s) or "value" not in box:
+            self.stats.dht_failures += 1
+            return None
+        return box["value"]
 
     def peer_telemetry(self, peers: Iterable[str] | None = None) -> dict[str, dict[str, float]]:
         """Valid, unexpired telemetry of member peers (of ``peers``, default all members).
@@ -687,6 +856,7 @@ class TensorPeer:
             raw = client.call(SERVICE_METHOD, request).result(timeout or self.request_timeout_s)
         except Exception as exc:  # unreachable peer, timeout
             raise _RemoteError("unreachable", _first_line(exc)) from exc
+        self._answered[peer] = time.monotonic()
         if not raw:
             raise _RemoteError("empty", "empty response")
         if raw[:1] == _OK:
@@ -752,6 +922,8 @@ class TensorPeer:
                 if self._telemetry_payload is None:
                     raise _Refused("not_found", "no telemetry published yet")
                 return _OK + self._telemetry_payload
+            if op == "record":
+                return self._serve_record(req)
             if op == "head":
                 return self._serve_head(req)
             return self._serve_body(req)
@@ -791,6 +963,10 @@ class TensorPeer:
                 raise _Refused("malformed", f"request field {name!r} is missing or invalid")
         if req["op"] in ("head", "body", "confirm") and not req["cid"]:
             raise _Refused("malformed", f"op {req['op']!r} needs a cid")
+        if req["op"] == "record":
+            key = req.get("key")
+            if not (isinstance(key, str) and 1 <= len(key) <= MAX_RECORD_KEY):
+                raise _Refused("malformed", f"record request needs a key of 1-{MAX_RECORD_KEY}")
         if req["op"] == "body":
             off, length = req.get("off"), req.get("len")
             if not (_is_int(off) and _is_int(length) and off >= 0 and length >= 1):
@@ -819,7 +995,8 @@ class TensorPeer:
         sender = req["from"]
         if req["to"] != self.peer_id:
             raise _Refused("unauthorized", "request is addressed to another peer")
-        if sender not in self.members:
+        key_admits = self.admit_key_holders and self.group_key is not None
+        if sender not in self.members and not key_admits:
             raise _Refused("unauthorized", f"{sender} is not a member of this group")
         now = time.time()
         if self.group_key is not None:
@@ -832,10 +1009,12 @@ class TensorPeer:
                 raise _Refused("replayed", "request timestamp outside the window")
             with self._lock:
                 self._check_nonce(req["nonce"], now)
+                if sender not in self.members:  # admit_key_holders: the key is the credential
+                    self.members = self.members | {sender}  # a new set: readers iterate theirs
             return
         # allowlist only: the claimed member confirms by libp2p-authenticated call-back
-        if req["op"] == "telemetry":
-            return  # public record (it is in the DHT in the clear anyway)
+        if req["op"] in ("telemetry", "record"):
+            return  # public records (they are in the DHT in the clear anyway)
         if req["op"] == "body":
             with self._lock:
                 session = self._sessions.get(str(req.get("tok", "")))
@@ -898,6 +1077,15 @@ class TensorPeer:
             raise _Refused("denied", "no such pending request")
         return _OK + b"confirmed"
 
+    def _serve_record(self, req: dict[str, Any]) -> bytes:
+        """The record this peer stored under the requested key (its own subkey only)."""
+        with self._lock:
+            entry = self._records.get(req["key"])
+        if entry is None or entry[1] < time.time():
+            raise _Refused("not_found", "no record of this peer under that key")
+        value, expiry = entry
+        return _OK + _canonical({"value": base64.b64encode(value).decode(), "expires": expiry})
+
     def _serve_head(self, req: dict[str, Any]) -> bytes:
         data = self._blocks.get(req["cid"])
         if data is None:
@@ -923,11 +1111,18 @@ class TensorPeer:
 
     # ----- finding and fetching ------------------------------------------------------
     def providers(self, cid: str) -> list[str]:
-        """Member peers that advertise ``cid`` in the DHT (unknown ones dropped, counted)."""
-        found = [p for p in self._node.get_providers(cid) if p != self.peer_id]
+        """Member peers that advertise ``cid`` in the DHT (unknown ones dropped, counted);
+        [] when the lookup fails or does not return within ``request_timeout_s``."""
+        found = self._bounded(self._node.get_providers, cid) or []
+        found = [p for p in found if p != self.peer_id]
         unknown = [p for p in found if p not in self.members]
         self.stats.unknown_peer += len(unknown)
         return [p for p in found if p in self.members]
+
+    def answered_since(self, peer: str, since: float) -> bool:
+        """Whether ``peer`` answered a request of this peer (with data or a refusal: it is
+        alive and reachable) at or after ``since``, a :func:`time.monotonic` value."""
+        return self._answered.get(peer, -math.inf) >= since
 
     def rtt_ms(self, peer: str) -> float:
         """Lattica's measured round-trip time to ``peer`` in ms (inf when unknown)."""
@@ -964,8 +1159,14 @@ class TensorPeer:
         shape: tuple[int, ...] | None = None,
         dtype: torch.dtype | None = None,
         via: str = "rpc",
+        ask: Iterable[str] = (),
     ) -> torch.Tensor:
         """Fetch and validate the tensor with content id ``cid`` (cache first).
+
+        ``ask``: members to ask directly when no provider found in the DHT delivers, e.g.
+        the peer that signed a record naming ``cid`` (a lookup can come back empty while
+        the provider is alive); ranked by Eq. 7 like providers, non-members dropped
+        (counted in ``unknown_peer``), every check on the payload still applied.
 
         Raises :class:`LookupError` when no member provider delivered a valid payload.
         """
@@ -983,11 +1184,9 @@ class TensorPeer:
                 self.stats.cache_hits += 1
                 return decode_tensor(cached, max_bytes=self.max_bytes, shape=shape, dtype=dtype)
         chosen = self._answering_first(self.rank_providers(cid))
-        result = None
-        for peer in chosen:
-            result = self._fetch_from(peer, cid, shape, dtype, via)
-            if result is not None:
-                break
+        result = self._fetch_first(chosen, cid, shape, dtype, via)
+        if result is None:
+            result = self._fetch_asked(ask, chosen, cid, shape, dtype, via)
         if result is None:
             raise LookupError(f"no member provider delivered a valid payload for {cid}")
         data, tensor = result
@@ -995,6 +1194,27 @@ class TensorPeer:
             self.cache.put(cid, data)
         self.stats.fetched += 1
         return tensor
+
+    def _fetch_first(self, peers, cid, shape, dtype, via) -> tuple[bytes, torch.Tensor] | None:
+        """The payload from the first of ``peers`` that delivers a valid one (None: none)."""
+        for peer in peers:
+            result = self._fetch_from(peer, cid, shape, dtype, via)
+            if result is not None:
+                return result
+        return None
+
+    def _fetch_asked(self, ask, tried, cid, shape, dtype, via) -> tuple[bytes, torch.Tensor] | None:
+        """:meth:`fetch`'s second source: the members of ``ask`` not ``tried`` yet, ranked
+        by Eq. 7 (their outcomes are recorded like any provider's)."""
+        extra = [p for p in dict.fromkeys(ask) if p != self.peer_id and p not in tried]
+        self.stats.unknown_peer += sum(1 for p in extra if p not in self.members)
+        extra = [p for p in extra if p in self.members]
+        if not extra:
+            return None
+        self.stats.provider_fallbacks += 1
+        self._last_candidates = self.peer_features(extra)
+        ranked = self.selector.select(self._last_candidates, self.k)
+        return self._fetch_first(self._answering_first(ranked), cid, shape, dtype, via)
 
     def _answering_first(self, ranked: list[str]) -> list[str]:
         """``ranked`` with the providers that recently timed out or could not be dialled

@@ -24,18 +24,42 @@ round that misses a peer only averages over fewer vectors; a peer that joins, le
 dies costs at most one ``round_timeout_s`` wait and never a collective that blocks.
 Optimiser (Adam) state stays local, as in local SGD. Only the digital phase is trained.
 
-Membership: a peer is a member when its records carry a valid HMAC of the group key
-(``SEDMA_P2P_GROUP_KEY``, hex; the launcher makes one and writes it to
-``<run dir>/p2p_group_key``, mode 0600). Records without one are dropped (counted in
-``rejected_records``), and :class:`TensorPeer` serves to and fetches from members only,
-with its own size and CID checks. Nothing is unpickled.
+Membership: a peer is a member when its records, or its requests, carry a valid HMAC of
+the group key (``SEDMA_P2P_GROUP_KEY``, hex; the launcher makes one and writes it to
+``<run dir>/p2p_group_key``, mode 0600; requests: ``TensorPeer(admit_key_holders=True)``,
+so a peer whose announcement the DHT lost is admitted by those it contacts). Records
+without one are dropped (counted in ``rejected_records``), and :class:`TensorPeer`
+serves to and fetches from members only, with its own size and CID checks. Nothing is
+unpickled.
 
 Churn: a joining peer (``bootstrap`` given) reads the head records, takes the latest round
 and fetches that round's average by content id from its best-ranked providers, then
 trains from the next round. A killed peer stops posting; the others wait for it at most
 one ``round_timeout_s``, then stop expecting it; a record it posted before dying whose
 CID cannot be fetched costs at most ``request_timeout_s`` per provider (the next ranked
-peer is tried). Every wait is bounded by a deadline and every loop by a count.
+peer is tried). Every wait is bounded by a deadline and every loop by a count, and so is
+every DHT lookup (:class:`TensorPeer` gives each ``request_timeout_s``).
+
+DHT misses: Lattica's subkey index can lose a record when peers post under one key at
+once (three peers storing under one key at the same moment lost a subkey in 40 of 40
+tries), and a lookup can time out on a loaded machine. So while a round waits, a peer
+that it expects (it averaged with it last round; in the first round, every member known
+so far) but whose record the DHT has not shown is asked for it directly, every
+``ASK_EVERY_S`` (the answer is checked like a DHT record: group HMAC, signer = author);
+a fetch whose provider lookup comes back empty asks the record's author; the end-of-run
+wait asks for the heads it waits for. An expected peer whose record does not come in
+time but that answers the asks is alive and only late (a survivor of a kill may have
+spent the round on the dead peer's fetches): it stays expected. Without this one missed
+record made a peer expect nobody in the next round, and it could train alone from then
+on. A fetch that fails without any answer (a killed provider) is not tried again in the
+round; one that was refused (the provider may not have admitted this peer yet) is.
+
+Identity and memory: each peer keeps its libp2p key in ``<state_dir>/peer<i>/`` (default
+``<run dir>/p2p_state``; joiners ``peer-1``, ...) and, with ``memory.enabled``, its own
+long-term memory there (``memory.db``, SQLite; ``memory.url`` is not used: one store per
+peer identity). A peer started again with the same ``state_dir`` has the same peer id
+and continues its Eq. 8 transfer history and weights (``weights_at_start`` in its
+report); a new ``state_dir`` starts from the prior weights.
 
 Results: ``<run dir>/peers/peer<i>.json`` per peer (rounds, selections, counters, final
 accuracy) and ``results.json`` with all of them under ``distributed``.
@@ -43,26 +67,34 @@ accuracy) and ``results.json`` with all of them under ``distributed``.
 
 from __future__ import annotations
 
+import faulthandler
 import hashlib
 import hmac
 import json
 import math
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+if TYPE_CHECKING:
+    from .memory_setup import ExperimentMemory
+
 __all__ = ["P2P_KEY_ENV", "p2p_settings", "run_peer", "run_train_p2p"]
 
 FETCH_PASSES = 10
+ASK_EVERY_S = 1.0
+"""While a round waits, a record the DHT has not shown is asked from its author every
+ASK_EVERY_S seconds (the first time ASK_EVERY_S after the wait began)."""
 KEEP_ROUNDS = 4
 """A peer serves its vectors of the last KEEP_ROUNDS rounds (a slower peer may fetch them)."""
 FETCH_WINDOW_S = 5.0
@@ -88,6 +120,7 @@ _DEFAULTS: dict[str, Any] = {
     "threads_per_peer": 1,
     "launch_timeout_s": 1800.0,
     "record_ttl_s": 600.0,
+    "state_dir": None,
 }
 
 
@@ -99,6 +132,9 @@ def p2p_settings(dist_cfg: Mapping[str, Any]) -> dict[str, Any]:
             f"distributed (p2p): unknown key(s) {sorted(unknown)}; known: {', '.join(_DEFAULTS)}"
         )
     s = {**_DEFAULTS, **{k: v for k, v in dist_cfg.items() if v is not None or k == "shard"}}
+    state = s["state_dir"]
+    if state is not None and (not isinstance(state, str) or not state.strip()):
+        raise ValueError(f"distributed.state_dir must be null or a folder path, got {state!r}")
     for key in ("peers", "rounds", "local_steps", "k", "shards", "request_timeout_s"):
         v = s[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -177,11 +213,12 @@ class _Group:
         except Exception as exc:  # no peer reachable yet, record store full
             print(f"p2p: record {name} not stored ({exc})", file=sys.stderr, flush=True)
 
-    def read(self, name: str) -> dict[str, dict[str, Any]]:
+    def read(self, name: str, ask: Iterable[str] = ()) -> dict[str, dict[str, Any]]:
         """Verified records under ``name`` by peer id (this peer's included); members are
-        admitted to the :class:`TensorPeer` group on the way."""
+        admitted to the :class:`TensorPeer` group on the way. ``ask``: members whose record
+        is asked from them directly when the DHT lacks it (verified the same way)."""
         try:
-            raw = self.peer.get_records(f"sedma/p2p/{self.group}/{name}")
+            raw = self.peer.get_records(f"sedma/p2p/{self.group}/{name}", ask=ask)
         except Exception:
             return {}
         out = {}
@@ -241,12 +278,14 @@ def run_peer(
     s = p2p_settings(cfg["distributed"])
     folder = Path(run_dir) / "peers"
     folder.mkdir(parents=True, exist_ok=True)
+    state = Path(s["state_dir"] or Path(run_dir) / "p2p_state").expanduser() / f"peer{index}"
     torch.set_num_threads(int(s["threads_per_peer"]))
     seed = int(cfg.get("seed", 0))
     seed_everything(seed)  # the same initial parameters on every peer
     model = build_model(cfg["model"], for_training=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=float(cfg["train"]["lr"]))
     train_set, test_set = _train_data(cfg["dataset"])
+    memory = _peer_memory(cfg.get("memory"), state)
     peer = TensorPeer(
         host=s["host"],
         bootstrap=[bootstrap] if bootstrap else [],
@@ -256,6 +295,9 @@ def run_peer(
         telemetry_ttl_s=float(s["telemetry_ttl_s"]),
         request_timeout_s=int(s["request_timeout_s"]),
         bitswap=False,
+        key_path=state,
+        memory=memory.long_term,
+        admit_key_holders=True,
     )
     (folder / f"peer{index}.addr").write_text(peer.address + "\n")
     shard = s["shard"]
@@ -272,6 +314,10 @@ def run_peer(
         "shard": shard,
         "rounds": [],
         "joined_at_round": 0,
+        "state_dir": str(state),
+        "memory": memory.store,
+        "weights_at_start": peer.selector.weights.tolist(),
+        "history_at_start": peer.selector.history_size,
     }
     peer.publish_telemetry()
     group.post("members", {"joined": time.time()})
@@ -316,51 +362,69 @@ def run_peer(
         # while on a loaded machine) up to join_timeout_s, later rounds round_timeout_s
         wait = s["join_timeout_s"] if first and expected_peers > 1 else s["round_timeout_s"]
         deadline = time.monotonic() + float(wait)
+        waiting_since = time.monotonic()
         records: dict[str, dict[str, Any]] = {}
+        next_ask = time.monotonic() + ASK_EVERY_S
         for _ in range(100_000):  # bounded by the deadline too
-            records = {
-                p: b
-                for p, b in group.read(f"round/{r}").items()
-                if p != peer.peer_id and _issued(b) > down.get(p, -math.inf)
-            }
+            ask: list[str] = []
+            if time.monotonic() >= next_ask:  # missed by the DHT, or not posted yet
+                # the first round asks every member known so far: announced, or admitted
+                # by a request (whose announcement the DHT may have lost)
+                known = expected | peer.members if first else expected
+                ask = sorted(known - set(records) - {peer.peer_id})
+                next_ask = time.monotonic() + ASK_EVERY_S
+            for p, b in group.read(f"round/{r}", ask=ask).items():  # kept once seen
+                if p != peer.peer_id and _issued(b) > down.get(p, -math.inf):
+                    records[p] = b
             if expected <= set(records) and len(records) + 1 >= need:
                 break
             if time.monotonic() > deadline:
                 break
             time.sleep(0.1)
         wait_s = time.perf_counter() - t1
+        # an expected peer whose record did not come but that answered the asks is alive
+        # and late (it may have paid for a dead peer's fetches): it stays expected
+        behind = {p for p in expected - set(records) if peer.answered_since(p, waiting_since)}
         candidates = peer.peer_features(sorted(records))
         ranked = peer.selector.select(candidates, len(candidates))
         ranked += [p for p in sorted(records) if p not in ranked]
         vectors = {cid: own}
         chosen: list[str] = []
         failed: list[str] = []
+        retry = list(ranked)
         # fetch from the best-ranked until k delivered; a peer that refused us may not have
-        # read our record yet (membership), so more passes after a short pause, until the
-        # round's deadline (at least FETCH_WINDOW_S; bounded: FETCH_PASSES x len(ranked))
+        # read our record yet (membership), so more passes for those after a short pause,
+        # until the round's deadline (at least FETCH_WINDOW_S; bounded: FETCH_PASSES x
+        # len(ranked)); a peer that did not answer at all (killed) is not tried again
         fetch_deadline = max(deadline, time.monotonic() + FETCH_WINDOW_S)
         for attempt in range(FETCH_PASSES):
-            if attempt and (not failed or time.monotonic() > fetch_deadline):
+            done_fetching = not retry or len(chosen) >= s["k"]
+            if attempt and (done_fetching or time.monotonic() > fetch_deadline):
                 break
             if attempt:
                 time.sleep(0.5)
-            todo, failed = [p for p in ranked if p not in chosen], []
+            todo, retry = [p for p in retry if p not in chosen], []
             for p in todo:
                 if len(chosen) >= s["k"]:
                     break
                 other = records[p].get("cid")
                 if not isinstance(other, str):
                     continue
-                try:
-                    vec = peer.fetch(other, shape=tuple(own.shape), dtype=own.dtype)
+                asked_at = time.monotonic()
+                try:  # its author is asked when no provider from the DHT delivers
+                    vec = peer.fetch(other, shape=tuple(own.shape), dtype=own.dtype, ask=[p])
                 except (LookupError, ValueError):
-                    failed.append(p)
-                    continue
-                if not torch.isfinite(vec).all():
-                    failed.append(p)
+                    vec = None
+                    if peer.answered_since(p, asked_at):  # refused: may not know us yet
+                        retry.append(p)
+                if vec is None or not torch.isfinite(vec).all():
+                    if p not in failed:
+                        failed.append(p)
                     continue
                 vectors[other] = vec
                 chosen.append(p)
+                if p in failed:
+                    failed.remove(p)
         avg = average(vectors)
         _set_vector(model, avg)
         head = peer.publish(avg)
@@ -376,8 +440,9 @@ def run_peer(
             down[p] = _issued(records[p])
         for p in chosen:
             down.pop(p, None)
-        # who posted this round is waited for next round (at most round_timeout_s)
-        expected = set(records) - set(failed)
+        # who posted this round is waited for next round (at most round_timeout_s), and
+        # so is who is only late
+        expected = (set(records) - set(failed)) | behind
         row = {
             "round": r,
             "loss": sum(losses) / len(losses),
@@ -403,9 +468,14 @@ def run_peer(
     if report["rounds"]:
         last = report["rounds"][-1]["round"]
         deadline = time.monotonic() + float(s["round_timeout_s"])
+        done: set[str] = set()
+        next_ask = time.monotonic() + ASK_EVERY_S
         for _ in range(100_000):
-            heads = group.read("head")
-            done = {p for p, b in heads.items() if b.get("round", -1) >= last}
+            ask = []
+            if time.monotonic() >= next_ask:
+                ask, next_ask = sorted(expected - done), time.monotonic() + ASK_EVERY_S
+            heads = group.read("head", ask=ask)
+            done |= {p for p, b in heads.items() if b.get("round", -1) >= last}
             if expected <= done or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
@@ -418,7 +488,20 @@ def run_peer(
     torch.save(model.state_dict(), folder / f"peer{index}.pt")
     write_json(folder / f"peer{index}.json", report)
     peer.close()
+    memory.close()
     return report
+
+
+def _peer_memory(memory_cfg: Mapping[str, Any] | None, state: Path) -> ExperimentMemory:
+    """This peer's own long-term memory: the ``memory`` group's settings on a SQLite file
+    in its state folder (see the module docstring); no store with ``memory.enabled``
+    false."""
+    from .memory_setup import open_memory
+
+    if not memory_cfg or not memory_cfg.get("enabled", True):
+        return open_memory(memory_cfg)
+    state.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return open_memory({**memory_cfg, "url": str(state / "memory.db")})
 
 
 def _issued(record: Mapping[str, Any]) -> float:
@@ -453,8 +536,9 @@ def _join(peer: Any, group: _Group, s: Mapping[str, Any], size: int) -> tuple[in
         if attempt and attempt % len(order) == 0:
             time.sleep(0.5)
         providers = peer.providers(cid)
+        authors = sorted(p for p, b in at_latest.items() if b.get("cid") == cid)
         try:
-            vec = peer.fetch(cid, shape=(size,), dtype=torch.float32)
+            vec = peer.fetch(cid, shape=(size,), dtype=torch.float32, ask=authors)
         except (LookupError, ValueError):
             continue
         if not torch.isfinite(vec).all():
@@ -619,6 +703,9 @@ def run_train_p2p(cfg: Mapping[str, Any], run_dir: str | Path, *, rram_label: st
 
 
 def _main() -> None:
+    # ``kill -USR1 <pid>`` writes every thread's stack to the peer's log (a peer that hangs
+    # in a network call can be looked at without stopping it)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     spec = json.loads(sys.stdin.read())
     key = bytes.fromhex(os.environ[P2P_KEY_ENV])
     run_peer(

@@ -328,6 +328,132 @@ def test_payload_travels_in_chunks_and_the_server_caps_them():
         q.close()
 
 
+# ----- issue 17, item 1: DHT misses have a second source, every lookup a deadline ---------
+@needs_lattica
+def test_lookup_that_lattica_never_answers_ends_at_the_deadline():
+    lone = TensorPeer(cache_mb=0, request_timeout_s=1)  # no peer: get_providers never returns
+    try:
+        cid = content_id(b"nobody provides this")
+        start = time.monotonic()
+        assert lone.providers(cid) == []
+        with pytest.raises(LookupError):
+            lone.fetch(cid)
+        assert time.monotonic() - start < 10  # two lookups of at most 1 s each (plus a thread)
+        assert lone.stats.dht_failures == 2
+    finally:
+        lone.close()
+
+
+@needs_lattica
+def test_record_the_dht_lost_is_asked_from_its_author(group):
+    a, b, _, outsider = group
+    key, value = "sedma/test/lost-index", b"a's signed record"
+    a.store_record(key, value, time.time() + 60)
+    assert _until(lambda: a.peer_id in b.get_records(key))
+    # Lattica keeps the subkeys of a key in one index record that anyone can overwrite (a
+    # concurrent store of another member does the same by accident): here a non-member does
+    outsider._node._lattica_instance.store_with_subkey(
+        f"{key}#index", b"\xff" * 8, time.time() + 60, None
+    )
+    assert _until(lambda: b.get_records(key) == {}), "the index was not overwritten"
+    before = counters(b)
+    got = b.get_records(key, ask=[a.peer_id, outsider.peer_id])
+    assert set(got) == {a.peer_id} and got[a.peer_id][0] == value  # from a itself
+    assert b.stats.record_fallbacks == before["record_fallbacks"] + 1
+    assert b.stats.unknown_peer == before["unknown_peer"] + 1  # the non-member is not asked
+    # a member serves only its own record, under the key asked for, to members only
+    assert b.get_records("sedma/test/never-stored", ask=[a.peer_id]) == {}
+    refused = counters(a)["rejected_unauthorized"]
+    outsider.add_members([a.peer_id])  # the outsider trusts a; a does not admit it
+    try:
+        asked = []  # until a saw the request (a dial can time out under load; bounded)
+        assert _until(
+            lambda: (
+                asked.append(outsider.get_records(key, ask=[a.peer_id]))
+                or a.stats.rejected_unauthorized > refused
+            ),
+            30,
+        )
+        assert all(got == {} for got in asked)
+    finally:
+        outsider.members.discard(a.peer_id)
+
+
+@needs_lattica
+def test_fetch_asks_the_named_author_when_no_provider_is_found(group):
+    a, b, _, outsider = group
+    t = torch.randn(50, generator=torch.Generator().manual_seed(17))
+    data = encode_tensor(t)
+    cid = content_id(data)
+    wrong = content_id(encode_tensor(torch.zeros(50)))
+    held = encode_tensor(torch.ones(50))
+    a._blocks[cid] = data  # held and served by a, never advertised: the lookup finds nobody
+    try:
+        assert b.providers(cid) == []
+        with pytest.raises(LookupError):
+            b.fetch(cid)
+        before = counters(b)
+        assert torch.equal(b.fetch(cid, ask=[a.peer_id]), t)
+        assert b.stats.provider_fallbacks == before["provider_fallbacks"] + 1
+        # the payload checks still apply to a named author: a member serving other bytes
+        a._blocks[wrong] = data
+        with pytest.raises(LookupError):
+            b.fetch(wrong, ask=[a.peer_id])
+        assert b.stats.rejected_cid == before["rejected_cid"] + 1
+        # a non-member is never asked, whatever it holds
+        outsider._blocks[content_id(held)] = held
+        served = outsider.stats.served_bytes
+        with pytest.raises(LookupError):
+            b.fetch(content_id(held), ask=[outsider.peer_id])
+        assert b.stats.unknown_peer > before["unknown_peer"]
+        assert outsider.stats.served_bytes == served
+    finally:
+        a._blocks.pop(cid, None)
+        a._blocks.pop(wrong, None)
+        outsider._blocks.pop(content_id(held), None)
+
+
+@needs_lattica
+def test_key_holder_is_admitted_by_its_request_and_a_wrong_key_is_not():
+    gate = TensorPeer(group_key=KEY, cache_mb=0, admit_key_holders=True)
+    holder = TensorPeer(bootstrap=[gate.address], group_key=KEY, cache_mb=0)
+    wrong = TensorPeer(bootstrap=[gate.address], group_key=b"another-key", cache_mb=0)
+    strict = TensorPeer(bootstrap=[gate.address], group_key=KEY, cache_mb=0)  # the default
+    try:
+        t = torch.randn(40, generator=torch.Generator().manual_seed(18))
+        cid = gate.publish(t)
+        cid_strict = strict.publish(t + 1)
+        for p in (holder, wrong):  # they trust the gate; it has admitted nobody
+            p.add_members([gate.peer_id, strict.peer_id])
+        assert _until(lambda: holder.providers(cid) and wrong.providers(cid))
+        # a valid group-key HMAC is the credential: the holder is admitted and served
+        assert torch.equal(holder.fetch(cid), t)
+        assert holder.peer_id in gate.members
+        # a request signed with another key is refused and admits nobody (bounded retries:
+        # under load a dial can time out before the request reaches the gate)
+        refused = gate.stats.rejected_unauthorized
+        assert _until(
+            lambda: _refused_fetch(wrong, cid) and gate.stats.rejected_unauthorized > refused, 30
+        )
+        assert wrong.peer_id not in gate.members and gate.stats.served_bytes == len(
+            encode_tensor(t)
+        )
+        # without admit_key_holders the key alone does not admit
+        assert _until(lambda: holder.providers(cid_strict))
+        with pytest.raises(LookupError):
+            holder.fetch(cid_strict)
+        assert holder.peer_id not in strict.members
+    finally:
+        for p in (gate, holder, wrong, strict):
+            p.close()
+
+
+def _refused_fetch(peer: TensorPeer, cid: str) -> bool:
+    with pytest.raises(LookupError):
+        peer.fetch(cid)
+    return True
+
+
 def test_bad_constructor_arguments_name_the_problem():
     with pytest.raises(ValueError, match="chunk_bytes"):
         TensorPeer(chunk_bytes=0)

@@ -44,15 +44,24 @@ def _train(run_dir: Path, *overrides: str, env: dict | None = None) -> subproces
     )
 
 
-def _finish(proc: subprocess.Popen, timeout: float = 180) -> str:
+def _finish(proc: subprocess.Popen, timeout: float = 180, run_dir: Path | None = None) -> str:
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         out, _ = proc.communicate()
-        pytest.fail(f"train.py distributed=p2p did not end within {timeout} s:\n{out[-3000:]}")
-    assert proc.returncode == 0, out[-3000:]
+        pytest.fail(
+            f"train.py distributed=p2p did not end within {timeout} s:\n{out[-3000:]}"
+            + _peer_logs(run_dir)
+        )
+    assert proc.returncode == 0, out[-3000:] + _peer_logs(run_dir)
     return out
+
+
+def _peer_logs(run_dir: Path | None) -> str:
+    """The end of each peer's log (its rounds; with ``kill -USR1`` its threads' stacks)."""
+    logs = sorted((run_dir / "peers").glob("peer*.log")) if run_dir is not None else []
+    return "".join(f"\n--- {log.name}:\n{log.read_text()[-1500:]}" for log in logs)
 
 
 def _results(run_dir: Path) -> dict:
@@ -72,18 +81,23 @@ def test_average_is_the_float64_mean_in_any_order():
     assert torch.equal(average(vecs), average(shuffled))  # same bytes on every peer
 
 
-@pytest.mark.slow  # about 55 s: a 2-peer group, then a joiner given its bootstrap address
-@pytest.mark.skip(
-    reason="issue 17 open: passes on an idle machine (53 s) but under CI load a process did "
-    "not end within 180 s (2026-12-04); the join's timing is not yet bounded"
-)
+# 1-3 min on a loaded 2-core machine (37-158 s measured with a CPU hog running): a
+# 2-peer group, then a joiner given its bootstrap address. Every wait inside is bounded
+# (DHT lookups included); the launchers kill a peer still running after launch_timeout_s,
+# before the test gives up
+@pytest.mark.slow
+@pytest.mark.timeout(1000)
 def test_peer_joins_running_group_with_bootstrap_address(tmp_path):
     group = tmp_path / "group"
-    rounds = ["distributed.rounds=60", "distributed.local_steps=100"]  # the group outlasts
-    # the joiner's start-up (seconds on a loaded machine)
+    # the group outlasts the joiner's start-up (tens of seconds on a loaded machine)
+    rounds = [
+        "distributed.rounds=60",
+        "distributed.local_steps=50",
+        "distributed.launch_timeout_s=420",
+    ]
     first = _train(group, "distributed.peers=2", *rounds)
     try:
-        assert until(lambda: (group / "p2p_bootstrap.txt").is_file(), 60)
+        assert until(lambda: (group / "p2p_bootstrap.txt").is_file(), 180)
         address = (group / "p2p_bootstrap.txt").read_text().strip()
         key = (group / "p2p_group_key").read_text().strip()
         # started now, the joiner finds the group's first averages once it is up (it waits
@@ -95,9 +109,9 @@ def test_peer_joins_running_group_with_bootstrap_address(tmp_path):
             *rounds,
             env={P2P_KEY_ENV: key},
         )
-        _finish(joiner)
+        _finish(joiner, 480, tmp_path / "joiner")
     finally:
-        _finish(first)
+        _finish(first, 480, group)
     section, late = _results(group), _results(tmp_path / "joiner")
     founders = _by_index(section)
     (newcomer,) = late["peers"]
@@ -131,18 +145,20 @@ def test_killed_peer_stops_being_selected_and_others_finish(tmp_path):
     assert section["finished"] == [0, 1] and section["lost"] == [2], out[-2000:]
     dead = peers[2]["peer_id"]
     assert peers[2]["exit_code"] == -signal.SIGKILL
-    for i in (0, 1):
+    for i, other in ((0, 1), (1, 0)):
         rounds = peers[i]["rounds"]
+        survivor = peers[other]["peer_id"]
         assert [r["round"] for r in rounds] == list(range(7))  # nobody stopped
         # selected at most up to the round after the one it was killed in, never later
         late = [r for r in rounds if r["round"] > killed_round + 2]
         assert late and all(dead not in r["chosen"] and dead not in r["posted"] for r in late)
-        # the kill costs at most one round deadline plus the fetch window per peer
-        # (round 0 also waits for the others to start up: join_timeout_s)
+        # every round after the kill averages with the other survivor (a record or a
+        # provider the DHT misses is asked from its author), each within one round
+        # deadline plus the fetch window (round 0 also waits for the start-up of the others)
+        after = [r for r in rounds if r["round"] > killed_round]
+        missed = [r["round"] for r in after if survivor not in r["chosen"]]
+        assert not missed, f"peer {i} averaged without peer {other} in rounds {missed}"
         assert max(r["round_s"] for r in rounds[1:]) < 8 + 5 + 2 * 2 + 5
-        # the two survivors keep averaging (not necessarily every round: after a kill a DHT
-        # read sometimes misses the other's record and the round times out alone, issue 17)
-        assert any(r["chosen"] for r in late)
         assert peers[i]["top1"] > 0.5
     assert time.monotonic() - killed_at < 150
 
