@@ -407,14 +407,7 @@ class RRAMLinear(_CrossbarMixin, nn.Linear):
     def _exact_squared(self) -> torch.Tensor:
         """``w_exact ** 2`` (the squared codes of A applied to the x~ cells in first-order
         correction's ``A x~`` read), cached until ``w_exact`` changes."""
-        w_a = self.w_exact  # type: ignore[attr-defined]
-        key = (w_a.data_ptr(), w_a._version, tuple(w_a.shape), w_a.dtype, w_a.device)
-        # in the packed-weights cache, which every re-programming, load and move drops
-        cache = self.__dict__.setdefault("_packed_cache", {})
-        if cache.get("w_exact^2", (None,))[0] != key:
-            cache.pop("w_exact^2", None)
-            cache["w_exact^2"] = (key, w_a.square())
-        return cache["w_exact^2"][1]
+        return self._derived("w_exact^2", "w_exact", None, torch.square)  # type: ignore[attr-defined]
 
     def _fused_reads(
         self,

@@ -417,21 +417,29 @@ def pack_weights(w: torch.Tensor, group: int) -> torch.Tensor:
     group of ``group`` columns, strips of 16 columns stored k-major (zero padded). A 1-D
     float32 tensor of about ``w.numel()`` elements (more when ``group`` is not a multiple
     of 16)."""
-    check_tensor("pack_weights", "w", w, contiguous=False)
+    return _pack_stack(
+        "pack_weights", w, group, packed_size, torch.float32, "sedma_pack_weights_f32"
+    )
+
+
+def _pack_stack(func: str, w, group, size_of, dtype: torch.dtype, kernel: str) -> torch.Tensor:
+    """Check a (T, K, C) float32 stack and pack it with the C function ``kernel`` into a
+    1-D ``dtype`` tensor of ``size_of(T, K, C, group)`` elements."""
+    check_tensor(func, "w", w, contiguous=False)
     if w.ndim != 3:
-        raise ValueError(f"pack_weights: w must be a (T, K, C) tensor, got {tuple(w.shape)}")
-    group = check_int("pack_weights", "group", group, 1)
+        raise ValueError(f"{func}: w must be a (T, K, C) tensor, got {tuple(w.shape)}")
+    group = check_int(func, "group", group, 1)
     t, k, c = w.shape
     # ADC groups wider than the stack pack as one group of all C columns
     group = min(group, max(c, 1))
-    size = packed_size(t, k, c, group)
-    check_products("pack_weights", "the packed size", size, 4)
+    size = size_of(t, k, c, group)
+    check_products(func, "the packed size", size, dtype.itemsize)
     if not available():
         raise RuntimeError("native kernels unavailable")
-    out = torch.empty(size, dtype=torch.float32)
+    out = torch.empty(size, dtype=dtype)
     if size:
         w = w.contiguous()
-        _lib().sedma_pack_weights_f32(w.data_ptr(), t, k, c, group, out.data_ptr())
+        getattr(_lib(), kernel)(w.data_ptr(), t, k, c, group, out.data_ptr())
     return out
 
 
@@ -457,19 +465,9 @@ def pack_variances(v: torch.Tensor, group: int) -> torch.Tensor:
     :func:`pack_weights` (float32)."""
     if not bf16_variance():
         return pack_weights(v, group)
-    check_tensor("pack_variances", "v", v, contiguous=False)
-    if v.ndim != 3:
-        raise ValueError(f"pack_variances: v must be a (T, K, C) tensor, got {tuple(v.shape)}")
-    group = check_int("pack_variances", "group", group, 1)
-    t, k, c = v.shape
-    group = min(group, max(c, 1))
-    size = packed_var_bf16_size(t, k, c, group)
-    check_products("pack_variances", "the packed size", size, 2)
-    out = torch.empty(size, dtype=torch.bfloat16)
-    if size:
-        v = v.contiguous()
-        _lib().sedma_pack_var_bf16(v.data_ptr(), t, k, c, group, out.data_ptr())
-    return out
+    return _pack_stack(
+        "pack_variances", v, group, packed_var_bf16_size, torch.bfloat16, "sedma_pack_var_bf16"
+    )
 
 
 @dataclass(frozen=True)

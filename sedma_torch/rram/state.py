@@ -603,15 +603,21 @@ class _CrossbarMixin(_LambdaController):
     def _packed(self, name: str, group: int) -> torch.Tensor:
         """Buffer ``name`` (``w_read``, ``w_exact`` or ``w_var``) packed for the compiled read, cached
         until it changes (re-programming, loading, a device or dtype move)."""
+        # read-noise variances pack for the bfloat16 variance product where it exists
+        pack = native_rng.pack_variances if name == "w_var" else native_rng.pack_weights
+        return self._derived(name, name, group, lambda weights: pack(weights, group))
+
+    def _derived(self, slot: str, name: str, tag: Any, make) -> torch.Tensor:
+        """``make(buffer name)``, kept under ``slot`` of the layer's derived-tensor cache
+        until the buffer or ``tag`` changes; every re-programming, load and device or dtype
+        move drops the whole cache (``_packed_cache``)."""
         weights = getattr(self, name)
-        key = (weights.data_ptr(), weights._version, tuple(weights.shape), group)
+        key = (weights.data_ptr(), weights._version, tuple(weights.shape), weights.dtype, tag)
         cache = self.__dict__.setdefault("_packed_cache", {})
-        if cache.get(name, (None,))[0] != key:
-            cache.pop(name, None)  # free the old copy first
-            # read-noise variances pack for the bfloat16 variance product where it exists
-            pack = native_rng.pack_variances if name == "w_var" else native_rng.pack_weights
-            cache[name] = (key, pack(weights, group))
-        return cache[name][1]
+        if cache.get(slot, (None,))[0] != key:
+            cache.pop(slot, None)  # free the old copy first
+            cache[slot] = (key, make(weights))
+        return cache[slot][1]
 
     def _epilogue_keys(
         self, sigma: float, gen: NoiseSource | None, n_reads: int
